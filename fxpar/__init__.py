@@ -1,0 +1,32 @@
+"""fxpar: model parallelism for unmodified PyTorch modules.
+
+>>> import fxpar
+>>> pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))        # doctest: +SKIP
+>>> plan = fxpar.compile(model, fxpar.Mesh(tp=2), (x,))    # doctest: +SKIP
+"""
+
+from .capture import capture
+from .errors import CaptureError, CollectiveError, DivergenceError, FxparError, MeshError, PlanError
+from .mesh import Mesh
+from .placement import Partial, Replicate, Shard
+from .parallelize import parallelize
+from .plan import Plan, compile
+from .runtime.module import ParallelModule
+
+__all__ = [
+    "Mesh",
+    "parallelize",
+    "ParallelModule",
+    "Plan",
+    "compile",
+    "capture",
+    "Shard",
+    "Replicate",
+    "Partial",
+    "FxparError",
+    "CaptureError",
+    "MeshError",
+    "PlanError",
+    "DivergenceError",
+    "CollectiveError",
+]

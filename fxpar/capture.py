@@ -1,0 +1,216 @@
+"""Turn an unmodified ``nn.Module`` and example inputs into a torch.fx ``GraphModule``.
+
+Why ``torch.export`` (non-strict) and not ``torch.fx.symbolic_trace``: symbolic tracing runs the
+model on proxies and fails on the code real models are made of — every Hugging Face model we
+tried stops with ``co_varnames is too small`` and transformers has dropped its own fx tracer.
+Non-strict export runs the Python code for real on fake tensors, so ordinary Python control flow,
+``ModelOutput`` dataclasses and caches work, and it records ATen-level ops with the metadata we
+report with (``val`` shapes, ``nn_module_stack``, ``stack_trace``). The graph is the *unlifted*
+module (``ExportedProgram.module()``): parameters stay ``get_attr`` nodes named by their original
+fully-qualified names, so per-rank modules keep the user's parameter names.
+
+Capture always runs on a meta-device copy of the model, so it allocates no weight memory, gives
+the same graph on every rank, and works for models built on the meta device. Batch and sequence
+sizes can be symbolic: pass ``dynamic_shapes`` in ``torch.export`` form, or a name string per
+dimension (``{"idx": {0: "batch", 1: "seq"}}``).
+"""
+
+from __future__ import annotations
+
+import copy
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
+
+from .errors import _TORCH_DIR, CaptureError
+
+_FXPAR_DIR = __file__.rsplit("/", 1)[0]
+
+
+@dataclass
+class Captured:
+    """A captured model.
+
+    ``gm`` is the unlifted export graph on the meta device; ``aliases`` maps each parameter or
+    buffer name used in ``gm`` to every name the original model knows it by (tied weights have
+    several; constants export lifted out of ``forward`` have none); ``dim_names`` maps symbolic
+    sizes to the names the user gave them.
+    """
+
+    gm: GraphModule
+    aliases: dict[str, list[str]]
+    persistent: dict[str, bool]
+    training: bool
+    dim_names: dict[str, str] = field(default_factory=dict)
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers live on the meta device.
+
+    Tied parameters stay tied. Nothing of the size of the weights is allocated.
+    """
+    memo: dict[int, object] = {}
+    for p in model.parameters(recurse=True):
+        if id(p) not in memo:
+            memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    for b in model.buffers(recurse=True):
+        if id(b) not in memo:
+            memo[id(b)] = torch.empty_like(b, device="meta")
+    return copy.deepcopy(model, memo)
+
+
+def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None) -> Captured:
+    """Capture ``model(*args, **kwargs)`` as an ATen-level ``GraphModule`` on the meta device.
+
+    >>> from models import mlp
+    >>> model, args = mlp.build()
+    >>> cap = capture(model, args)
+    >>> any(n.target == torch.ops.aten.linear.default for n in cap.gm.graph.nodes)
+    True
+    """
+    kwargs = dict(kwargs or {})
+    skeleton = meta_skeleton(model)
+    skeleton.train(model.training)
+    meta_args, meta_kwargs = pytree.tree_map_only(
+        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (tuple(args), kwargs)
+    )
+    shapes, dim_names = _normalize_dynamic(dynamic_shapes)
+    try:
+        ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the user's module and line
+        raise CaptureError(_explain(e, skeleton)) from e
+    gm = ep.module()
+    _drop_export_guards(gm)
+    all_aliases, persistent = _names(model)
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    aliases = {name: all_aliases[name] for name in used if name in all_aliases}
+    sym_names = _symbol_names(gm, dim_names)
+    return Captured(gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names)
+
+
+def _drop_export_guards(gm: GraphModule) -> None:
+    """Remove export's input guard call (it was made for meta inputs; the runtime checks input
+    shapes itself and captures again for new ones) and reads of attributes nobody uses."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            gm.graph.erase_node(node)
+        elif node.op == "get_attr" and not node.users:  # e.g. the second name of a tied weight
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _names(model: nn.Module):
+    """Every name of every parameter/buffer (tied ones share a list) and buffer persistence."""
+    by_id: dict[int, list[str]] = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+        model.named_buffers(remove_duplicate=False)
+    ):
+        by_id.setdefault(id(t), []).append(name)
+    aliases = {}
+    for names in by_id.values():
+        for n in names:
+            aliases[n] = names
+    persistent = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for b in mod._buffers:
+            full = f"{mod_name}.{b}" if mod_name else b
+            persistent[full] = b not in mod._non_persistent_buffers_set
+    return aliases, persistent
+
+
+def _normalize_dynamic(dynamic_shapes):
+    """Strings name a dynamic dimension; everything else passes through to torch.export."""
+    if dynamic_shapes is None:
+        return None, {}
+    names: list[str] = []
+
+    def conv(x):
+        if isinstance(x, str):
+            names.append(x)
+            return Dim.DYNAMIC
+        return x
+
+    shapes = pytree.tree_map(conv, dynamic_shapes, is_leaf=lambda x: isinstance(x, (str, type(Dim.DYNAMIC))))
+    return shapes, {"_order": names}
+
+
+def _symbol_names(gm: GraphModule, dim_names) -> dict[str, str]:
+    """Map the symbols export chose (``s0``) to the names the user gave (``batch``)."""
+    order = list(dim_names.get("_order", []))
+    out: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or not isinstance(node.meta.get("val"), torch.Tensor):
+            continue
+        for size in node.meta["val"].shape:
+            if isinstance(size, torch.SymInt) and order:
+                sym = str(size.node.expr)
+                if sym not in out:
+                    out[sym] = order.pop(0)
+    return out
+
+
+_HINTS = [
+    (
+        "DynamicCache",
+        "the model returns a key/value cache object; pass use_cache=False in example_kwargs "
+        "or set model.config.use_cache = False before parallelizing",
+    ),
+    (
+        "data-dependent",
+        "the code branches on tensor values (e.g. `if x.sum() > 0`, `.item()`, `.tolist()`); "
+        "make the branch depend on shapes or config values, or move it out of forward",
+    ),
+    (
+        "Constraints violated",
+        "a dimension marked dynamic was specialized by the model's code; mark fewer dimensions "
+        "dynamic or give them ranges the code accepts",
+    ),
+]
+
+
+def _explain(e: Exception, skeleton: nn.Module) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    where_mod, where_line = _user_location(e, skeleton)
+    hint = next((h for key, h in _HINTS if key in str(e) or key in type(e).__name__), None)
+    lines = [f"fxpar could not capture {type(skeleton).__name__} as a graph: {type(e).__name__}: {msg}"]
+    if where_mod:
+        lines.append(f"  in module {where_mod}")
+    if where_line:
+        lines.append(f"  at {where_line}")
+    lines.append(
+        "What to do: "
+        + (
+            hint
+            or "typical reasons are data-dependent control flow, in-place edits of inputs or "
+            "unsupported Python objects in the outputs; run torch.export.export(model, args, "
+            "strict=False) on the model alone to see the full report"
+        )
+    )
+    return "\n".join(lines)
+
+
+def _user_location(e: Exception, skeleton: nn.Module):
+    names = {id(m): (n or "<root>") for n, m in skeleton.named_modules()}
+    module = line = None
+    tb = e.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        obj = frame.f_locals.get("self")
+        if module is None and isinstance(obj, nn.Module) and id(obj) in names:
+            module = f"'{names[id(obj)]}' ({type(obj).__name__})"
+    for fs in reversed(traceback.extract_tb(e.__traceback__)):
+        if not fs.filename.startswith((_TORCH_DIR, _FXPAR_DIR)):
+            line = f"{fs.filename}:{fs.lineno}: {(fs.line or '').strip()}"
+            break
+    return module, line

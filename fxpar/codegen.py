@@ -1,0 +1,75 @@
+"""Emit one rank's program: a ``GraphModule`` that holds only that rank's shards.
+
+The per-rank graph is a copy of the planned global graph in which every node carrying
+``fxpar_local`` takes that rank's call and every ``device`` argument (captured on the meta device)
+points at the rank's device. Parameters keep their original names: the module's ``state_dict``
+keys are a subset of the original model's.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch.fx import Graph, GraphModule
+from torch.fx.node import map_aggregate
+
+from .metadata import LOCAL
+
+
+def rank_graph(gm: GraphModule, rank: int, device: torch.device) -> Graph:
+    """The graph rank ``rank`` runs, with its local calls and its device."""
+    graph = Graph()
+    graph._codegen = gm.graph._codegen
+    val_map: dict = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    retarget = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
+    for old, new in val_map.items():
+        call = old.meta.get(LOCAL, {}).get(rank)
+        if call is not None:
+            new.target = call.target
+            new.args = map_aggregate(call.args, lambda a: val_map.get(a, a) if isinstance(a, torch.fx.Node) else a)
+            new.kwargs = map_aggregate(call.kwargs, lambda a: val_map.get(a, a) if isinstance(a, torch.fx.Node) else a)
+        if new.op == "call_function":
+            new.args = map_aggregate(new.args, retarget)
+            new.kwargs = map_aggregate(new.kwargs, retarget)
+    graph.lint()
+    return graph
+
+
+def build_module(root: nn.Module, graph: Graph, template: GraphModule, name: str, extra=None) -> GraphModule:
+    """A ``GraphModule`` running ``graph`` whose attributes come from ``root`` (shared, not copied),
+    then from ``extra`` (e.g. retargeted bodies of higher-order ops), and whose input/output tree
+    specs come from the captured ``template``."""
+    extra = extra or {}
+    attrs = {}
+    for node in graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            if _has_attr(root, node.target):
+                attrs[node.target] = _get_attr(root, node.target)
+            elif node.target in extra:
+                attrs[node.target] = extra[node.target]
+            else:
+                attrs[node.target] = _get_attr(template, node.target)
+    gm = GraphModule(attrs, graph, class_name=name)
+    for spec in ("_in_spec", "_out_spec"):
+        if hasattr(template, spec):
+            setattr(gm, spec, getattr(template, spec))
+    gm.recompile()
+    return gm
+
+
+def _get_attr(obj, target: str):
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _has_attr(obj, target: str) -> bool:
+    try:
+        _get_attr(obj, target)
+        return True
+    except AttributeError:
+        return False

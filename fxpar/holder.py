@@ -1,0 +1,112 @@
+"""Put one rank's tensors into a module under the model's original names."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from .capture import Captured
+from .placement import REPLICATE
+from .shards import init_tensor, missing_buffer_error, param_roles, shard_tensor
+
+
+def get_path(obj, target: str):
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_path(root: nn.Module, target: str, value, persistent: bool = True) -> None:
+    *path, leaf = target.split(".")
+    mod = root
+    for part in path:
+        child = getattr(mod, part, None) if part in mod._modules else None
+        if child is None:
+            child = nn.Module()
+            mod.add_module(part, child)
+        mod = child
+    if isinstance(value, nn.Parameter):
+        mod.register_parameter(leaf, value)
+    else:
+        mod.register_buffer(leaf, value, persistent=persistent)
+
+
+def populate(
+    root: nn.Module,
+    cap: Captured,
+    placements: dict,
+    rank: int,
+    source: nn.Module | None,
+    device,
+    *,
+    seed: int = 0,
+    init_fn=None,
+) -> dict[str, str]:
+    """Register rank ``rank``'s parameters and buffers in ``root`` under every original name.
+
+    Tensors come from ``source`` (sliced) when it holds real values, else from ``init_fn`` or the
+    seeded initialization. Returns ``{graph name: user-facing name}`` for the parameters.
+    """
+    roles = param_roles(cap.gm)
+    missing = []
+    names = {}
+    for node in cap.gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        target = node.target
+        meta_obj = get_path(cap.gm, target)
+        if not isinstance(meta_obj, torch.Tensor):
+            continue
+        aliases = cap.aliases.get(target)
+        place = placements.get(target, REPLICATE)
+        if aliases is None:  # a constant the capture lifted out of forward
+            local = shard_tensor(meta_obj, place, rank).to(device)
+            set_path(root, target, local, persistent=False)
+            continue
+        orig = _lookup(source, aliases) if source is not None else None
+        is_param = isinstance(meta_obj, nn.Parameter)
+        if orig is not None and orig.device.type != "meta":
+            local = shard_tensor(orig, place, rank).to(device)
+        elif init_fn is not None:
+            local = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, place, rank).to(device)
+        elif is_param:
+            role = roles.get(target, "normal")
+            local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device)
+        else:
+            missing.append(aliases[0])
+            continue
+        value = nn.Parameter(local, requires_grad=meta_obj.requires_grad) if is_param else local
+        for alias in aliases:
+            set_path(root, alias, value, persistent=cap.persistent.get(alias, True))
+        if is_param:
+            names[target] = aliases[0]
+    if missing:
+        raise missing_buffer_error(missing)
+    return names
+
+
+def _lookup(source: nn.Module, aliases: list[str]):
+    for a in aliases:
+        try:
+            return get_path(source, a)
+        except AttributeError:
+            continue
+    return None
+
+
+def retarget_submodules(template: GraphModule, device) -> dict[str, nn.Module]:
+    """Copies of the graph's own submodules (bodies of higher-order ops) with device arguments
+    pointing at ``device`` instead of the meta device they were captured on."""
+    out = {}
+    for name, mod in template.named_children():
+        if isinstance(mod, GraphModule):
+            m = copy.deepcopy(mod)
+            for node in m.graph.nodes:
+                node.args = torch.fx.node.map_aggregate(node.args, lambda a: device if isinstance(a, torch.device) else a)
+                node.kwargs = torch.fx.node.map_aggregate(node.kwargs, lambda a: device if isinstance(a, torch.device) else a)
+            m.recompile()
+            out[name] = m
+    return out

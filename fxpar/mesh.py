@@ -1,0 +1,134 @@
+"""The process grid: named dimensions, tensor parallelism innermost.
+
+A ``Mesh`` is a plain description (``Mesh(dp=2, tp=4)``) that planning and simulation use with no
+process group at all. ``Mesh.bind()`` turns it into torch's own ``DeviceMesh`` over the current
+``torch.distributed`` world when a program really runs; a ``DeviceMesh`` built by the user with
+``mesh_dim_names`` is accepted wherever a ``Mesh`` is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import MeshError
+
+# Outermost first. tp is innermost because it communicates most (CONTEXT: 3D meshes).
+DIM_ORDER = ("dp", "pp", "tp")
+
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT", "300")))
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """A grid of ``dp * pp * tp`` ranks described by named dimensions.
+
+    >>> Mesh(tp=2).size
+    2
+    >>> Mesh(dp=2, tp=2).coordinate(3)
+    {'dp': 1, 'pp': 0, 'tp': 1}
+    """
+
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+
+    def __post_init__(self):
+        for name in DIM_ORDER:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MeshError(f"Mesh({name}={value!r}): every dimension must be a positive int")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(getattr(self, n) for n in DIM_ORDER)
+
+    @property
+    def size(self) -> int:
+        out = 1
+        for s in self.shape:
+            out *= s
+        return out
+
+    def coordinate(self, rank: int) -> dict[str, int]:
+        """The position of global ``rank`` on each named dimension (row-major, tp fastest)."""
+        if not 0 <= rank < self.size:
+            raise MeshError(f"rank {rank} is outside {self} of {self.size} ranks")
+        coord = {}
+        for name, extent in reversed(list(zip(DIM_ORDER, self.shape))):
+            coord[name] = rank % extent
+            rank //= extent
+        return {n: coord[n] for n in DIM_ORDER}
+
+    def ranks_along(self, dim: str, rank: int) -> list[int]:
+        """Global ranks that share every coordinate of ``rank`` except ``dim``, in order."""
+        coord = self.coordinate(rank)
+        out = []
+        for i in range(getattr(self, dim)):
+            c = dict(coord, **{dim: i})
+            r = 0
+            for name, extent in zip(DIM_ORDER, self.shape):
+                r = r * extent + c[name]
+            out.append(r)
+        return out
+
+    def __repr__(self) -> str:
+        return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER) + ")"
+
+    # binding ----------------------------------------------------------------------------
+    def bind(self, device_type: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
+        """Torch's ``DeviceMesh`` for this grid over the current world.
+
+        Initializes the default process group from torchrun's environment when it is not yet
+        initialized (NCCL when CUDA is available, gloo otherwise).
+        """
+        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+        ensure_process_group(device_type, timeout)
+        world = dist.get_world_size()
+        if world != self.size:
+            raise MeshError(
+                f"{self} has {self.size} ranks but the torch.distributed world has {world}; "
+                f"launch {self.size} processes or change the mesh so that dp*pp*tp == {world}"
+            )
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(device_type, self.shape, mesh_dim_names=DIM_ORDER)
+
+
+def as_mesh(mesh) -> Mesh:
+    """Accept a ``Mesh`` or a torch ``DeviceMesh`` with ``mesh_dim_names``."""
+    if isinstance(mesh, Mesh):
+        return mesh
+    names = getattr(mesh, "mesh_dim_names", None)
+    if names is None and hasattr(mesh, "mesh"):
+        raise MeshError(
+            "a DeviceMesh passed to fxpar needs mesh_dim_names, e.g. "
+            "init_device_mesh('cuda', (2, 4), mesh_dim_names=('dp', 'tp'))"
+        )
+    if names is None:
+        raise MeshError(f"expected fxpar.Mesh or torch DeviceMesh, got {type(mesh).__name__}")
+    unknown = [n for n in names if n not in DIM_ORDER]
+    if unknown:
+        raise MeshError(f"DeviceMesh dimension names {unknown} are not among {DIM_ORDER}")
+    order = [DIM_ORDER.index(n) for n in names]
+    if order != sorted(order):
+        raise MeshError(f"DeviceMesh dimensions {tuple(names)} must be ordered as {DIM_ORDER} (tp innermost)")
+    return Mesh(**dict(zip(names, mesh.mesh.shape)))
+
+
+def ensure_process_group(device_type: str, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise MeshError(
+            "torch.distributed is not initialized: launch with `torchrun --nproc-per-node N` or call "
+            "torch.distributed.init_process_group(...) before fxpar.parallelize"
+        )
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=timeout)

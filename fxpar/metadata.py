@@ -1,0 +1,108 @@
+"""The one schema of ``node.meta`` keys that fxpar reads and writes.
+
+Standard keys from ``torch.export`` are reused as they are:
+
+==================  ===========================================  ==================================
+key                 type                                         example
+==================  ===========================================  ==================================
+``val``             ``FakeTensor`` / ``SymInt`` / tuple of them   ``FakeTensor(..., size=(2, 16, 64))``
+``stack_trace``     ``str``                                      ``File "gpt.py", line 48, in forward``
+``nn_module_stack`` ``dict[str, (path, class)]``                 ``{'...attn': ('h.0.attn', '...')}``
+==================  ===========================================  ==================================
+
+Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global* value:
+
+``fxpar_placement`` : ``Placement | tuple[Placement | None, ...] | None``
+    Layout of the node's output over the ``tp`` ranks (a tuple for ops returning several tensors,
+    ``None`` for non-tensors). Written by ``plan_sharding``. Example: ``S(2)``.
+``fxpar_inputs`` : ``dict[str, Placement]``
+    The placement in which this node consumes each tensor input, keyed by the input node's name.
+    Where it differs from the producer's ``fxpar_placement``, ``insert_collectives`` converts.
+``fxpar_decision`` : ``str``
+    For matmuls with a weight and for embeddings: ``"colwise"``, ``"rowwise"``, ``"vocab"`` or
+    ``"replicate"``, and why (``"replicate: its output feeds layer_norm"``).
+``fxpar_fallback`` : ``str``
+    Set on nodes that had no sharding rule for sharded inputs and so gathered them.
+``fxpar_requires_grad`` : ``bool``
+    Whether the value can carry a gradient (depends on a parameter or a floating input).
+``fxpar_comm`` : ``CommInfo``
+    On collective nodes: kind, elements and bytes each rank sends per call.
+``fxpar_origin`` : ``str | None``
+    Name of the captured node whose value this node computes (``None`` for inserted nodes); ties
+    every per-rank node back to the single-device graph for divergence checks.
+``fxpar_local`` : ``dict[int, LocalCall]``
+    Per-rank replacement of target/args/kwargs, for ops whose arguments carry sizes
+    (``view(x, [B, T, 4, 16])`` becomes ``view(x, [B, T, 2, 16])`` at tp=2). Written by
+    ``localize_shapes``, applied by codegen.
+``fxpar_rng`` : ``str``
+    On dropout nodes: ``"replicated"`` (same mask on every rank) or ``"sharded"`` (each rank its
+    own slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from torch.fx import Node
+
+from .placement import REPLICATE, Placement
+
+PLACEMENT = "fxpar_placement"
+INPUTS = "fxpar_inputs"
+DECISION = "fxpar_decision"
+FALLBACK = "fxpar_fallback"
+REQUIRES_GRAD = "fxpar_requires_grad"
+COMM = "fxpar_comm"
+ORIGIN = "fxpar_origin"
+LOCAL = "fxpar_local"
+RNG = "fxpar_rng"
+
+
+@dataclass(frozen=True)
+class CommInfo:
+    """What a collective node moves: ``kind`` is all_reduce, all_gather, reduce_scatter,
+    redistribute, copy_to_tp (all-reduce in backward only) or shard (a local slice whose backward
+    all-gathers). ``elements`` is the number of elements of the global tensor; ``bytes`` is what
+    one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends in backward."""
+
+    kind: str
+    group: str
+    elements: int
+    bytes: int
+    bwd_bytes: int
+    src: str
+    dst: str
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """A node's call on one rank: replaces ``target``, ``args`` and ``kwargs`` in that rank's graph."""
+
+    target: Callable | Any
+    args: tuple
+    kwargs: dict
+
+
+def placement(node: Node) -> Placement | tuple | None:
+    return node.meta.get(PLACEMENT)
+
+
+def out_placement(node: Node, index: int | None = None) -> Placement | None:
+    """Placement of a node's output, or of its ``index``-th output for multi-output nodes."""
+    p = node.meta.get(PLACEMENT)
+    if isinstance(p, tuple):
+        return p[index] if index is not None else None
+    return p
+
+
+def input_placement(consumer: Node, producer: Node) -> Placement:
+    return consumer.meta.get(INPUTS, {}).get(producer.name, out_placement(producer) or REPLICATE)
+
+
+def copy_meta(src: Node, dst: Node, **updates) -> None:
+    """Give a node created by a pass the metadata of the node it replaces or serves."""
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    dst.meta.update(updates)

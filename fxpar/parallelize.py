@@ -1,0 +1,27 @@
+"""``fxpar.parallelize``: the one-liner."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .runtime.module import ParallelModule
+
+
+def parallelize(model: nn.Module, mesh, example_args=None, example_kwargs=None, **options) -> ParallelModule:
+    """This rank's share of ``model`` over ``mesh``, as an ``nn.Module`` that trains and infers
+    like ``model``.
+
+    Call it on every rank. Options: ``dynamic_shapes`` (symbolic batch/sequence sizes, in
+    ``torch.export`` form or as names), ``overrides`` (``{"lm_head": "replicate", ...}`` by
+    module or parameter name), ``rng`` (``"megatron"`` or ``"exact"``), ``device``, ``timeout``
+    (a ``datetime.timedelta`` for every collective), ``seed`` and ``init_fn`` (to make the shards
+    of a model built on the meta device).
+
+    Example (under ``torchrun --nproc-per-node 2``)::
+
+        pm = fxpar.parallelize(model, fxpar.Mesh(tp=2), example_args=(idx,))
+        opt = torch.optim.AdamW(pm.parameters(), lr=3e-4)
+        loss = F.cross_entropy(pm(idx).flatten(0, 1), targets.flatten())
+        loss.backward(); opt.step()
+    """
+    return ParallelModule(model, mesh, example_args, example_kwargs, **options)

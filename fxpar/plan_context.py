@@ -1,0 +1,54 @@
+"""The state passes share: the mesh, the user's options, and the decisions passes make.
+
+Decisions are plain data keyed by original names (parameter and module names), so they can be
+printed, saved, diffed and overridden.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from .mesh import Mesh
+from .placement import Placement
+
+STYLES = ("colwise", "rowwise", "replicate", "vocab")
+RNG_MODES = ("megatron", "exact")
+
+
+@dataclass
+class PlanContext:
+    """Options in, decisions out.
+
+    ``overrides`` maps glob patterns over module or parameter names to a style:
+    ``{"lm_head": "replicate", "*.attn.c_attn": "colwise"}``. ``rng`` is ``"megatron"`` (each tp
+    rank draws its own dropout mask in sharded regions) or ``"exact"`` (the single-device masks,
+    for checking).
+    """
+
+    mesh: Mesh
+    overrides: dict[str, str] = field(default_factory=dict)
+    rng: str = "megatron"
+    # written by passes
+    decisions: dict[str, str] = field(default_factory=dict)  # node name -> "colwise" / "replicate: why" ...
+    param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        for pattern, style in self.overrides.items():
+            if style not in STYLES:
+                raise ValueError(f"override {pattern!r}: {style!r} is not one of {STYLES}")
+        if self.rng not in RNG_MODES:
+            raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.tp
+
+    def override_for(self, *names: str) -> str | None:
+        """The style the user forced for a module/parameter known by any of ``names``."""
+        for pattern, style in self.overrides.items():
+            for name in names:
+                if name and (fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")):
+                    return style
+        return None

@@ -1,0 +1,143 @@
+"""Readable views of a plan: the node table, the summary, and annotated per-rank code."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from tabulate import tabulate
+from torch.fx import GraphModule
+
+from .errors import module_path
+from .metadata import COMM, DECISION, FALLBACK, LOCAL, PLACEMENT
+from .placement import Shard
+
+
+def _short(target) -> str:
+    name = getattr(target, "__name__", None) or str(target)
+    name = str(target) if isinstance(target, torch._ops.OpOverload) else name
+    return name.replace("aten.", "").replace(".default", "")
+
+
+def _shape(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return "(" + ", ".join(str(s) for s in val.shape) + ")"
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(_shape(v) for v in val) + ")"
+    return ""
+
+
+def local_shape(val, place) -> str:
+    if isinstance(val, torch.Tensor) and isinstance(place, Shard):
+        shape = [str(s) for s in val.shape]
+        shape[place.dim] = str(place.local_size)
+        return "(" + ", ".join(shape) + ")"
+    if isinstance(val, (tuple, list)) and isinstance(place, tuple):
+        return "(" + ", ".join(local_shape(v, p) for v, p in zip(val, place)) + ")"
+    return _shape(val)
+
+
+def fmt_bytes(n) -> str:
+    if not isinstance(n, (int, float)):
+        return str(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def plan_table(gm: GraphModule, ctx) -> str:
+    rows = []
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        comm = node.meta.get(COMM)
+        place = node.meta.get(PLACEMENT)
+        rows.append(
+            [
+                node.name,
+                {"placeholder": "input", "get_attr": "weight"}.get(node.op) or _short(node.target),
+                module_path(node),
+                _shape(node.meta.get("val")),
+                "" if place is None else repr(place),
+                local_shape(node.meta.get("val"), place),
+                "" if comm is None else f"{comm.kind} {fmt_bytes(comm.bytes)} / {fmt_bytes(comm.bwd_bytes)}",
+                node.meta.get(DECISION, "") or node.meta.get(FALLBACK, ""),
+            ]
+        )
+    headers = ["node", "op", "module", "global shape", "placement", "local shape", "comm fwd / bwd per rank", "decision"]
+    return f"plan for {ctx.mesh} (placements on tp)\n" + tabulate(rows, headers=headers)
+
+
+def comm_totals(gm: GraphModule) -> dict[str, list]:
+    totals: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        c = node.meta.get(COMM)
+        if c is None:
+            continue
+        t = totals.setdefault(c.kind, [0, 0, 0])
+        t[0] += 1
+        t[1] += c.bytes
+        t[2] += c.bwd_bytes
+    return totals
+
+
+def summary(gm: GraphModule, ctx) -> str:
+    decisions: dict[str, int] = {}
+    for text in ctx.decisions.values():
+        key = text.split(":")[0]
+        decisions[key] = decisions.get(key, 0) + 1
+    lines = [f"mesh {ctx.mesh}; decisions: " + ", ".join(f"{k} x{v}" for k, v in sorted(decisions.items()))]
+    rows = [[k, n, fmt_bytes(f), fmt_bytes(b)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
+    if rows:
+        lines.append(tabulate(rows, headers=["collective", "count", "fwd bytes/rank", "bwd bytes/rank"]))
+    total, local = param_bytes(gm, ctx)
+    if total:
+        lines.append(f"parameters: {fmt_bytes(total)} in all, {fmt_bytes(local)} per rank ({local / total:.3f} of all)")
+    if ctx.warnings:
+        lines.append("warnings:\n" + "\n".join("  - " + w for w in ctx.warnings))
+    return "\n".join(lines)
+
+
+def param_bytes(gm: GraphModule, ctx) -> tuple[int, int]:
+    """Bytes of all parameters and of one rank's share."""
+    total = local = 0
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor) or not node.meta.get("fxpar_requires_grad"):
+            continue
+        n = val.numel() * val.element_size()
+        total += n
+        p = ctx.param_placements.get(node.target)
+        local += n * p.local_size // p.size if isinstance(p, Shard) else n
+    return total, local
+
+
+_ASSIGN = re.compile(r"^(\s+)(\w+) = ")
+
+
+def rank_source(module: GraphModule, rank: int, global_gm: GraphModule) -> str:
+    """The rank's generated code, each line annotated with the value's placement, local shape
+    and, for collectives, the bytes this rank sends."""
+    info = {}
+    for node in global_gm.graph.nodes:
+        place = node.meta.get(PLACEMENT)
+        note = []
+        if place is not None:
+            note.append(f"{place!r} {local_shape(node.meta.get('val'), place)}")
+        c = node.meta.get(COMM)
+        if c is not None:
+            note.append(f"{c.kind}: sends {fmt_bytes(c.bytes)} fwd, {fmt_bytes(c.bwd_bytes)} bwd")
+        if rank in node.meta.get(LOCAL, {}) and node.meta[LOCAL][rank] is not None:
+            note.append("local args")
+        info[node.name] = "; ".join(note)
+    out = [f"# rank {rank}: generated by fxpar. Annotations: placement on tp, local shape, bytes sent.", ""]
+    for line in module.code.splitlines():
+        m = _ASSIGN.match(line)
+        if m and info.get(m.group(2)):
+            line = f"{line}  # {info[m.group(2)]}"
+        out.append(line)
+    return "\n".join(out)

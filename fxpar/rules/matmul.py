@@ -1,0 +1,136 @@
+"""Matrix products.
+
+A product with a *weight* (a parameter, possibly transposed or cast on the way) is where tensor
+parallelism is decided:
+
+* input replicated -> **column-parallel**: the weight is split along its output features and the
+  output comes out sharded on its last dim (no communication);
+* input sharded on the contracted dim -> **row-parallel**: the weight is split along its input
+  features with the same layout and the output is a partial sum (one all-reduce later);
+* input sharded on another dim (batch/sequence) -> the weight stays whole.
+
+Which of these happens is not looked up by name: it follows from the placement that reaches the
+input, i.e. from the data flow. The planner may still turn a column split back into a replicated
+weight when its output cannot stay sharded downstream (``fxpar_decision`` says why), and users may
+force a choice by module name. Products of two activations (``q @ k^T``) follow the usual batched
+matmul algebra.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from ..placement import PARTIAL, REPLICATE, Shard
+from .base import FREE, RuleContext, Sharding, ndim, shape, static
+from .registry import register
+
+aten = torch.ops.aten
+
+
+def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, w_in: int, w_out: int) -> Sharding:
+    """``x @ W`` contracting ``x``'s last dim with ``W``'s dim ``w_in``; ``w_out`` is the output features."""
+    px, pw = ctx.placement(x), ctx.placement(w)
+    decision = ctx.decision(node)
+    nd = ndim(node)
+
+    def result(out, px_req, pw_req, pb_req):
+        inputs = {x: px_req, w: pw_req}
+        if isinstance(bias, Node):
+            inputs[bias] = pb_req
+        return Sharding(out, inputs)
+
+    if isinstance(px, Shard) and px.dim == ndim(x) - 1 and decision != "replicate":
+        wl = px.with_dim(w_in)
+        if pw is FREE or wl == pw:
+            # the bias is added once: on one rank, as its part of the partial sum
+            return result(PARTIAL, px, wl, PARTIAL)
+    if isinstance(px, Shard) and px.dim < ndim(x) - 1 and pw in (FREE, REPLICATE):
+        out = px.with_dim(px.dim + nd - ndim(x))
+        return result(out, px, REPLICATE, REPLICATE)
+    # the input is (made) replicated from here on
+    out_features = static(shape(w)[w_out])
+    if isinstance(pw, Shard) and pw.dim == w_out:
+        return result(pw.with_dim(nd - 1), REPLICATE, pw, pw.with_dim(0))
+    if isinstance(pw, Shard) and pw.dim == w_in:
+        return result(PARTIAL, pw.with_dim(ndim(x) - 1), pw, PARTIAL)
+    if pw is FREE and decision == "rowwise":
+        in_features = static(shape(w)[w_in])
+        if in_features and in_features % ctx.world == 0:
+            layout = Shard.even(w_in, in_features, ctx.world)
+            return result(PARTIAL, layout.with_dim(ndim(x) - 1), layout, PARTIAL)
+    if pw is FREE and decision in ("auto", "colwise") and out_features:
+        layout = ctx.seed_layout(node)
+        if layout is None and out_features % ctx.world == 0:
+            layout = Shard.even(w_out, out_features, ctx.world)
+        if layout is not None:
+            layout = layout.with_dim(w_out)
+            return result(layout.with_dim(nd - 1), REPLICATE, layout, layout.with_dim(0))
+    return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
+
+
+def activation_matmul(node: Node, ctx: RuleContext, a: Node, b: Node) -> Sharding:
+    """Batched ``a @ b`` of two activations, shapes ``(..., n, k) @ (..., k, m)``."""
+    pa, pb = ctx.placement(a), ctx.placement(b)
+    pa = REPLICATE if pa is FREE else pa
+    pb = REPLICATE if pb is FREE else pb
+    na, nb, nd = ndim(a), ndim(b), ndim(node)
+    if na < 2 or nb < 2:
+        return _all_replicated(node, a, b, pa, pb)
+    if pa is PARTIAL and pb is not PARTIAL:
+        return Sharding(PARTIAL, {a: PARTIAL, b: REPLICATE})
+    if pb is PARTIAL and pa is not PARTIAL:
+        return Sharding(PARTIAL, {a: REPLICATE, b: PARTIAL})
+    for p, this, other, n_this, n_other, is_a in ((pa, a, b, na, nb, True), (pb, b, a, nb, na, False)):
+        if not isinstance(p, Shard):
+            continue
+        if p.dim < n_this - 2:  # batch dim
+            d_out = p.dim + nd - n_this
+            d_other = d_out - (nd - n_other)
+            if d_other < 0 or d_other >= n_other - 2 or static(shape(other)[d_other]) == 1:
+                req_other = REPLICATE
+            else:
+                req_other = p.with_dim(d_other)
+            return Sharding(p.with_dim(d_out), {this: p, other: req_other})
+        if is_a and p.dim == na - 2:
+            return Sharding(p.with_dim(nd - 2), {a: p, b: REPLICATE})
+        if not is_a and p.dim == nb - 1:
+            return Sharding(p.with_dim(nd - 1), {a: REPLICATE, b: p})
+        # contracted dim: the other operand must be split the same way
+        other_dim = nb - 2 if is_a else na - 1
+        return Sharding(PARTIAL, {this: p, other: p.with_dim(other_dim)})
+    return Sharding(REPLICATE, {a: REPLICATE, b: REPLICATE})
+
+
+def _all_replicated(node, a, b, pa, pb):
+    sharded = isinstance(pa, Shard) or isinstance(pb, Shard)
+    return Sharding(REPLICATE, {a: REPLICATE, b: REPLICATE}, fallback="matmul of a 1-d sharded operand" if sharded else None)
+
+
+@register(aten.linear.default)
+def linear(node: Node, ctx: RuleContext) -> Sharding:
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    if ctx.is_weight(w):
+        return weighted(node, ctx, x, w, bias, w_in=1, w_out=0)
+    return Sharding(REPLICATE, {n: REPLICATE for n in (x, w, bias) if isinstance(n, Node)}, fallback="linear with an activation as weight")
+
+
+@register(aten.addmm.default)
+def addmm(node: Node, ctx: RuleContext) -> Sharding:
+    bias, x, w = node.args[0], node.args[1], node.args[2]
+    if ctx.is_weight(w) and len(node.args) <= 3 and not node.kwargs:
+        return weighted(node, ctx, x, w, bias, w_in=0, w_out=1)
+    return Sharding(REPLICATE, {n: REPLICATE for n in (bias, x, w)}, fallback="addmm of activations")
+
+
+@register(aten.mm.default, aten.matmul.default, aten.bmm.default)
+def matmul(node: Node, ctx: RuleContext) -> Sharding:
+    a, b = node.args[0], node.args[1]
+    if ndim(b) == 2 and ctx.is_weight(b) and not ctx.is_weight(a):
+        return weighted(node, ctx, a, b, None, w_in=0, w_out=1)
+    return activation_matmul(node, ctx, a, b)
+
+
+# ops the planner treats as decisions (seeds of sharded regions) and may revert to replicate
+DECIDABLE = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}

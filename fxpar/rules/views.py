@@ -1,0 +1,212 @@
+"""Views and dimension shuffles: reshape/view/flatten/unflatten (by enumeration, see
+``layout_algebra``), expand, permute/transpose, unsqueeze/squeeze and complex views.
+
+Every op here also has an ``invert`` so that a layout needed downstream (a split that wants the
+fused q/k/v output in three segments) can be carried back to the weight that produces it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from ..layout_algebra import view_shard
+from ..metadata import LocalCall
+from ..placement import PARTIAL, REPLICATE, Shard
+from .base import RuleContext, Sharding, arg, ndim, norm_dim, shape, static
+from .registry import localizer, register
+
+aten = torch.ops.aten
+
+RESHAPES = (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.flatten.using_ints,
+    aten.unflatten.int,
+)
+
+
+def _unary(node: Node, ctx: RuleContext, forward) -> Sharding:
+    x = node.args[0]
+    p = ctx.placement(x)
+    if p is PARTIAL:
+        return Sharding(PARTIAL, {x: PARTIAL})
+    if isinstance(p, Shard):
+        q = forward(p)
+        if q is not None:
+            return Sharding(q, {x: p})
+        return Sharding(REPLICATE, {x: REPLICATE}, fallback=f"{_name(node)} regroups the sharded dim {p.dim}")
+    return Sharding(REPLICATE, {x: REPLICATE})
+
+
+def _name(node):
+    return getattr(node.target, "__name__", str(node.target))
+
+
+@register(*RESHAPES)
+def reshape(node: Node, ctx: RuleContext) -> Sharding:
+    x = node.args[0]
+    return _unary(node, ctx, lambda p: view_shard(shape(x), shape(node), p))
+
+
+def invert_reshape(node: Node, wanted):
+    x = node.args[0]
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    q = view_shard(shape(node), shape(x), wanted)
+    return None if q is None else {x: q}
+
+
+def _view_local(node: Node, rank: int, lctx, size_index: int, name: str):
+    out = lctx.out(node)
+    if not isinstance(out, Shard):
+        return None
+    sizes = list(arg(node, size_index, name))
+    sizes[out.dim] = out.local_size
+    args = list(node.args)
+    if len(args) > size_index:
+        args[size_index] = sizes
+        return LocalCall(node.target, tuple(args), dict(node.kwargs))
+    return LocalCall(node.target, tuple(args), dict(node.kwargs, **{name: sizes}))
+
+
+@localizer(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+def local_view(node: Node, rank: int, lctx):
+    return _view_local(node, rank, lctx, 1, "size" if node.target != aten.reshape.default else "shape")
+
+
+@localizer(aten.expand.default)
+def local_expand(node: Node, rank: int, lctx):
+    return _view_local(node, rank, lctx, 1, "size")
+
+
+@localizer(aten.unflatten.int)
+def local_unflatten(node: Node, rank: int, lctx):
+    out = lctx.out(node)
+    if not isinstance(out, Shard):
+        return None
+    dim = norm_dim(node.args[1], ndim(node.args[0]))
+    sizes = list(node.args[2])
+    if not dim <= out.dim < dim + len(sizes):
+        return None
+    sizes[out.dim - dim] = out.local_size
+    return LocalCall(node.target, (node.args[0], node.args[1], sizes), dict(node.kwargs))
+
+
+@register(aten.expand.default)
+def expand(node: Node, ctx: RuleContext) -> Sharding:
+    x = node.args[0]
+    offset = ndim(node) - ndim(x)
+
+    def fwd(p: Shard):
+        return p.with_dim(p.dim + offset) if static(shape(node)[p.dim + offset]) == p.size else None
+
+    return _unary(node, ctx, fwd)
+
+
+def invert_expand(node: Node, wanted):
+    x = node.args[0]
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    d = wanted.dim - (ndim(node) - ndim(x))
+    if d < 0 or static(shape(x)[d]) != wanted.size:
+        return {x: REPLICATE} if d < 0 or static(shape(x)[d]) == 1 else None
+    return {x: wanted.with_dim(d)}
+
+
+def _perm(node: Node) -> list[int]:
+    nd = ndim(node)
+    t = node.target
+    if t == aten.permute.default:
+        return [norm_dim(d, nd) for d in node.args[1]]
+    if t == aten.t.default:
+        return [1, 0] if nd == 2 else [0]
+    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    perm = list(range(nd))
+    perm[a], perm[b] = perm[b], perm[a]
+    return perm
+
+
+@register(aten.permute.default, aten.transpose.int, aten.t.default)
+def permute(node: Node, ctx: RuleContext) -> Sharding:
+    perm = _perm(node)
+    return _unary(node, ctx, lambda p: p.with_dim(perm.index(p.dim)))
+
+
+def invert_permute(node: Node, wanted):
+    x = node.args[0]
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    return {x: wanted.with_dim(_perm(node)[wanted.dim])}
+
+
+def _squeeze_map(node: Node) -> list[int | None]:
+    """For each input dim, the output dim it becomes (None when removed)."""
+    x = node.args[0]
+    nd_in, nd_out = ndim(x), ndim(node)
+    t = node.target
+    if t == aten.unsqueeze.default:
+        d = norm_dim(node.args[1], nd_out)
+        return [i if i < d else i + 1 for i in range(nd_in)]
+    if t == aten.squeeze.default:
+        dims = [i for i in range(nd_in) if static(shape(x)[i]) == 1]
+    elif t == aten.squeeze.dim:
+        dims = [norm_dim(node.args[1], nd_in)]
+    else:
+        dims = [norm_dim(d, nd_in) for d in node.args[1]]
+    dims = [d for d in dims if static(shape(x)[d]) == 1]
+    out, k = [], 0
+    for i in range(nd_in):
+        if i in dims:
+            out.append(None)
+        else:
+            out.append(k)
+            k += 1
+    return out
+
+
+@register(aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims)
+def squeeze(node: Node, ctx: RuleContext) -> Sharding:
+    m = _squeeze_map(node)
+    return _unary(node, ctx, lambda p: p.with_dim(m[p.dim]) if m[p.dim] is not None else None)
+
+
+def invert_squeeze(node: Node, wanted):
+    x = node.args[0]
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    m = _squeeze_map(node)
+    return {x: wanted.with_dim(m.index(wanted.dim))} if wanted.dim in m else None
+
+
+@register(aten.view_as_complex.default)
+def view_as_complex(node: Node, ctx: RuleContext) -> Sharding:
+    """(..., n, 2) real -> (..., n) complex: any dim but the last pair dim keeps its shard."""
+    x = node.args[0]
+    last = ndim(x) - 1
+    return _unary(node, ctx, lambda p: p if p.dim < last else None)
+
+
+@register(aten.view_as_real.default)
+def view_as_real(node: Node, ctx: RuleContext) -> Sharding:
+    return _unary(node, ctx, lambda p: p)
+
+
+def invert_identity(node: Node, wanted):
+    return {node.args[0]: wanted}
+
+
+INVERSES = {
+    **{op: invert_reshape for op in RESHAPES},
+    aten.expand.default: invert_expand,
+    aten.permute.default: invert_permute,
+    aten.transpose.int: invert_permute,
+    aten.t.default: invert_permute,
+    aten.unsqueeze.default: invert_squeeze,
+    aten.squeeze.default: invert_squeeze,
+    aten.squeeze.dim: invert_squeeze,
+    aten.squeeze.dims: invert_squeeze,
+    aten.view_as_complex.default: invert_identity,
+    aten.view_as_real.default: invert_identity,
+}

@@ -1,0 +1,187 @@
+"""Collectives as plain functions that generated per-rank code calls, each with the backward that
+keeps autograd right (Megatron's conjugate pairs).
+
+==================  ============================  =====================================
+function            forward                       backward
+==================  ============================  =====================================
+``all_reduce``      P -> R: sum over ranks        identity (Megatron's ``g``)
+``copy_to_tp``      identity                      all-reduce (Megatron's ``f``)
+``all_gather``      S -> R                        keep own slice
+``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
+``reduce_scatter``  P -> S                        all-gather
+``redistribute``    S -> S' (other layout)        S' -> S
+``to_partial``      R -> P: x on rank 0, else 0   identity
+==================  ============================  =====================================
+
+``dim`` is the sharded dimension; ``runs`` the layout of every rank as ``(start, stop)``
+intervals (``None`` for an even split), the same on every rank so per-rank code stays alike.
+Every tensor is made contiguous before it goes on the wire (gloo silently corrupts
+non-contiguous all-reduces).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..placement import Shard
+from .context import current
+
+
+@functools.lru_cache(maxsize=4096)
+def _layout(dim: int, size: int, runs, world: int) -> Shard:
+    return Shard.even(dim, size, world) if runs is None else Shard(dim, size, tuple(tuple(map(tuple, r)) for r in runs))
+
+
+def _take(x: torch.Tensor, layout: Shard, rank: int) -> torch.Tensor:
+    rr = layout.runs[rank]
+    if len(rr) == 1:
+        (a, b), = rr
+        return x.narrow(layout.dim, a, b - a).contiguous()
+    idx = torch.as_tensor(layout.indices(rank), device=x.device)
+    return x.index_select(layout.dim, idx)
+
+
+def _assemble(parts: list[torch.Tensor], layout: Shard, shape) -> torch.Tensor:
+    if layout.is_even:
+        return torch.cat(parts, layout.dim)
+    out = parts[0].new_zeros(shape)
+    for r, part in enumerate(parts):
+        idx = torch.as_tensor(layout.indices(r), device=part.device)
+        out.index_copy_(layout.dim, idx, part)
+    return out
+
+
+def _full_shape(x: torch.Tensor, dim: int, size: int):
+    shape = list(x.shape)
+    shape[dim] = size
+    return shape
+
+
+class _AllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        return comm.all_reduce(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.comm.all_reduce(g), None
+
+
+def _gather(x, layout, comm):
+    parts = comm.all_gather(x)
+    return _assemble(parts, layout, _full_shape(x, layout.dim, layout.size))
+
+
+def _scatter_grad(g, layout, comm):
+    """Backward of taking a slice of a replicated tensor: the full gradient on every rank."""
+    if not layout.has_duplicates and layout.covers_all:
+        return _gather(g.contiguous(), layout, comm)
+    full = g.new_zeros(_full_shape(g, layout.dim, layout.size))
+    idx = torch.as_tensor(layout.indices(comm.rank), device=g.device)
+    full.index_copy_(layout.dim, idx, g)
+    return comm.all_reduce(full)
+
+
+class _ToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, comm):
+        return x.clone() if comm.rank == 0 else torch.zeros_like(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        # the gradient of a partial sum is the same on every rank, and it is the gradient of x
+        return g, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        return _gather(x, layout, comm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _take(g, ctx.layout, ctx.comm.rank), None, None
+
+
+class _Shard(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        return _take(x, layout, comm.rank)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _scatter_grad(g, ctx.layout, ctx.comm), None, None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        if layout.is_even:
+            return comm.reduce_scatter(x, layout.dim)
+        return _take(comm.all_reduce(x), layout, comm.rank)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _gather(g.contiguous(), ctx.layout, ctx.comm), None, None
+
+
+def all_reduce(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+    """Sum of the partial tensors of all ranks (forward); gradient passes through unchanged."""
+    return _AllReduce.apply(x, current().comm(group))
+
+
+def copy_to_tp(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+    """Identity in forward; sums the gradient over ranks in backward.
+
+    Marks a replicated value entering a sharded computation: each rank's backward only sees its
+    own shard's contribution to the gradient.
+    """
+    return _CopyToTP.apply(x, current().comm(group))
+
+
+def to_partial(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+    """A replicated value as one rank's part of a partial sum (the others contribute zeros).
+
+    Used for the bias of a row-parallel matmul, so that the bias is added once in the sum.
+    """
+    return _ToPartial.apply(x, current().comm(group))
+
+
+def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+    """The whole tensor from every rank's shard along ``dim`` (global extent ``size``)."""
+    comm = current().comm(group)
+    return _AllGather.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+def shard(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+    """This rank's shard of a replicated tensor (no communication in forward)."""
+    comm = current().comm(group)
+    return _Shard.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+def reduce_scatter(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+    """This rank's shard of the sum of the partial tensors of all ranks."""
+    comm = current().comm(group)
+    return _ReduceScatter.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+def redistribute(x, src_dim: int, src_size: int, src_runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):
+    """Move from one shard layout to another (all-gather, then keep the new slice)."""
+    full = all_gather(x, src_dim, src_size, src_runs, group)
+    return shard(full, dst_dim, dst_size, dst_runs, group)

@@ -1,0 +1,160 @@
+"""Communicators: the three collectives fxpar needs, over a real process group or over threads.
+
+``DistComm`` runs on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU) and waits on
+every collective with a timeout, so a rank whose peer died raises instead of hanging.
+``ThreadComm`` gives simulated ranks, one per thread in one process, the same semantics; sums
+are taken in rank order on every rank, so all ranks get bit-identical results.
+
+Every communicator counts what it sends (ring algorithm: an all-reduce of N elements sends
+``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``), for the reports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+from ..errors import CollectiveError
+
+
+class Communicator:
+    rank: int
+    world: int
+
+    def __init__(self):
+        self.sent_bytes: Counter = Counter()
+        self.calls: Counter = Counter()
+
+    def _count(self, kind: str, numel: int, elem: int, factor: float) -> None:
+        self.calls[kind] += 1
+        self.sent_bytes[kind] += int(factor * (self.world - 1) / self.world * numel * elem)
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, returned as a new tensor."""
+        self._count("all_reduce", t.numel(), t.element_size(), 2)
+        return self._all_reduce(t.contiguous())
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor (all of the same shape), in rank order."""
+        self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
+        return self._all_gather(t.contiguous())
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """Sum over ranks, keeping this rank's even chunk along ``dim``."""
+        self._count("reduce_scatter", t.numel(), t.element_size(), 1)
+        return self._reduce_scatter(t.contiguous(), dim)
+
+    def reset_counters(self) -> None:
+        self.sent_bytes.clear()
+        self.calls.clear()
+
+
+class DistComm(Communicator):
+    """Collectives over a ``torch.distributed`` process group, each waited on with ``timeout``."""
+
+    def __init__(self, group, timeout: datetime.timedelta, name: str = "tp"):
+        super().__init__()
+        self.group = group
+        self.timeout = timeout
+        self.name = name
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+
+    def _wait(self, work, what: str, t: torch.Tensor):
+        try:
+            work.wait(timeout=self.timeout)
+        except Exception as e:  # noqa: BLE001 - gloo and NCCL raise different types
+            raise CollectiveError(
+                f"{what} of {tuple(t.shape)} {t.dtype} on mesh dimension '{self.name}' "
+                f"(rank {self.rank} of {self.world}) failed or timed out after "
+                f"{self.timeout.total_seconds():.0f}s: {e}. Another rank has probably failed; "
+                "its own error says why."
+            ) from e
+
+    def _all_reduce(self, t):
+        out = t.clone()
+        self._wait(dist.all_reduce(out, group=self.group, async_op=True), "all_reduce", t)
+        return out
+
+    def _all_gather(self, t):
+        flat = t.reshape(-1)
+        out = torch.empty(self.world * flat.numel(), dtype=t.dtype, device=t.device)
+        # gloo wants the output shaped (world * d0, ...): gather the flattened tensor
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self._wait(gather(out, flat, group=self.group, async_op=True), "all_gather", t)
+        return [c.view(t.shape) for c in out.chunk(self.world)]
+
+    def _reduce_scatter(self, t, dim):
+        if t.device.type == "cuda":
+            chunks = [c.contiguous() for c in t.chunk(self.world, dim)]
+            out = torch.empty_like(chunks[self.rank])
+            self._wait(dist.reduce_scatter(out, chunks, group=self.group, async_op=True), "reduce_scatter", t)
+            return out
+        # gloo has no reduce_scatter: all-reduce and keep the chunk
+        return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
+
+
+class ThreadWorld:
+    """Meeting point of the simulated ranks of one group."""
+
+    def __init__(self, world: int, timeout: float = 120.0):
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=timeout)
+        self.slots: list = [None] * world
+
+    def exchange(self, rank: int, obj) -> list:
+        try:
+            self.slots[rank] = obj
+            self.barrier.wait()
+            out = list(self.slots)
+            self.barrier.wait()
+            return out
+        except threading.BrokenBarrierError:
+            raise CollectiveError(
+                f"simulated rank {rank}: another rank failed or a rank skipped a collective"
+            ) from None
+
+    def abort(self) -> None:
+        self.barrier.abort()
+
+
+class ThreadComm(Communicator):
+    def __init__(self, world: ThreadWorld, rank: int):
+        super().__init__()
+        self.shared = world
+        self.rank = rank
+        self.world = world.world
+
+    def _all_reduce(self, t):
+        parts = self.shared.exchange(self.rank, t)
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out = out + p
+        return out
+
+    def _all_gather(self, t):
+        return [p.clone() for p in self.shared.exchange(self.rank, t)]
+
+    def _reduce_scatter(self, t, dim):
+        return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
+
+
+class LocalComm(Communicator):
+    """A group of one rank (tp=1): every collective is the identity."""
+
+    def __init__(self):
+        super().__init__()
+        self.rank, self.world = 0, 1
+
+    def _all_reduce(self, t):
+        return t.clone()
+
+    def _all_gather(self, t):
+        return [t.clone()]
+
+    def _reduce_scatter(self, t, dim):
+        return t.clone()

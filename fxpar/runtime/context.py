@@ -1,0 +1,64 @@
+"""The per-rank context a generated program runs in: which communicator serves each mesh
+dimension and which random streams dropout draws from.
+
+It lives in a ``ContextVar`` so that simulated ranks, each on its own thread, see their own.
+Autograd functions copy what they need at forward time, because backward may run on another
+thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FxparError
+
+
+@dataclass
+class RNGStreams:
+    """``replicated``: same state on every tp rank (``None``: torch's default generator).
+    ``sharded``: a different stream per tp rank (Megatron's model-parallel RNG tracker).
+    ``exact``: sharded dropout draws the full mask from the replicated stream and keeps its own
+    slice, so the masks equal the single-device model's (costs the full mask's memory)."""
+
+    replicated: torch.Generator | None = None
+    sharded: torch.Generator | None = None
+    exact: bool = False
+
+
+@dataclass
+class RankContext:
+    rank: int  # position on the tp dimension
+    comms: dict = field(default_factory=dict)  # mesh dim name -> Communicator
+    rng: RNGStreams = field(default_factory=RNGStreams)
+
+    def comm(self, group: str):
+        try:
+            return self.comms[group]
+        except KeyError:
+            raise FxparError(f"no communicator for mesh dimension '{group}' in this rank's context") from None
+
+
+_CURRENT: contextvars.ContextVar[RankContext | None] = contextvars.ContextVar("fxpar_rank_context", default=None)
+
+
+def current() -> RankContext:
+    ctx = _CURRENT.get()
+    if ctx is None:
+        raise FxparError(
+            "a per-rank fxpar program ran outside its runtime: call it through the module returned by "
+            "fxpar.parallelize, or Plan.simulate for all ranks in one process"
+        )
+    return ctx
+
+
+@contextlib.contextmanager
+def running(ctx: RankContext):
+    token = _CURRENT.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _CURRENT.reset(token)

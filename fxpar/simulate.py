@@ -1,0 +1,106 @@
+"""Run every rank of a plan in this one process, one thread per rank, with real collective
+semantics; put sharded values back together; find the first node where a plan diverges.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from torch.fx import GraphModule, Interpreter
+
+from .errors import FxparError
+from .placement import PARTIAL, Shard
+from .runtime.comm import ThreadComm, ThreadWorld
+from .runtime.context import RankContext, RNGStreams, running
+
+SHARDED_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel RNG stream
+
+
+def rank_contexts(world: int, seed: int, exact: bool, timeout: float = 120.0) -> list[RankContext]:
+    """One context per simulated rank: a shared meeting point and per-rank random streams whose
+    replicated stream starts from torch's default generator (as the single-device run would)."""
+    shared = ThreadWorld(world, timeout)
+    state = torch.default_generator.get_state()
+    out = []
+    for r in range(world):
+        rep = torch.Generator()
+        rep.set_state(state)
+        shard_gen = torch.Generator().manual_seed(seed + SHARDED_SEED_OFFSET + r)
+        out.append(RankContext(rank=r, comms={"tp": ThreadComm(shared, r)}, rng=RNGStreams(rep, shard_gen, exact)))
+    return out
+
+
+def run_ranks(fn, contexts: list[RankContext]) -> list:
+    """``fn(rank)`` on one thread per rank, each inside its context; re-raises the first failure."""
+    world = len(contexts)
+    results: list = [None] * world
+    errors: list = [None] * world
+
+    def body(r):
+        try:
+            with running(contexts[r]):
+                results[r] = fn(r)
+        except BaseException as e:  # noqa: BLE001 - reported after all threads stop
+            errors[r] = e
+            contexts[r].comm("tp").shared.abort()
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"fxpar-rank{r}") for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = _first_real_error(errors)
+    if first is not None:
+        r, e = first
+        raise FxparError(f"simulated rank {r} failed: {type(e).__name__}: {e}") from e
+    # the replicated stream advanced the same way on every rank: continue from it
+    torch.default_generator.set_state(contexts[0].rng.replicated.get_state())
+    return results
+
+
+def _first_real_error(errors):
+    from .errors import CollectiveError
+
+    real = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, CollectiveError)]
+    anyerr = [(r, e) for r, e in enumerate(errors) if e is not None]
+    return (real or anyerr or [None])[0]
+
+
+def assemble(parts: list[torch.Tensor], placement) -> torch.Tensor:
+    """The global value from every rank's local value."""
+    if isinstance(placement, Shard):
+        shape = list(parts[0].shape)
+        shape[placement.dim] = placement.size
+        out = parts[0].new_zeros(shape)
+        for r, part in enumerate(parts):
+            idx = torch.as_tensor(placement.indices(r), device=part.device)
+            out.index_copy_(placement.dim, idx, part)
+        return out
+    if placement is PARTIAL:
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out = out + p
+        return out
+    return parts[0]
+
+
+class Recorder(Interpreter):
+    """Runs a graph and keeps every node's value (detached) by node name."""
+
+    def __init__(self, gm: GraphModule):
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        self.values[n.name] = _detach(out)
+        return out
+
+
+def _detach(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(v) for v in x)
+    return x

@@ -1,0 +1,54 @@
+"""Pass (rewrite): give every dropout the random stream its placement needs.
+
+Reads ``fxpar_placement`` of each ``aten.dropout`` node and ``ctx.rng``. Replaces the node's
+target with ``fxpar.runtime.ops.dropout`` and writes ``fxpar_rng``:
+
+* replicated value -> ``"replicated"``: every tp rank draws the same mask from the same stream;
+* sharded value -> ``"sharded"``: each rank draws its own slice from its own stream (Megatron's
+  model-parallel RNG tracker), or, with ``ctx.rng == "exact"``, the full mask from the replicated
+  stream and keeps its slice, which reproduces the single-device masks.
+
+Attention with built-in dropout (``scaled_dot_product_attention(dropout_p > 0)``) on sharded heads
+draws inside the kernel, per rank; with ``rng="exact"`` that is reported as a warning, since those
+masks cannot equal the single-device ones.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule
+
+from fxpar.errors import describe_node
+from fxpar.metadata import PLACEMENT, RNG
+from fxpar.placement import Shard
+from fxpar.plan_context import PlanContext
+from fxpar.rules.base import arg
+from fxpar.runtime.ops import dropout
+
+aten = torch.ops.aten
+
+
+def assign_rng(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        p = node.meta.get(PLACEMENT)
+        if node.target == aten.dropout.default:
+            x, prob, train = node.args
+            if isinstance(p, Shard):
+                node.meta[RNG] = "sharded"
+                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs)
+            else:
+                node.meta[RNG] = "replicated"
+                node.args = (x, prob, train)
+            node.target = dropout
+        elif node.target == aten.scaled_dot_product_attention.default:
+            p_drop = arg(node, 4, "dropout_p", 0.0)
+            if ctx.rng == "exact" and isinstance(p, Shard) and p_drop:
+                ctx.warnings.append(
+                    "attention dropout inside scaled_dot_product_attention on sharded heads draws "
+                    f"per-rank masks that cannot equal the single-device ones\n  {describe_node(node)}"
+                )
+    gm.graph.lint()
+    gm.recompile()
+    return gm

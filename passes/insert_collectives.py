@@ -1,0 +1,134 @@
+"""Pass (rewrite): make every change of placement an explicit collective node.
+
+Reads ``fxpar_placement`` (what each producer gives), ``fxpar_inputs`` (what each consumer takes)
+and ``fxpar_requires_grad``. For each edge where the two differ it inserts one call to a function
+of ``fxpar.runtime.collectives``, shared by every consumer that needs the same conversion:
+
+=========  =================  ==================================================
+producer   consumer wants     node inserted
+=========  =================  ==================================================
+P          R                  ``all_reduce``
+P          S                  ``reduce_scatter``
+S          R                  ``all_gather``
+R          S                  ``shard`` (local slice; all-gathers in backward)
+R          P                  ``to_partial`` (the bias of a row-parallel matmul)
+S          S' (other layout)  ``redistribute``
+=========  =================  ==================================================
+
+(right before the first consumer) and, where a replicated value that can carry a gradient feeds
+an op whose output is sharded or partial, a ``copy_to_tp`` (identity forward, all-reduce backward: each rank's backward only sees
+its own shard's share of that gradient). Inserted nodes get ``fxpar_comm`` with their sizes,
+``fxpar_placement`` of what they produce and ``fxpar_origin = None``; consumers' ``fxpar_inputs``
+are re-keyed to them. Every other node gets ``fxpar_origin`` = its own name.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement
+from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
+from fxpar.plan_context import PlanContext
+from fxpar.runtime import collectives as C
+
+
+def _runs(s: Shard):
+    return None if s.is_even else s.runs
+
+
+def _call(src: Placement, dst: Placement):
+    """(function, extra args, kind) converting ``src`` into ``dst``; None if nothing to do."""
+    if src == dst:
+        return None
+    if src is PARTIAL and dst is REPLICATE:
+        return C.all_reduce, (), "all_reduce"
+    if src is PARTIAL and isinstance(dst, Shard):
+        return C.reduce_scatter, (dst.dim, dst.size, _runs(dst)), "reduce_scatter"
+    if isinstance(src, Shard) and dst is REPLICATE:
+        return C.all_gather, (src.dim, src.size, _runs(src)), "all_gather"
+    if src is REPLICATE and isinstance(dst, Shard):
+        return C.shard, (dst.dim, dst.size, _runs(dst)), "shard"
+    if src is REPLICATE and dst is PARTIAL:
+        return C.to_partial, (), "to_partial"
+    if isinstance(src, Shard) and isinstance(dst, Shard):
+        return (C.redistribute, (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst)), "redistribute")
+    raise ValueError(f"no conversion from {src} to {dst}")
+
+
+def _numel(val) -> object:
+    n = val.numel()
+    return int(n) if not isinstance(n, torch.SymInt) else n.node.expr
+
+
+def comm_info(kind: str, val, world: int, src: Placement, dst: Placement) -> CommInfo:
+    """Bytes one rank sends with a ring algorithm (forward, backward)."""
+    n = _numel(val)
+    e = val.element_size()
+    ring = (world - 1) / world
+    fwd, bwd = {
+        "all_reduce": (2 * ring, 0),
+        "copy_to_tp": (0, 2 * ring),
+        "all_gather": (ring, 0),
+        "shard": (0, ring),
+        "reduce_scatter": (ring, ring),
+        "redistribute": (ring, ring),
+        "to_partial": (0, 0),
+    }[kind]
+    return CommInfo(kind, "tp", n, fwd * n * e, bwd * n * e, repr(src), repr(dst))
+
+
+def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    graph = gm.graph
+    world = ctx.tp
+    for node in graph.nodes:
+        node.meta[ORIGIN] = node.name
+    cache: dict[tuple, Node] = {}
+    for node in list(graph.nodes):
+        reqs = node.meta.get(INPUTS)
+        if not reqs or node.meta.get(COMM):
+            continue
+        for inp in list(node.all_input_nodes):
+            if inp.name not in reqs:
+                continue
+            want = reqs[inp.name]
+            have = out_placement(inp) or REPLICATE
+            conv = None if world == 1 else _call(have, want)
+            if conv is None:
+                if want is REPLICATE and _makes_sharded(node) and inp.meta.get(REQUIRES_GRAD) and world > 1:
+                    conv = C.copy_to_tp, (), "copy_to_tp"
+                else:
+                    continue
+            fn, extra, kind = conv
+            key = (inp, kind, extra)
+            new = cache.get(key)
+            if new is None:
+                with graph.inserting_before(node):
+                    new = graph.call_function(fn, (inp, *extra))
+                copy_meta(inp, new)
+                new.meta.update(
+                    {
+                        "val": inp.meta["val"],
+                        PLACEMENT: want,
+                        INPUTS: {inp.name: have},
+                        REQUIRES_GRAD: inp.meta.get(REQUIRES_GRAD, False),
+                        ORIGIN: None,
+                        COMM: comm_info(kind, inp.meta["val"], world, have, want),
+                    }
+                )
+                cache[key] = new
+            node.replace_input_with(inp, new)
+            reqs = dict(reqs)
+            del reqs[inp.name]
+            reqs[new.name] = want
+            node.meta[INPUTS] = reqs
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _makes_sharded(node: Node) -> bool:
+    p = node.meta.get(PLACEMENT)
+    if isinstance(p, tuple):
+        return any(isinstance(x, Shard) or x is PARTIAL for x in p)
+    return isinstance(p, Shard) or p is PARTIAL

@@ -1,0 +1,366 @@
+"""Pass (analysis): place every value over the tp ranks, deciding column/row parallelism from
+the data flow.
+
+Reads ``val``, ``nn_module_stack`` and the per-op rules in ``fxpar.rules``. Writes
+``fxpar_placement`` and ``fxpar_inputs`` on every node, ``fxpar_decision`` on every matmul with a
+weight and every embedding, ``fxpar_fallback`` where an op with no rule had to gather; fills
+``ctx.decisions`` (by node name), ``ctx.param_placements`` (by parameter name) and
+``ctx.warnings``.
+
+How it decides. Placements are propagated forward in graph order: graph inputs are replicated;
+a matmul with a weight and a replicated input splits the weight by output features
+(column-parallel); a matmul whose input arrives split along the contracted dim splits its weight
+the same way (row-parallel) and yields a partial sum; every other op follows its rule. Then the
+result is inspected edge by edge:
+
+* a sharded value that must be gathered before an op that cannot take it (layer_norm over a split
+  hidden size, a loss, the sharded dim merged away) means the column split that produced it does
+  not pay: the matmuls that started that region are turned back to replicated;
+* a sharded value that an op wants in another layout (a split into q/k/v that wants each piece
+  evenly split) is carried back through the views to the matmul that produced it, which then
+  stores its weight in that layout.
+
+The propagation is repeated until nothing changes. Each round can only turn column splits into
+replicated weights or refine a layout, so it ends; what remains are gathers that cannot be
+avoided (the model's outputs) or that the user forced, reported as warnings that name the node.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxpar.errors import PlanError, describe_node, module_path
+from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT
+from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
+from fxpar.plan_context import PlanContext
+from fxpar.rules import FREE, rule_for
+from fxpar.rules.base import is_tensor_node, ndim, tensor_args
+from fxpar.rules.matmul import DECIDABLE
+from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
+from fxpar.rules.pointwise import invert as invert_pointwise
+from fxpar.rules.views import INVERSES
+
+aten = torch.ops.aten
+EMBEDDINGS = {aten.embedding.default}
+# ops through which a weight is still "just the weight" (its layout can be chosen by its user)
+_WEIGHT_TRANSPARENT = set(INVERSES) | {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten.contiguous.default,
+}
+
+
+def _inverse(node: Node):
+    if node.target in INVERSES:
+        return INVERSES[node.target]
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise in tags or node.target in EXTRA_ELEMENTWISE or node.target == aten.type_as.default:
+        return invert_pointwise
+    return None
+
+
+class _Decisions:
+    """The choices the rounds refine: per decidable node, a mode and an optional layout."""
+
+    def __init__(self):
+        self.mode: dict[Node, str] = {}
+        self.layout: dict[Node, Shard] = {}
+        self.forced: set[Node] = set()
+        self.why: dict[Node, str] = {}
+        self.reduce_early: set[Node] = set()  # partial sums all-reduced where they are made
+
+
+class _Round:
+    """One forward propagation of placements under fixed decisions."""
+
+    def __init__(self, gm: GraphModule, world: int, decisions: _Decisions, user_dep: set[Node]):
+        self.gm, self.world, self.d, self.user_dep = gm, world, decisions, user_dep
+        self.place: dict[Node, object] = {}
+        self.inputs: dict[Node, dict[Node, Placement]] = {}
+        self.fallback: dict[Node, str] = {}
+        self.seeds: dict[Node, frozenset] = {}
+        self.owner: dict[Node, Node] = {}
+
+    # the RuleContext protocol ---------------------------------------------------------------
+    def placement(self, node):
+        if not isinstance(node, Node):
+            return None
+        p = self.place.get(node, REPLICATE)
+        return REPLICATE if p is PARTIAL and node in self.d.reduce_early else p
+
+    def decision(self, node: Node) -> str:
+        return self.d.mode.get(node, "auto")
+
+    def seed_layout(self, node: Node):
+        return self.d.layout.get(node)
+
+    def user_input_dependent(self, node: Node) -> bool:
+        return node in self.user_dep
+
+    def is_weight(self, node: Node) -> bool:
+        while node.op == "call_function" and node.target in _WEIGHT_TRANSPARENT:
+            node = node.args[0]
+        return node.op == "get_attr"
+
+    # propagation --------------------------------------------------------------------------
+    def run(self) -> "_Round":
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.place[node] = REPLICATE if is_tensor_node(node) else None
+            elif node.op == "get_attr":
+                self.place[node] = FREE if is_tensor_node(node) else None
+            elif node.op == "output":
+                self.inputs[node] = {n: REPLICATE for n in tensor_args(node)}
+            elif self._weight_view(node):
+                self.place[node] = FREE
+            else:
+                self._apply(node)
+        return self
+
+    def _weight_view(self, node: Node) -> bool:
+        ins = tensor_args(node)
+        return (
+            node.op == "call_function"
+            and node.target in _WEIGHT_TRANSPARENT
+            and len(ins) == 1
+            and self.place.get(ins[0]) is FREE
+        )
+
+    def _apply(self, node: Node) -> None:
+        try:
+            s = rule_for(node)(node, self)
+        except Exception as e:  # noqa: BLE001 - a rule bug must name the node
+            raise PlanError(f"sharding rule failed on {describe_node(node)}\n  {type(e).__name__}: {e}") from e
+        for inp in tensor_args(node):
+            req = s.inputs.get(inp)
+            if self.place.get(inp) is FREE:
+                self._resolve_free(inp, req if req is not None else REPLICATE, node)
+                if req is None:
+                    s.inputs[inp] = self.place[inp]
+            elif req is None:
+                s.inputs[inp] = self.place.get(inp, REPLICATE)
+        self.place[node] = s.output
+        self.inputs[node] = s.inputs
+        if s.fallback:
+            self.fallback[node] = s.fallback
+        self._track_seeds(node, s)
+
+    def _resolve_free(self, node: Node, req, consumer: Node) -> None:
+        if self.place.get(node) is not FREE:
+            return
+        if node.op == "get_attr":
+            # weights are stored whole or split; one consumed as a partial sum is stored whole
+            self.place[node] = req if isinstance(req, Shard) else REPLICATE
+            self.owner[node] = consumer
+            self.seeds[node] = frozenset([consumer]) if consumer.target in DECIDABLE | EMBEDDINGS else frozenset()
+            return
+        inv = _inverse(node)
+        wanted = inv(node, req) if inv is not None and isinstance(req, Placement) else None
+        for inp in tensor_args(node):
+            self._resolve_free(inp, (wanted or {}).get(inp, REPLICATE), consumer)
+        self._apply(node)
+
+    def _track_seeds(self, node: Node, s) -> None:
+        out = s.output
+        sharded_out = isinstance(out, Shard) or out is PARTIAL or (
+            isinstance(out, tuple) and any(isinstance(p, Shard) or p is PARTIAL for p in out)
+        )
+        if not sharded_out:
+            return
+        seeds: frozenset = frozenset()
+        grew = False
+        for inp, req in s.inputs.items():
+            actual = self.place.get(inp)
+            kept = (isinstance(actual, Shard) or actual is PARTIAL or isinstance(actual, tuple)) and (
+                isinstance(req, Shard) or req is PARTIAL
+            )
+            if kept and not self.is_weight(inp):
+                seeds |= self.seeds.get(inp, frozenset())
+                grew = True
+        if node.target is operator.getitem:
+            seeds |= self.seeds.get(node.args[0], frozenset())
+            grew = True
+        if not grew and node.target in DECIDABLE | EMBEDDINGS:
+            seeds = frozenset([node])
+        self.seeds[node] = seeds
+
+    # inspection -----------------------------------------------------------------------------
+    def edges(self):
+        for node, reqs in self.inputs.items():
+            for inp, req in reqs.items():
+                yield node, inp, self.place.get(inp), req
+
+
+def _user_dependent(gm: GraphModule) -> set[Node]:
+    """Nodes whose values (not just shapes) derive from the user's inputs."""
+    dep: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            dep.add(node)
+        elif node.op == "call_function" and is_tensor_node(node):
+            if any(n in dep for n in tensor_args(node)):
+                dep.add(node)
+    return dep
+
+
+def _weight_name(node: Node) -> str:
+    for a in node.args:
+        n = a
+        while isinstance(n, Node) and n.op == "call_function" and n.target in _WEIGHT_TRANSPARENT:
+            n = n.args[0]
+        if isinstance(n, Node) and n.op == "get_attr" and ndim(n) >= 2:
+            return n.target
+    return ""
+
+
+def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Shard] | None:
+    """Seed layouts that would make ``node`` come out as ``wanted``; None if no seed can."""
+    seen = seen if seen is not None else set()
+    if node in seen:
+        return None
+    seen.add(node)
+    if node.target in DECIDABLE and rnd.seeds.get(node) == frozenset([node]):
+        if wanted.dim != ndim(node) - 1 or wanted.has_duplicates:
+            return None
+        return {node: wanted}
+    inv = _inverse(node)
+    if inv is None:
+        return None
+    needed = inv(node, wanted)
+    if needed is None:
+        return None
+    out: dict[Node, Shard] = {}
+    for inp, q in needed.items():
+        actual = rnd.place.get(inp)
+        if rnd.is_weight(inp):
+            continue  # weights are placed afresh every round
+        if actual == q or not isinstance(q, Shard) or not isinstance(actual, Shard):
+            if isinstance(actual, Shard) and not isinstance(q, Shard):
+                return None
+            continue
+        sub = _request(rnd, inp, q, seen)
+        if sub is None:
+            return None
+        for k, v in sub.items():
+            if out.get(k, v) != v:
+                return None
+            out[k] = v
+    return out
+
+
+def _reduce_point(rnd: _Round, node: Node) -> Node:
+    """Where a partial sum that must be reduced is best reduced: at the op that made it partial,
+    walking back through ops that only carried it along (casts, scaling); an op that adds several
+    partial sums is kept so that one all-reduce serves them all (parallel attention + MLP)."""
+    while True:
+        partial_inputs = [i for i, q in rnd.inputs.get(node, {}).items() if q is PARTIAL]
+        if len(partial_inputs) != 1:
+            return node
+        node = partial_inputs[0]
+
+
+def _resolve(rnd: _Round, d: _Decisions) -> bool:
+    """Adjust decisions for the bad edges of a round; True if anything changed."""
+    changed = False
+
+    def revert(seeds, why):
+        nonlocal changed
+        for s in seeds:
+            if s in d.forced or d.mode.get(s) == "replicate":
+                continue
+            d.mode[s] = "replicate"
+            d.why[s] = why
+            d.layout.pop(s, None)
+            changed = True
+
+    for node, inp, actual, req in rnd.edges():
+        if actual is PARTIAL and req is not PARTIAL:
+            point = _reduce_point(rnd, inp)
+            if point not in d.reduce_early:
+                d.reduce_early.add(point)
+                changed = True
+            continue
+        if actual == req or actual is None or not isinstance(actual, Shard):
+            continue
+        if req is REPLICATE:
+            if node.op == "output":
+                continue
+            reason = rnd.fallback.get(node) or f"{getattr(node.target, '__name__', node.target)} needs it whole"
+            revert(rnd.seeds.get(inp, ()), f"its output is gathered before {node.name} ({reason})")
+        elif isinstance(req, Shard):
+            if rnd.is_weight(inp):
+                continue  # weights are placed afresh every round
+            wanted = _request(rnd, inp, req)
+            new = {s: layout for s, layout in (wanted or {}).items() if d.layout.get(s) != layout}
+            if wanted and new and all(s not in d.forced or d.mode.get(s) == "colwise" for s in new):
+                d.layout.update(new)
+                changed = True
+            else:
+                revert(rnd.seeds.get(inp, ()), f"{node.name} needs it in another layout")
+    return changed
+
+
+def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) -> GraphModule:
+    d = _Decisions()
+    for node in gm.graph.nodes:
+        if node.target in DECIDABLE | EMBEDDINGS:
+            style = ctx.override_for(module_path(node), _weight_name(node))
+            if style is not None:
+                if node.target in EMBEDDINGS and style == "rowwise":
+                    style = "vocab"  # an embedding split by rows is split by vocabulary
+                d.mode[node] = style
+                d.forced.add(node)
+                d.why[node] = "user override"
+    user_dep = _user_dependent(gm)
+    if ctx.tp == 1:
+        rnd = _Round(gm, 1, d, user_dep)
+        for n in gm.graph.nodes:
+            if n.target in DECIDABLE | EMBEDDINGS:
+                d.mode[n] = "replicate"
+                d.why[n] = "tp=1"
+        rnd.run()
+    else:
+        for _ in range(max_rounds):
+            rnd = _Round(gm, ctx.tp, d, user_dep).run()
+            if not _resolve(rnd, d):
+                break
+    _annotate(gm, ctx, rnd, d)
+    gm.graph.lint()
+    return gm
+
+
+def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> None:
+    for node in gm.graph.nodes:
+        p = rnd.place.get(node)
+        node.meta[PLACEMENT] = REPLICATE if p is FREE else p
+        if node in rnd.inputs:
+            node.meta[INPUTS] = {inp.name: (REPLICATE if q is FREE else q) for inp, q in rnd.inputs[node].items()}
+        if node.op == "get_attr" and isinstance(node.meta[PLACEMENT], Placement):
+            ctx.param_placements[node.target] = node.meta[PLACEMENT]
+        if node.target in DECIDABLE | EMBEDDINGS:
+            text = _decision_text(node, node.meta[PLACEMENT], d)
+            node.meta[DECISION] = text
+            ctx.decisions[node.name] = text
+    for node, inp, actual, req in rnd.edges():
+        if isinstance(actual, Shard) and req is REPLICATE and node.op != "output":
+            reason = rnd.fallback.get(node, "needs the whole tensor")
+            node.meta[FALLBACK] = reason
+            ctx.warnings.append(
+                f"gathering sharded {inp.name} to replicate before it is used: {reason}\n  {describe_node(node)}"
+            )
+
+
+def _decision_text(node: Node, out, d: _Decisions) -> str:
+    if out is PARTIAL:
+        return "vocab" if node.target in EMBEDDINGS else "rowwise"
+    if isinstance(out, Shard):
+        return "colwise" if out.dim == ndim(node) - 1 else f"follows input S({out.dim})"
+    why = d.why.get(node)
+    return f"replicate: {why}" if why else "replicate"
