@@ -104,7 +104,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             new = cache.get(key)
             if new is None:
                 with graph.inserting_before(node):
-                    new = graph.call_function(fn, (inp, *extra))
+                    new = graph.call_function(fn, (inp, *extra), {"group": "tp"})
                 copy_meta(inp, new)
                 new.meta.update(
                     {

@@ -148,13 +148,20 @@ class ParallelModule(nn.Module):
             )
 
     # parameters and state ----------------------------------------------------------------------
-    def named_parameters(self, *args, **kwargs):
+    def _require_built(self) -> None:
         if self._placements is None:
             raise FxparError(
                 "this ParallelModule has not been built yet: its parameter shards are made at the first "
                 "call (or pass example_args to fxpar.parallelize); create the optimizer after that"
             )
+
+    def named_parameters(self, *args, **kwargs):
+        self._require_built()
         return super().named_parameters(*args, **kwargs)
+
+    def parameters(self, recurse: bool = True):
+        self._require_built()
+        return super().parameters(recurse)
 
     def placement_of(self, name: str):
         """Placement of a parameter or buffer on the tp dimension."""

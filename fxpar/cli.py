@@ -1,0 +1,126 @@
+"""``python -m fxpar``: plan, dump, check and demo from the command line.
+
+    python -m fxpar demo --tp 2                 # train a GPT over 2 local CPU processes
+    python -m fxpar plan gpt --tp 4             # every value's placement, every collective
+    python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
+    python -m fxpar check gpt --tp 2            # simulate all ranks, compare with one device
+
+A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``) or ``package.module:function``
+returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+
+def load_model(spec: str, settings: list[str]):
+    """``(model, example_args)`` from a ``models/`` name or ``module:function``."""
+    kwargs = {}
+    for item in settings or []:
+        key, _, value = item.partition("=")
+        kwargs[key] = _parse(value)
+    if ":" in spec:
+        mod_name, fn_name = spec.split(":", 1)
+    else:
+        mod_name, fn_name = f"models.{spec}", "build"
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise SystemExit(f"fxpar: cannot load model {spec!r}: {e}. Use a name in models/ (gpt, llama, mlp) or module:function")
+    model, args = fn(**kwargs)
+    return model, args if isinstance(args, tuple) else (args,)
+
+
+def _parse(value: str):
+    for conv in (int, float):
+        try:
+            return conv(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(value.lower(), value)
+
+
+def _compile(a):
+    import torch
+
+    import fxpar
+
+    torch.manual_seed(a.seed)
+    model, args = load_model(a.model, a.set)
+    overrides = dict(o.split("=", 1) for o in a.override or [])
+    return fxpar.compile(model, fxpar.Mesh(tp=a.tp), args, overrides=overrides), args
+
+
+def cmd_plan(a) -> int:
+    plan, _ = _compile(a)
+    print(plan.summary())
+    if not a.brief:
+        print()
+        print(plan.table())
+    return 0
+
+
+def cmd_dump(a) -> int:
+    plan, _ = _compile(a)
+    for path in plan.dump(a.out):
+        print(path)
+    return 0
+
+
+def cmd_check(a) -> int:
+    import fxpar
+
+    plan, args = _compile(a)
+    try:
+        n = plan.check(*args, rtol=a.rtol, atol=a.atol)
+    except fxpar.DivergenceError as e:
+        print(e)
+        return 1
+    print(f"{n} values of {type(plan.model).__name__} at tp={a.tp} match the single-device model")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from .demo import main as demo
+
+    return demo(tp=a.tp, steps=a.steps, out=a.out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fxpar", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_args(sp):
+        sp.add_argument("model", help="models/ name (gpt, llama, mlp) or module:function")
+        sp.add_argument("--tp", type=int, default=2)
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
+        sp.add_argument("--override", action="append", metavar="NAME=STYLE", help="force colwise/rowwise/replicate/vocab")
+        sp.add_argument("--seed", type=int, default=0)
+
+    sp = sub.add_parser("plan", help="print the plan: placements, decisions, collectives")
+    model_args(sp)
+    sp.add_argument("--brief", action="store_true", help="summary only")
+    sp.set_defaults(fn=cmd_plan)
+    sp = sub.add_parser("dump", help="write every rank's code and the plan table to a folder")
+    model_args(sp)
+    sp.add_argument("--out", default="fxpar_out")
+    sp.set_defaults(fn=cmd_dump)
+    sp = sub.add_parser("check", help="simulate all ranks and compare with the single-device model")
+    model_args(sp)
+    sp.add_argument("--rtol", type=float, default=1e-5)
+    sp.add_argument("--atol", type=float, default=1e-5)
+    sp.set_defaults(fn=cmd_check)
+    sp = sub.add_parser("demo", help="train a GPT over local CPU processes and compare with one process")
+    sp.add_argument("--tp", type=int, default=2)
+    sp.add_argument("--steps", type=int, default=5)
+    sp.add_argument("--out", default="fxpar_out")
+    sp.set_defaults(fn=cmd_demo)
+    a = p.parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

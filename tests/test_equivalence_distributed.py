@@ -1,0 +1,81 @@
+"""The core test over real processes (gloo): what each rank holds of the outputs, of every
+parameter gradient and of the weights after 3 AdamW steps equals the single-device model."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxpar
+from fxpar.shards import shard_tensor
+from tests.zoo import adamw, assert_close, build, loss_fn, reference_steps
+
+STEPS, LR = 3, 1e-3
+
+
+def train_and_compare(name: str, tp: int) -> int:
+    rank = dist.get_rank()
+    model, args = build(name)
+    out_ref = model(*args)
+    losses, grads, state = reference_steps(model, args, STEPS, LR)
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=tp), example_args=args, timeout=_timeout())
+    opt = adamw(pm.parameters(), lr=LR)
+    params = dict(pm.named_parameters())
+    for step in range(STEPS):
+        out = pm(*args)
+        if step == 0:
+            assert type(out) is type(out_ref)
+            assert_close(getattr(out, "logits", out), getattr(out_ref, "logits", out_ref), f"rank {rank} output")
+        loss = loss_fn(out)
+        loss.backward()
+        assert_close(loss.detach(), losses[step], f"rank {rank} loss at step {step}")
+        for pname, g in grads[step].items():
+            place = pm.placement_of(pname)
+            assert_close(params[pname].grad, shard_tensor(g, place, rank), f"rank {rank} step {step} gradient of {pname}")
+        opt.step()
+        opt.zero_grad()
+    full = pm.full_state_dict()
+    assert set(full) == set(state)
+    for key, value in state.items():
+        assert_close(full[key], value, f"rank {rank} {key} after {STEPS} steps")
+    return len(params)
+
+
+def _timeout():
+    import datetime
+
+    return datetime.timedelta(seconds=60)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("name", ["gpt", "llama", "mlp"])
+def test_reference_models(pools, name, tp):
+    counts = pools(tp).run(train_and_compare, name, tp)
+    assert len(set(counts)) == 1
+
+
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_llama"])
+def test_hugging_face(pools, name):
+    pytest.importorskip("transformers")
+    pools(2).run(train_and_compare, name, 2)
+
+
+def test_one_liner_captures_at_first_call(pools):
+    pools(2).run(_one_liner)
+
+
+def _one_liner():
+    model, args = build("gpt")
+    ref = model(*args)
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))
+    try:
+        list(pm.parameters())
+        raise AssertionError("parameters() before the first call should raise")
+    except fxpar.FxparError as e:
+        assert "first call" in str(e)
+    assert_close(pm(*args), ref, "one-liner output")
+    # a new batch size is captured again with the same parameters
+    idx = torch.randint(0, 256, (3, 16))
+    assert_close(pm(idx), model(idx), "output at a new batch size")
+    assert len(pm.plans) == 2
+    pm.eval()
+    assert_close(pm(*args), model.eval()(*args), "output in eval mode")

@@ -1,0 +1,94 @@
+"""Models the tests run, each built from a config with random weights, and the checks they share."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from models import gpt, llama, mlp
+
+REFERENCE = {
+    "gpt": lambda: gpt.build(),
+    "gpt_matmul": lambda: gpt.build(flash=False),
+    "llama": lambda: llama.build(),
+    "mlp": lambda: mlp.build(),
+}
+
+
+def hf_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=32, use_cache=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2LMHeadModel(cfg), (torch.randint(0, 128, (2, 8)),)
+
+
+def hf_llama(kv_heads=1):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=128, max_position_embeddings=32, use_cache=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg), (torch.randint(0, 128, (2, 8)),)
+
+
+HF = {"hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    return {**REFERENCE, **HF}[name]()
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def loss_fn(out):
+    """Cross-entropy against fixed targets for language models, MSE against a fixed target else."""
+    t = logits(out).float()
+    g = torch.Generator().manual_seed(7)
+    if t.dim() == 3:
+        targets = torch.randint(0, t.shape[-1], t.shape[:-1], generator=g)
+        return F.cross_entropy(t.flatten(0, 1), targets.flatten())
+    return F.mse_loss(t, torch.randn(t.shape, generator=g))
+
+
+RTOL = ATOL = 1e-5
+
+
+def assert_close(got, expect, what: str, rtol=RTOL, atol=ATOL):
+    assert got.shape == expect.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expect.shape)}"
+    if not torch.allclose(got, expect, rtol=rtol, atol=atol):
+        diff = (got - expect).abs().max().item()
+        raise AssertionError(f"{what}: max |difference| {diff:.3g} exceeds rtol={rtol}, atol={atol}")
+
+
+def adamw(params, lr=1e-3):
+    """AdamW with eps=1e-6. Some gradients are exactly zero in exact arithmetic (the key bias of
+    attention: softmax ignores a shift), so in fp32 they are rounding noise that depends on the
+    order of summation; with the default eps=1e-8 Adam divides that noise by itself and moves the
+    weight by up to lr, on the single-device model as on any tensor-parallel one. eps=1e-6 keeps
+    the comparison about the gradients rather than about that division."""
+    return torch.optim.AdamW(params, lr=lr, eps=1e-6)
+
+
+def reference_steps(model, args, steps: int, lr: float):
+    """Losses, per-step gradients and final state of the single-device model under AdamW."""
+    ref = copy.deepcopy(model)
+    opt = adamw(ref.parameters(), lr=lr)
+    losses, grads = [], []
+    for _ in range(steps):
+        loss = loss_fn(ref(*args))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in ref.named_parameters()})
+        opt.step()
+        opt.zero_grad()
+    return losses, grads, ref.state_dict()
