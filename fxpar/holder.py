@@ -68,10 +68,13 @@ def populate(
             continue
         orig = _lookup(source, aliases) if source is not None else None
         is_param = isinstance(meta_obj, nn.Parameter)
+        made = None
+        if (orig is None or orig.device.type == "meta") and init_fn is not None:
+            made = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, place, rank)
         if orig is not None and orig.device.type != "meta":
             local = shard_tensor(orig, place, rank).to(device)
-        elif init_fn is not None:
-            local = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, place, rank).to(device)
+        elif made is not None:
+            local = made.to(device)
         elif is_param:
             role = roles.get(target, "normal")
             local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device)

@@ -170,7 +170,13 @@ class Plan:
             if not isinstance(expect, torch.Tensor) or not expect.is_floating_point():
                 continue
             place = node.meta.get(PLACEMENT)
-            got = assemble([v[node.name] for v in per_rank], place)
+            parts = [v[node.name] for v in per_rank]
+            if place == REPLICATE and any(not torch.equal(p, parts[0]) for p in parts[1:]):
+                raise DivergenceError(
+                    f"the ranks disagree on replicated value {describe_node(node)}\n"
+                    "  every rank should hold the same tensor here"
+                )
+            got = assemble(parts, place)
             compared += 1
             if got.shape != expect.shape or not torch.allclose(got, expect, rtol=rtol, atol=atol):
                 diff = (got - expect).abs().max().item() if got.shape == expect.shape else float("nan")

@@ -30,7 +30,7 @@ class PlanContext:
     overrides: dict[str, str] = field(default_factory=dict)
     rng: str = "megatron"
     # written by passes
-    decisions: dict[str, str] = field(default_factory=dict)  # node name -> "colwise" / "replicate: why" ...
+    decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
     warnings: list[str] = field(default_factory=list)
 

@@ -9,7 +9,8 @@ Two sources:
   that hold its slice, so a 4-way and a 2-way split (and the single-device ``init_state_dict``)
   hold the same numbers. Matrices get N(0, 0.02); vectors used as a scale (norm weights) ones and
   vectors used as an offset (biases) zeros, read from how the graph uses them. Pass
-  ``init_fn(name, shape, dtype, placement, rank)`` to use your own.
+  ``init_fn(name, shape, dtype, placement, rank)`` to make some tensors yourself (return ``None``
+for the others), e.g. buffers such as rotary tables that a meta-device model holds no values for.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ the data flow.
 Reads ``val``, ``nn_module_stack`` and the per-op rules in ``fxpar.rules``. Writes
 ``fxpar_placement`` and ``fxpar_inputs`` on every node, ``fxpar_decision`` on every matmul with a
 weight and every embedding, ``fxpar_fallback`` where an op with no rule had to gather; fills
-``ctx.decisions`` (by node name), ``ctx.param_placements`` (by parameter name) and
-``ctx.warnings``.
+``ctx.decisions`` (by module name, e.g. ``{"transformer.h.0.attn.c_attn": "colwise"}``),
+``ctx.param_placements`` (by parameter name) and ``ctx.warnings``.
 
 How it decides. Placements are propagated forward in graph order: graph inputs are replicated;
 a matmul with a weight and a replicated input splits the weight by output features
@@ -347,7 +347,10 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
         if node.target in DECIDABLE | EMBEDDINGS:
             text = _decision_text(node, node.meta[PLACEMENT], d)
             node.meta[DECISION] = text
-            ctx.decisions[node.name] = text
+            key = module_path(node) or node.name
+            if key in ctx.decisions:
+                key = f"{key}:{node.name}"
+            ctx.decisions[key] = text
     for node, inp, actual, req in rnd.edges():
         if isinstance(actual, Shard) and req is REPLICATE and node.op != "output":
             reason = rnd.fallback.get(node, "needs the whole tensor")

@@ -70,9 +70,8 @@ class DistComm(Communicator):
         except Exception as e:  # noqa: BLE001 - gloo and NCCL raise different types
             raise CollectiveError(
                 f"{what} of {tuple(t.shape)} {t.dtype} on mesh dimension '{self.name}' "
-                f"(rank {self.rank} of {self.world}) failed or timed out after "
-                f"{self.timeout.total_seconds():.0f}s: {e}. Another rank has probably failed; "
-                "its own error says why."
+                f"(rank {self.rank} of {self.world}, timeout {self.timeout.total_seconds():.0f}s) failed: {e}. "
+                "Another rank has probably failed or stopped calling the model; its own error says why."
             ) from e
 
     def _all_reduce(self, t):

@@ -1,0 +1,103 @@
+"""The sharding plan: decided from the data flow, with the Megatron layout where one exists, and
+overridable by name."""
+
+import torch
+
+import fxpar
+from fxpar.metadata import COMM, DECISION
+from fxpar.placement import PARTIAL, Shard
+from fxpar.report import comm_totals
+from tests.zoo import assert_close, build
+
+
+def decisions(plan):
+    """{module name: style} of every matmul with a weight and every embedding."""
+    return {k: v.split(":")[0] for k, v in plan.ctx.decisions.items()}
+
+
+def collectives(plan):
+    return {k: v[0] for k, v in comm_totals(plan.graph_module).items()}
+
+
+def test_gpt_gets_the_megatron_plan():
+    model, args = build("gpt")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), args)
+    d = decisions(plan)
+    assert d["lm_head"] == "colwise"  # the output projection, tied with the token embedding
+    assert d["transformer.wte"] == "vocab"
+    for i in range(2):
+        assert d[f"transformer.h.{i}.attn.c_attn"] == "colwise"
+        assert d[f"transformer.h.{i}.attn.c_proj"] == "rowwise"
+        assert d[f"transformer.h.{i}.mlp.c_fc"] == "colwise"
+        assert d[f"transformer.h.{i}.mlp.c_proj"] == "rowwise"
+    assert d["transformer.wpe"] == "replicate"  # indexed by positions, not by user ids
+    places = plan.ctx.param_placements
+    assert places["lm_head.weight"] == Shard.even(0, 256, 2)
+    # the fused q/k/v projection is split within each of its three segments
+    assert places["transformer.h.0.attn.c_attn.weight"] == Shard.segmented(0, 192, 2, (64, 128))
+    # one all-reduce per attention and per MLP (Megatron's bound) plus one for the vocab embedding
+    assert collectives(plan) == {"all_reduce": 2 * 2 + 1, "copy_to_tp": 2 * 2 + 1, "to_partial": 2 * 2, "all_gather": 1}
+
+
+def test_llama_gqa_with_more_ranks_than_kv_heads():
+    model, args = build("llama")  # 4 query heads, 2 key/value heads
+    plan = fxpar.compile(model, fxpar.Mesh(tp=4), args)
+    d = decisions(plan)
+    assert d["layers.0.attention.wq"] == "colwise" and d["layers.0.attention.wo"] == "rowwise"
+    assert d["layers.0.attention.wk"] == "replicate" and d["layers.0.attention.wv"] == "replicate"
+    assert d["layers.0.feed_forward.w1"] == "colwise" and d["layers.0.feed_forward.w2"] == "rowwise"
+    assert plan.check(*args) > 0
+    at_two = fxpar.compile(model, fxpar.Mesh(tp=2), args)
+    assert decisions(at_two)["layers.0.attention.wk"] == "colwise"
+
+
+def test_overrides_by_module_and_parameter_name():
+    model, args = build("gpt")
+    plan = fxpar.compile(
+        model, fxpar.Mesh(tp=2), args, overrides={"lm_head": "replicate", "transformer.h.*.mlp.c_fc.weight": "replicate"}
+    )
+    d = decisions(plan)
+    assert plan.ctx.decisions["lm_head"] == "replicate: user override"
+    assert plan.ctx.decisions["transformer.h.0.mlp.c_fc"] == "replicate: user override"
+    assert d["transformer.wte"] == "replicate"  # tied to lm_head, which must stay whole
+    assert d["transformer.h.0.mlp.c_proj"] == "replicate"  # its input is whole now: nothing to gain
+    assert d["transformer.h.0.attn.c_attn"] == "colwise"
+    assert_close(plan.simulate(*args), model(*args), "output with overrides")
+
+
+def test_forced_rowwise_slices_a_replicated_input():
+    model, args = build("mlp")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), args, overrides={"head": "rowwise"})
+    assert plan.ctx.decisions["head"] == "rowwise"
+    head = next(n for n in plan.graph_module.graph.nodes if n.meta.get(DECISION) and n.args[1].target == "head.weight")
+    assert head.meta["fxpar_placement"] is PARTIAL
+    assert_close(plan.simulate(*args), model(*args), "output with a forced row split")
+
+
+def test_parallel_residual_reduces_once():
+    """x + attn(ln1(x)) + mlp(ln2(x)) (GPT-J/NeoX): both partial sums are added before one all-reduce."""
+
+    class Parallel(torch.nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+            self.a1, self.a2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+            self.m1, self.m2 = torch.nn.Linear(d, 4 * d), torch.nn.Linear(4 * d, d)
+
+        def forward(self, x):
+            return x + (self.a2(torch.relu(self.a1(self.ln1(x)))) + self.m2(torch.tanh(self.m1(self.ln2(x)))))
+
+    model, x = Parallel(), torch.randn(4, 32)
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (x,))
+    assert collectives(plan)["all_reduce"] == 1
+    assert_close(plan.simulate(x), model(x), "parallel residual output")
+
+
+def test_every_collective_is_annotated_with_its_bytes():
+    model, args = build("gpt")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), args)
+    for node in plan.graph_module.graph.nodes:
+        c = node.meta.get(COMM)
+        if c is not None and c.kind == "all_reduce":
+            # a ring all-reduce of a (2, 16, 64) fp32 tensor over 2 ranks sends 2*(1/2)*N*4 bytes
+            assert c.elements == 2 * 16 * 64 and c.bytes == 2 * 16 * 64 * 4
