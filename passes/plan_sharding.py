@@ -33,11 +33,11 @@ import torch
 from torch.fx import GraphModule, Node
 
 from fxpar.errors import PlanError, describe_node, module_path
-from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT
+from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, rule_for
-from fxpar.rules.base import is_tensor_node, ndim, tensor_args
+from fxpar.rules.base import is_tensor_node, ndim, shape, tensor_args
 from fxpar.rules.matmul import DECIDABLE
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
 from fxpar.rules.pointwise import invert as invert_pointwise
@@ -280,12 +280,16 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
             d.layout.pop(s, None)
             changed = True
 
+    set_now: dict[Node, Shard] = {}
     for node, inp, actual, req in rnd.edges():
         if actual is PARTIAL and req is not PARTIAL:
             point = _reduce_point(rnd, inp)
             if point not in d.reduce_early:
                 d.reduce_early.add(point)
                 changed = True
+            continue
+        if actual is REPLICATE and isinstance(req, Shard) and _swallows(rnd, node, inp):
+            revert(rnd.seeds.get(node, ()), f"it would split the replicated {inp.name} at {node.name}")
             continue
         if actual == req or actual is None or not isinstance(actual, Shard):
             continue
@@ -298,13 +302,43 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
             if rnd.is_weight(inp):
                 continue  # weights are placed afresh every round
             wanted = _request(rnd, inp, req)
-            new = {s: layout for s, layout in (wanted or {}).items() if d.layout.get(s) != layout}
-            if wanted and new and all(s not in d.forced or d.mode.get(s) == "colwise" for s in new):
-                d.layout.update(new)
-                changed = True
-            else:
-                revert(rnd.seeds.get(inp, ()), f"{node.name} needs it in another layout")
+            if wanted and all(s not in d.forced or d.mode.get(s) == "colwise" for s in wanted):
+                progress = False
+                for s, layout in wanted.items():
+                    if s in set_now:  # several cuts of one output: cut it at all of their bounds
+                        layout = _merge_segments(set_now[s], layout) or layout
+                    if d.layout.get(s) != layout:
+                        d.layout[s] = set_now[s] = layout
+                        progress = changed = True
+                    elif s in set_now:
+                        progress = True
+                if progress:
+                    continue
+            revert(rnd.seeds.get(inp, ()), f"{node.name} needs it in another layout")
     return changed
+
+
+def _merge_segments(a: Shard, b: Shard) -> Shard | None:
+    """One layout segmented at the bounds of both, when both are segmented layouts."""
+    try:
+        for s in (a, b):
+            if s != Shard.segmented(s.dim, s.size, s.world, s.segment_starts()):
+                return None
+        return Shard.segmented(a.dim, a.size, a.world, tuple(set(a.segment_starts()) | set(b.segment_starts())))
+    except ValueError:
+        return None
+
+
+def _swallows(rnd: _Round, node: Node, inp: Node) -> bool:
+    """A sharded region that would split a replicated activation of its own size on the way
+    (``residual + column_output``) has no row-parallel matmul to close it: the residual stream
+    itself would become sharded, and every layer after it would pay for that."""
+    if rnd.is_weight(inp) or not inp.meta.get(REQUIRES_GRAD):
+        return False
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise not in tags and node.target not in EXTRA_ELEMENTWISE:
+        return False
+    return is_tensor_node(node) and tuple(shape(inp)) == tuple(shape(node))
 
 
 def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) -> GraphModule:
