@@ -296,6 +296,9 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
         if req is REPLICATE:
             if node.op == "output":
                 continue
+            if rnd.is_weight(inp):
+                revert(rnd.seeds.get(inp, ()), f"its weight is also used whole by {node.name} ({module_path(node)})")
+                continue
             reason = rnd.fallback.get(node) or f"{getattr(node.target, '__name__', node.target)} needs it whole"
             revert(rnd.seeds.get(inp, ()), f"its output is gathered before {node.name} ({reason})")
         elif isinstance(req, Shard):

@@ -101,3 +101,15 @@ def test_every_collective_is_annotated_with_its_bytes():
         if c is not None and c.kind == "all_reduce":
             # a ring all-reduce of a (2, 16, 64) fp32 tensor over 2 ranks sends 2*(1/2)*N*4 bytes
             assert c.elements == 2 * 16 * 64 and c.bytes == 2 * 16 * 64 * 4
+
+
+def test_a_loss_inside_the_model_keeps_the_tied_output_whole():
+    """Cross-entropy has no sharding rule yet: the logits it reads stay whole, and so does the
+    token embedding tied to their projection; nothing is gathered and nothing is warned."""
+    model, (idx,) = build("gpt")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx, idx))
+    d = plan.ctx.decisions
+    assert d["lm_head"].startswith("replicate: its output is gathered before cross_entropy_loss")
+    assert d["transformer.wte"] == "replicate: its weight is also used whole by linear_8 (lm_head)"
+    assert not plan.ctx.warnings
+    assert_close(plan.simulate(idx, idx)[1], model(idx, idx)[1], "loss computed inside the model")

@@ -28,6 +28,8 @@ def embedding(node: Node, ctx: RuleContext) -> Sharding:
     pw = ctx.placement(w)
     decision = ctx.decision(node)
     rows, width = static(shape(w)[0]), static(shape(w)[1])
+    if decision == "replicate":
+        return Sharding(REPLICATE, {w: REPLICATE, idx: REPLICATE})
     if pw is FREE:
         vocab_like = ctx.user_input_dependent(idx) and rows and width and rows >= width
         if decision == "vocab" or (decision == "auto" and vocab_like):

@@ -40,7 +40,9 @@ def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, 
             inputs[bias] = pb_req
         return Sharding(out, inputs)
 
-    if isinstance(px, Shard) and px.dim == ndim(x) - 1 and decision != "replicate":
+    if decision == "replicate":
+        return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
+    if isinstance(px, Shard) and px.dim == ndim(x) - 1:
         wl = px.with_dim(w_in)
         if pw is FREE or wl == pw:
             # the bias is added once: on one rank, as its part of the partial sum
