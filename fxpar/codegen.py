@@ -8,8 +8,6 @@ keys are a subset of the original model's.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
@@ -18,13 +16,19 @@ from torch.fx.node import map_aggregate
 from .metadata import LOCAL
 
 
+def copy_graph(src: Graph) -> tuple[Graph, dict]:
+    """A copy of ``src`` (same node names, shallow-copied meta, same input/output codegen) and the
+    map from its nodes to the copies."""
+    graph = Graph()
+    graph._codegen = src._codegen
+    val_map: dict = {}
+    graph.output(graph.graph_copy(src, val_map))
+    return graph, val_map
+
+
 def rank_graph(gm: GraphModule, rank: int, device: torch.device) -> Graph:
     """The graph rank ``rank`` runs, with its local calls and its device."""
-    graph = Graph()
-    graph._codegen = gm.graph._codegen
-    val_map: dict = {}
-    out = graph.graph_copy(gm.graph, val_map)
-    graph.output(out)
+    graph, val_map = copy_graph(gm.graph)
     retarget = lambda a: device if isinstance(a, torch.device) else a  # noqa: E731
     for old, new in val_map.items():
         call = old.meta.get(LOCAL, {}).get(rank)

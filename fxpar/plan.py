@@ -16,7 +16,7 @@ from torch.fx import _pytree as fx_pytree
 
 from . import report
 from .capture import Captured, capture
-from .codegen import build_module, rank_graph
+from .codegen import build_module, copy_graph, rank_graph
 from .errors import DivergenceError, describe_node
 from .holder import populate, retarget_submodules
 from .mesh import Mesh, as_mesh
@@ -30,19 +30,9 @@ from .simulate import Recorder, assemble, rank_contexts, run_ranks
 def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron") -> tuple[GraphModule, PlanContext]:
     """Run the pass pipeline on a copy of the captured graph."""
     ctx = PlanContext(mesh=mesh, overrides=dict(overrides or {}), rng=rng)
-    gm = GraphModule(cap.gm, _copy_graph(cap.gm), class_name="GlobalPlan")
+    gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
     gm = run_pipeline(gm, ctx)
     return gm, ctx
-
-
-def _copy_graph(gm: GraphModule):
-    import copy
-
-    g = torch.fx.Graph()
-    g._codegen = gm.graph._codegen
-    out = g.graph_copy(gm.graph, {})
-    g.output(out)
-    return g
 
 
 class Plan:

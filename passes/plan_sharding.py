@@ -18,11 +18,18 @@ result is inspected edge by edge:
   not pay: the matmuls that started that region are turned back to replicated;
 * a sharded value that an op wants in another layout (a split into q/k/v that wants each piece
   evenly split) is carried back through the views to the matmul that produced it, which then
-  stores its weight in that layout.
+  stores its weight in that layout;
+* a column split whose output would be added to the replicated residual stream (no row-parallel
+  matmul closes the region) is turned back too, so the residual stream never becomes sharded;
+* a partial sum that some consumer needs whole is reduced where it is made (before casts and
+  scalings that only carry it along), once for all consumers.
 
 The propagation is repeated until nothing changes. Each round can only turn column splits into
-replicated weights or refine a layout, so it ends; what remains are gathers that cannot be
-avoided (the model's outputs) or that the user forced, reported as warnings that name the node.
+replicated weights, refine a layout or move a reduction earlier, so it ends. Correctness never
+depends on it: every round's placements already make a correct program, because
+``insert_collectives`` converts wherever a producer and a consumer disagree; the rounds only
+remove communication. What remains are gathers that cannot be avoided (the model's outputs) or
+that the user forced, reported as warnings that name the node.
 """
 
 from __future__ import annotations
@@ -85,8 +92,7 @@ class _Round:
         self.place: dict[Node, object] = {}
         self.inputs: dict[Node, dict[Node, Placement]] = {}
         self.fallback: dict[Node, str] = {}
-        self.seeds: dict[Node, frozenset] = {}
-        self.owner: dict[Node, Node] = {}
+        self.seeds: dict[Node, frozenset] = {}  # the matmuls/embeddings whose split a value carries
 
     # the RuleContext protocol ---------------------------------------------------------------
     def placement(self, node):
@@ -158,7 +164,6 @@ class _Round:
         if node.op == "get_attr":
             # weights are stored whole or split; one consumed as a partial sum is stored whole
             self.place[node] = req if isinstance(req, Shard) else REPLICATE
-            self.owner[node] = consumer
             self.seeds[node] = frozenset([consumer]) if consumer.target in DECIDABLE | EMBEDDINGS else frozenset()
             return
         inv = _inverse(node)
@@ -368,6 +373,8 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
             rnd = _Round(gm, ctx.tp, d, user_dep).run()
             if not _resolve(rnd, d):
                 break
+        else:
+            ctx.warnings.append(f"the sharding plan did not settle in {max_rounds} rounds; it is correct but may communicate more than needed")
     _annotate(gm, ctx, rnd, d)
     gm.graph.lint()
     return gm

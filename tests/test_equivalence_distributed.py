@@ -46,7 +46,7 @@ def _timeout():
     return datetime.timedelta(seconds=60)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("name", ["gpt", "llama", "mlp"])
 def test_reference_models(pools, name, tp):
     counts = pools(tp).run(train_and_compare, name, tp)
@@ -79,3 +79,19 @@ def _one_liner():
     assert len(pm.plans) == 2
     pm.eval()
     assert_close(pm(*args), model.eval()(*args), "output in eval mode")
+
+
+def test_device_mesh_and_symbolic_shapes(pools):
+    pools(2).run(_device_mesh_dynamic)
+
+
+def _device_mesh_dynamic():
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, args = build("gpt")
+    mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("tp",))
+    pm = fxpar.parallelize(model, mesh, example_args=args, dynamic_shapes={"idx": {0: "batch", 1: "seq"}})
+    for b, t in ((2, 16), (3, 7), (1, 33)):
+        idx = torch.randint(0, 256, (b, t))
+        assert_close(pm(idx), model(idx), f"batch {b} seq {t}")
+    assert len(pm.plans) == 1  # one program serves every batch and sequence size

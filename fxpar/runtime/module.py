@@ -91,10 +91,11 @@ class ParallelModule(nn.Module):
             return prog(*args, **kwargs)
 
     def _program(self, args, kwargs):
-        key = self._key(args, kwargs)
-        prog = self._programs.get(key)
+        prog = self._programs.get(self._key(args, kwargs))
         if prog is None:
-            prog = self._programs[key] = self._build(args, kwargs)
+            prog = self._build(args, kwargs)
+            # keyed after building: the first capture tells which dims are symbolic
+            self._programs[self._key(args, kwargs)] = prog
         return prog
 
     def _key(self, args, kwargs):
