@@ -73,6 +73,8 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None) -> C
     >>> any(n.target == torch.ops.aten.linear.default for n in cap.gm.graph.nodes)
     True
     """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"fxpar parallelizes torch.nn.Module instances; got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     skeleton = meta_skeleton(model)
     skeleton.train(model.training)
