@@ -113,3 +113,26 @@ def test_a_loss_inside_the_model_keeps_the_tied_output_whole():
     assert d["transformer.wte"] == "replicate: its weight is also used whole by linear_8 (lm_head)"
     assert not plan.ctx.warnings
     assert_close(plan.simulate(idx, idx)[1], model(idx, idx)[1], "loss computed inside the model")
+
+
+def test_views_sized_by_a_symbolic_sequence_on_a_tensor_split_by_heads():
+    """``view(b, x.size(1), 4, 8)`` and ``q.size(1)`` with a symbolic sequence length: the head
+    count is rewritten per rank, the symbolic sizes stay, nothing is gathered."""
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            b = x.size(0)
+            q = self.q(x).view(b, x.size(1), 4, 8)
+            y = torch.softmax(q, dim=-1).reshape(b, q.size(1), 32)
+            return self.o(y)
+
+    model, x = Attn(), torch.randn(2, 6, 32)
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (x,), dynamic_shapes={"x": {1: "seq"}})
+    assert not plan.ctx.warnings
+    assert plan.ctx.decisions == {"q": "colwise", "o": "rowwise"}
+    x = torch.randn(2, 9, 32)
+    assert_close(plan.simulate(x), model(x), "output with a symbolic sequence")

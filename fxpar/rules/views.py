@@ -13,7 +13,7 @@ from torch.fx import Node
 from ..layout_algebra import view_shard
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
-from .base import RuleContext, Sharding, arg, ndim, norm_dim, shape, static
+from .base import FREE, RuleContext, Sharding, arg, ndim, norm_dim, shape, static
 from .registry import localizer, register
 
 aten = torch.ops.aten
@@ -191,6 +191,17 @@ def view_as_complex(node: Node, ctx: RuleContext) -> Sharding:
 @register(aten.view_as_real.default)
 def view_as_real(node: Node, ctx: RuleContext) -> Sharding:
     return _unary(node, ctx, lambda p: p)
+
+
+@register(aten.sym_size.int)
+def sym_size(node: Node, ctx: RuleContext) -> Sharding:
+    """The size of a dim that is not sharded is the same on every rank; a sharded dim is static,
+    so export wrote its size as a constant and never asks for it."""
+    x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, Shard) and p.dim == norm_dim(node.args[1], ndim(x)):
+        return Sharding(None, {x: REPLICATE}, fallback="size of the sharded dim")
+    return Sharding(None, {x: REPLICATE if p is FREE else p})
 
 
 def invert_identity(node: Node, wanted):
