@@ -68,6 +68,9 @@ class RuleContext(Protocol):
     def user_input_dependent(self, node: Node) -> bool:
         ...
 
+    def is_weight(self, node: Node) -> bool:
+        ...
+
 
 Rule = Callable[[Node, RuleContext], Sharding]
 

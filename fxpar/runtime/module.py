@@ -77,6 +77,7 @@ class ParallelModule(nn.Module):
             _seed=seed,
             _init_fn=init_fn,
             _programs={},
+            _plans=[],
             _placements=None,
             _captured=None,
             _dynamic=None,
@@ -128,7 +129,7 @@ class ParallelModule(nn.Module):
             warnings.warn(f"fxpar: {w}", stacklevel=3)
         graph = rank_graph(gm, self._comm.rank, self._device)
         prog = build_module(self, graph, cap.gm, f"Rank{self._comm.rank}", retarget_submodules(cap.gm, self._device))
-        self.__dict__.setdefault("_plans", []).append((gm, ctx))
+        self._plans.append((gm, ctx))
         return prog
 
     def _check_rng(self, gm) -> None:
@@ -194,7 +195,7 @@ class ParallelModule(nn.Module):
     @property
     def plans(self):
         """``(graph, PlanContext)`` of every program built so far (for inspection)."""
-        return list(self.__dict__.get("_plans", []))
+        return list(self._plans)
 
     def comm_bytes(self) -> dict:
         """Bytes this rank has sent, by collective kind, since the last ``reset_comm_bytes``."""
