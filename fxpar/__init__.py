@@ -13,12 +13,12 @@ from .parallelize import parallelize
 from .plan import Plan, compile
 from .runtime.module import ParallelModule
 
+# ``compile`` is public (fxpar.compile) but left out of ``import *``, where it would shadow the builtin
 __all__ = [
     "Mesh",
     "parallelize",
     "ParallelModule",
     "Plan",
-    "compile",
     "capture",
     "Shard",
     "Replicate",

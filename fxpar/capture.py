@@ -36,10 +36,11 @@ _FXPAR_DIR = __file__.rsplit("/", 1)[0]
 class Captured:
     """A captured model.
 
-    ``gm`` is the unlifted export graph on the meta device; ``aliases`` maps each parameter or
-    buffer name used in ``gm`` to every name the original model knows it by (tied weights have
-    several; constants export lifted out of ``forward`` have none); ``dim_names`` maps symbolic
-    sizes to the names the user gave them.
+    ``gm`` is the unlifted export graph on the meta device; ``aliases`` maps every name of a
+    parameter or buffer of the model to all the names it has (tied weights have several;
+    constants export lifted out of ``forward`` have none); ``tensors`` holds every parameter and
+    buffer of the model (by first name, on the meta device), also those ``forward`` never reads;
+    ``dim_names`` maps symbolic sizes to the names the user gave them.
     """
 
     gm: GraphModule
@@ -47,6 +48,18 @@ class Captured:
     persistent: dict[str, bool]
     training: bool
     dim_names: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def graph_name(self, name: str) -> str:
+        """The name the graph reads a parameter or buffer by, from any of its names."""
+        for target in self.aliases.get(name, ()):
+            if target in self.used:
+                return target
+        return name
+
+    @property
+    def used(self) -> set[str]:
+        return {n.target for n in self.gm.graph.nodes if n.op == "get_attr"}
 
 
 def meta_skeleton(model: nn.Module) -> nn.Module:
@@ -88,11 +101,13 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None) -> C
         raise CaptureError(_explain(e, skeleton)) from e
     gm = ep.module()
     _drop_export_guards(gm)
-    all_aliases, persistent = _names(model)
-    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-    aliases = {name: all_aliases[name] for name in used if name in all_aliases}
+    aliases, persistent = _names(model)
+    tensors = dict(skeleton.named_parameters())
+    tensors.update(skeleton.named_buffers())
     sym_names = _symbol_names(gm, dim_names)
-    return Captured(gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names)
+    return Captured(
+        gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names, tensors=tensors
+    )
 
 
 def _drop_export_guards(gm: GraphModule) -> None:

@@ -13,7 +13,15 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 from torch.fx.node import map_aggregate
 
+from .errors import FxparError
 from .metadata import LOCAL
+
+
+def get_path(obj, target: str):
+    """``obj.a.b.c`` for ``target="a.b.c"``."""
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def copy_graph(src: Graph) -> tuple[Graph, dict]:
@@ -52,11 +60,13 @@ def build_module(root: nn.Module, graph: Graph, template: GraphModule, name: str
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
             if _has_attr(root, node.target):
-                attrs[node.target] = _get_attr(root, node.target)
+                attrs[node.target] = get_path(root, node.target)
             elif node.target in extra:
                 attrs[node.target] = extra[node.target]
+            elif isinstance(get_path(template, node.target), nn.Module):
+                attrs[node.target] = get_path(template, node.target)
             else:
-                attrs[node.target] = _get_attr(template, node.target)
+                raise FxparError(f"rank program {name} reads '{node.target}', which this rank does not hold")
     gm = GraphModule(attrs, graph, class_name=name)
     for spec in ("_in_spec", "_out_spec"):
         if hasattr(template, spec):
@@ -65,15 +75,9 @@ def build_module(root: nn.Module, graph: Graph, template: GraphModule, name: str
     return gm
 
 
-def _get_attr(obj, target: str):
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _has_attr(obj, target: str) -> bool:
     try:
-        _get_attr(obj, target)
+        get_path(obj, target)
         return True
     except AttributeError:
         return False

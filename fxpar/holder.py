@@ -9,14 +9,9 @@ import torch.nn as nn
 from torch.fx import GraphModule
 
 from .capture import Captured
+from .codegen import get_path
 from .placement import REPLICATE
 from .shards import init_tensor, missing_buffer_error, param_roles, shard_tensor
-
-
-def get_path(obj, target: str):
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def set_path(root: nn.Module, target: str, value, persistent: bool = True) -> None:
@@ -51,21 +46,21 @@ def populate(
     seeded initialization. Returns ``{graph name: user-facing name}`` for the parameters.
     """
     roles = param_roles(cap.gm)
-    missing = []
-    names = {}
-    for node in cap.gm.graph.nodes:
-        if node.op != "get_attr":
-            continue
-        target = node.target
-        meta_obj = get_path(cap.gm, target)
-        if not isinstance(meta_obj, torch.Tensor):
+    missing, names, done = [], {}, set()
+    used = cap.used
+    entries = [(n.target, get_path(cap.gm, n.target)) for n in cap.gm.graph.nodes if n.op == "get_attr"]
+    # what forward never reads still belongs to the model's state: kept whole
+    entries += [(name, t) for name, t in cap.tensors.items()]
+    for target, meta_obj in entries:
+        if not isinstance(meta_obj, torch.Tensor) or target in done:
             continue
         aliases = cap.aliases.get(target)
         place = placements.get(target, REPLICATE)
         if aliases is None:  # a constant the capture lifted out of forward
-            local = shard_tensor(meta_obj, place, rank).to(device)
-            set_path(root, target, local, persistent=False)
+            set_path(root, target, shard_tensor(meta_obj, place, rank).to(device), persistent=False)
+            done.add(target)
             continue
+        done.update(aliases)
         orig = _lookup(source, aliases) if source is not None else None
         is_param = isinstance(meta_obj, nn.Parameter)
         made = None
@@ -76,10 +71,11 @@ def populate(
         elif made is not None:
             local = made.to(device)
         elif is_param:
-            role = roles.get(target, "normal")
+            role = roles.get(target, "normal" if meta_obj.dim() >= 2 else "zeros")
             local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device)
         else:
-            missing.append(aliases[0])
+            if target in used:  # a buffer forward never reads can stay without values
+                missing.append(aliases[0])
             continue
         value = nn.Parameter(local, requires_grad=meta_obj.requires_grad) if is_param else local
         for alias in aliases:

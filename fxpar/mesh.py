@@ -21,6 +21,7 @@ from .errors import MeshError
 DIM_ORDER = ("dp", "pp", "tp")
 
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT", "300")))
+_BOUND: dict = {}
 
 
 @dataclass(frozen=True)
@@ -64,18 +65,6 @@ class Mesh:
             rank //= extent
         return {n: coord[n] for n in DIM_ORDER}
 
-    def ranks_along(self, dim: str, rank: int) -> list[int]:
-        """Global ranks that share every coordinate of ``rank`` except ``dim``, in order."""
-        coord = self.coordinate(rank)
-        out = []
-        for i in range(getattr(self, dim)):
-            c = dict(coord, **{dim: i})
-            r = 0
-            for name, extent in zip(DIM_ORDER, self.shape):
-                r = r * extent + c[name]
-            out.append(r)
-        return out
-
     def __repr__(self) -> str:
         return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER) + ")"
 
@@ -96,7 +85,11 @@ class Mesh:
             )
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(device_type, self.shape, mesh_dim_names=DIM_ORDER)
+        # one DeviceMesh (and its process groups) per grid and world, however many modules use it
+        key = (device_type, self.shape, id(dist.group.WORLD))
+        if key not in _BOUND:
+            _BOUND[key] = init_device_mesh(device_type, self.shape, mesh_dim_names=DIM_ORDER)
+        return _BOUND[key]
 
 
 def as_mesh(mesh) -> Mesh:

@@ -46,7 +46,7 @@ from typing import Any, Callable
 
 from torch.fx import Node
 
-from .placement import REPLICATE, Placement
+from .placement import Placement
 
 PLACEMENT = "fxpar_placement"
 INPUTS = "fxpar_inputs"
@@ -84,20 +84,12 @@ class LocalCall:
     kwargs: dict
 
 
-def placement(node: Node) -> Placement | tuple | None:
-    return node.meta.get(PLACEMENT)
-
-
 def out_placement(node: Node, index: int | None = None) -> Placement | None:
     """Placement of a node's output, or of its ``index``-th output for multi-output nodes."""
     p = node.meta.get(PLACEMENT)
     if isinstance(p, tuple):
         return p[index] if index is not None else None
     return p
-
-
-def input_placement(consumer: Node, producer: Node) -> Placement:
-    return consumer.meta.get(INPUTS, {}).get(producer.name, out_placement(producer) or REPLICATE)
 
 
 def copy_meta(src: Node, dst: Node, **updates) -> None:

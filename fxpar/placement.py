@@ -134,26 +134,40 @@ class Shard(Placement):
         return self == Shard.even(self.dim, self.size, self.world) if self.size % self.world == 0 else False
 
     @cached_property
+    def _owners(self) -> np.ndarray:
+        """How many ranks own each element."""
+        count = np.zeros(self.size, dtype=np.int64)
+        for r in range(self.world):
+            np.add.at(count, self.indices(r), 1)
+        return count
+
+    @cached_property
     def has_duplicates(self) -> bool:
         """True when some element is owned by more than one rank."""
-        return self.local_size * self.world != self.size
+        return bool((self._owners > 1).any())
 
     @cached_property
     def covers_all(self) -> bool:
-        seen = np.zeros(self.size, dtype=bool)
-        for r in range(self.world):
-            seen[self.indices(r)] = True
-        return bool(seen.all())
+        """True when every element is owned by some rank."""
+        return bool((self._owners > 0).all())
+
+    @cached_property
+    def is_partition(self) -> bool:
+        """Every element owned by exactly one rank: sums over the ranks count each element once."""
+        return bool((self._owners == 1).all())
+
+    def primary(self, rank: int) -> np.ndarray:
+        """Mask over ``rank``'s local elements: True where ``rank`` is the lowest rank owning it."""
+        first = np.full(self.size, -1, dtype=np.int64)
+        for r in reversed(range(self.world)):
+            first[self.indices(r)] = r
+        return first[self.indices(rank)] == rank
 
     def is_shard(self, dim: int | None = None) -> bool:
         return dim is None or self.dim == dim
 
     def with_dim(self, dim: int) -> Shard:
         return Shard(dim, self.size, self.runs)
-
-    def same_layout(self, other: Placement) -> bool:
-        """Same ownership of indices (the dimension number may differ)."""
-        return isinstance(other, Shard) and other.size == self.size and other.runs == self.runs
 
     def segment_starts(self) -> tuple[int, ...]:
         """Interior segment edges of a ``segmented`` layout (rank 0's runs start at each edge)."""
@@ -166,11 +180,12 @@ class Shard(Placement):
 
     def describe_layout(self) -> str:
         if self.has_duplicates:
-            owners = self.local_size * self.world // self.size if self.covers_all else 0
-            return f"[x{owners} dup]" if owners else "[partial cover]"
-        if len(self.runs[0]) > 1:
+            return f"[x{int(self._owners.max())} dup]"
+        if not self.covers_all:
+            return "[partial cover]"
+        if all(len(r) == len(self.runs[0]) > 1 for r in self.runs):
             return f"[{len(self.runs[0])} seg]"
-        return "[" + ",".join(f"{a}:{b}" for (a, b), in self.runs) + "]"
+        return "[" + " ".join(",".join(f"{a}:{b}" for a, b in rr) for rr in self.runs) + "]"
 
 
 def _merge(runs: list[Run]) -> tuple[Run, ...]:

@@ -16,7 +16,7 @@ from torch.fx import _pytree as fx_pytree
 
 from . import report
 from .capture import Captured, capture
-from .codegen import build_module, copy_graph, rank_graph
+from .codegen import build_module, copy_graph, get_path, rank_graph
 from .errors import DivergenceError, describe_node
 from .holder import populate, retarget_submodules
 from .mesh import Mesh, as_mesh
@@ -107,9 +107,12 @@ class Plan:
         return rank_contexts(self.tp, self.seed, self.ctx.rng == "exact")
 
     def full_grads(self) -> dict[str, torch.Tensor]:
+        """Every parameter's gradient, re-assembled from the ranks, by original name."""
+        for r in range(self.tp):
+            self.rank_module(r)
         grads = {}
         for target, name in self.param_names().items():
-            parts = [_get(self._holders[r], target).grad for r in range(self.tp)]
+            parts = [get_path(self._holders[r], target).grad for r in range(self.tp)]
             if any(p is None for p in parts):
                 continue
             grads[name] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE))
@@ -122,56 +125,66 @@ class Plan:
         out = {}
         for key in self._holders[0].state_dict():
             parts = [self._holders[r].state_dict()[key] for r in range(self.tp)]
-            graph_name = self._graph_name(key)
-            out[key] = assemble(parts, self.ctx.param_placements.get(graph_name, REPLICATE)).clone()
+            place = self.ctx.param_placements.get(self.captured.graph_name(key), REPLICATE)
+            out[key] = assemble(parts, place).clone()
         return out
 
-    def _graph_name(self, key: str) -> str:
-        for target, aliases in self.captured.aliases.items():
-            if key in aliases:
-                return target
-        return key
-
     # checking against the single-device model ------------------------------------------------
-    def check(self, *args, rtol: float = 1e-5, atol: float = 1e-5, **kwargs):
-        """Run the single-device graph and all ranks forward; raise ``DivergenceError`` naming the
-        first node (in graph order) whose re-assembled value differs. Returns the number of values
-        compared."""
-        reference = self._reference_module()
+    def check(self, *args, rtol: float = 1e-5, atol: float = 1e-5, loss_fn=None, **kwargs) -> int:
+        """Run the single-device graph and all ranks; raise ``DivergenceError`` naming the first
+        node whose re-assembled value differs (in graph order), and, with ``loss_fn(output) ->
+        scalar``, the first node whose gradient differs (in the order backward reaches them).
+        Returns the number of values compared."""
         flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
+        grads = loss_fn is not None
         rng_state = torch.default_generator.get_state()
-        ref = Recorder(reference)
-        ref.run(*flat)
+        ref = Recorder(self._reference_module(), grads)
+        out = ref.run_model(*flat)
+        if grads:
+            loss_fn(out).backward()
         torch.default_generator.set_state(rng_state)  # the ranks draw what the reference drew
         mods = [self.rank_module(r) for r in range(self.tp)]
 
         def record(r):
-            rec = Recorder(mods[r])
-            rec.run(*flat)
-            return rec.values
+            rec = Recorder(mods[r], grads)
+            result = rec.run_model(*flat)
+            if not grads:
+                return rec.values, {}
+            loss_fn(result).backward()
+            found = {k: g.clone() for k, g in rec.gradients().items()}
+            mods[r].zero_grad()  # checking leaves no gradients behind for training
+            return rec.values, found
 
-        per_rank = run_ranks(record, self._contexts())
+        ranks = run_ranks(record, self._contexts())
+        nodes = [n for n in self.graph_module.graph.nodes if n.meta.get(ORIGIN) is not None and n.op != "output"]
+        compared = self._compare(nodes, ref.values, [v for v, _ in ranks], rtol, atol, "value")
+        if grads:
+            compared += self._compare(reversed(nodes), ref.gradients(), [g for _, g in ranks], rtol, atol, "gradient")
+        return compared
+
+    def _compare(self, nodes, expected, per_rank, rtol, atol, what: str) -> int:
         compared = 0
-        for node in self.graph_module.graph.nodes:
-            origin = node.meta.get(ORIGIN)
-            if origin is None or origin not in ref.values or node.op == "output":
-                continue
-            expect = ref.values[origin]
+        for node in nodes:
+            expect = expected.get(node.meta[ORIGIN])
             if not isinstance(expect, torch.Tensor) or not expect.is_floating_point():
                 continue
             place = node.meta.get(PLACEMENT)
-            parts = [v[node.name] for v in per_rank]
-            if place == REPLICATE and any(not torch.equal(p, parts[0]) for p in parts[1:]):
+            grad = what == "gradient"
+            parts = [v.get(node.name) for v in per_rank]
+            if any(p is None for p in parts):
+                raise DivergenceError(f"some ranks have no {what} for {describe_node(node)}")
+            whole = place == REPLICATE or (grad and not isinstance(place, Shard))
+            if whole and any(not torch.equal(p, parts[0]) for p in parts[1:]):
                 raise DivergenceError(
-                    f"the ranks disagree on replicated value {describe_node(node)}\n"
-                    "  every rank should hold the same tensor here"
+                    f"the ranks disagree on the {what} of replicated {describe_node(node)}\n"
+                    f"  every rank should hold the same tensor here"
                 )
-            got = assemble(parts, place)
+            got = assemble(parts, place, grad=grad)
             compared += 1
             if got.shape != expect.shape or not torch.allclose(got, expect, rtol=rtol, atol=atol):
                 diff = (got - expect).abs().max().item() if got.shape == expect.shape else float("nan")
                 raise DivergenceError(
-                    f"the plan first diverges from the single-device model at {describe_node(node)}\n"
+                    f"the plan's {what}s first diverge from the single-device model at {describe_node(node)}\n"
                     f"  placement {place}, max |difference| {diff:.3g} (rtol={rtol}, atol={atol})"
                 )
         return compared
@@ -209,12 +222,6 @@ class Plan:
         return f"Plan({type(self.model).__name__}, {self.mesh}, {len(self.graph_module.graph.nodes)} nodes)"
 
 
-def _get(mod, target):
-    for p in target.split("."):
-        mod = getattr(mod, p)
-    return mod
-
-
 def compile(
     model: nn.Module,
     mesh,
@@ -249,4 +256,3 @@ def compile(
     return plan
 
 
-__all__ = ["Plan", "compile", "plan_graph", "Shard"]

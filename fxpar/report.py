@@ -9,7 +9,7 @@ from tabulate import tabulate
 from torch.fx import GraphModule
 
 from .errors import module_path, user_frame
-from .metadata import COMM, DECISION, FALLBACK, LOCAL, PLACEMENT
+from .metadata import COMM, DECISION, FALLBACK, PLACEMENT
 from .placement import Shard
 
 

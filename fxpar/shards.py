@@ -22,24 +22,12 @@ from torch.fx import GraphModule, Node
 
 from .errors import FxparError
 from .placement import REPLICATE, Placement, Shard
+from .rules import WEIGHT_TRANSPARENT
 
 ROWS_PER_BLOCK = 64
 INIT_STD = 0.02
 aten = torch.ops.aten
 
-_TRANSPARENT = {
-    aten.t.default,
-    aten.transpose.int,
-    aten.permute.default,
-    aten.view.default,
-    aten.reshape.default,
-    aten.to.dtype,
-    aten._to_copy.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.unsqueeze.default,
-    aten.expand.default,
-}
 
 
 def local_shape(shape, placement: Placement) -> list[int]:
@@ -80,7 +68,7 @@ def _vector_role(node: Node) -> str:
         n = frontier.pop()
         for user in n.users:
             t = user.target
-            if t in _TRANSPARENT:
+            if t in WEIGHT_TRANSPARENT:
                 frontier.append(user)
             elif t in (aten.layer_norm.default, aten.rms_norm.default, aten.group_norm.default):
                 return "ones" if user.args.index(n) == 2 else "zeros"

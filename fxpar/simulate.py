@@ -8,6 +8,7 @@ import threading
 
 import torch
 from torch.fx import GraphModule, Interpreter
+from torch.utils import _pytree as pytree
 
 from .errors import FxparError
 from .placement import PARTIAL, Shard
@@ -67,17 +68,22 @@ def _first_real_error(errors):
     return (real or anyerr or [None])[0]
 
 
-def assemble(parts: list[torch.Tensor], placement) -> torch.Tensor:
-    """The global value from every rank's local value."""
+def assemble(parts: list[torch.Tensor], placement, grad: bool = False) -> torch.Tensor:
+    """The global value from every rank's local value. For gradients (``grad=True``) the
+    gradient of a partial sum is the whole gradient (the same on every rank), and the gradients of
+    an element several ranks hold add up."""
     if isinstance(placement, Shard):
         shape = list(parts[0].shape)
         shape[placement.dim] = placement.size
         out = parts[0].new_zeros(shape)
         for r, part in enumerate(parts):
             idx = torch.as_tensor(placement.indices(r), device=part.device)
-            out.index_copy_(placement.dim, idx, part)
+            if grad:
+                out.index_add_(placement.dim, idx, part)
+            else:
+                out.index_copy_(placement.dim, idx, part)
         return out
-    if placement is PARTIAL:
+    if placement is PARTIAL and not grad:
         out = parts[0].clone()
         for p in parts[1:]:
             out = out + p
@@ -86,16 +92,34 @@ def assemble(parts: list[torch.Tensor], placement) -> torch.Tensor:
 
 
 class Recorder(Interpreter):
-    """Runs a graph and keeps every node's value (detached) by node name."""
+    """Runs a graph and keeps every node's value (detached) by node name; with ``grads=True``
+    also keeps the tensors that can carry a gradient, so their ``.grad`` can be read after
+    backward (``gradients()``)."""
 
-    def __init__(self, gm: GraphModule):
+    def __init__(self, gm: GraphModule, grads: bool = False):
         super().__init__(gm)
         self.values: dict[str, object] = {}
+        self.grads = grads
+        self.live: dict[str, torch.Tensor] = {}
 
     def run_node(self, n):
         out = super().run_node(n)
         self.values[n.name] = _detach(out)
+        if self.grads and isinstance(out, torch.Tensor) and out.requires_grad:
+            out.retain_grad()
+            self.live[n.name] = out
         return out
+
+    def run_model(self, *args, **kwargs):
+        """Run and return the output in the model's own structure (``ModelOutput``, tuples...)."""
+        flat = self.run(*args, **kwargs)
+        spec = getattr(self.module, "_out_spec", None)
+        if spec is None:
+            return flat
+        return pytree.tree_unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat], spec)
+
+    def gradients(self) -> dict[str, torch.Tensor]:
+        return {k: t.grad for k, t in self.live.items() if t.grad is not None}
 
 
 def _detach(x):

@@ -12,15 +12,9 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
+from fxpar.codegen import get_path
 from fxpar.metadata import REQUIRES_GRAD
 from fxpar.plan_context import PlanContext
-
-
-def _attr(gm: GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def annotate_tensors(gm: GraphModule, ctx: PlanContext) -> GraphModule:
@@ -30,7 +24,7 @@ def annotate_tensors(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         if node.op == "placeholder":
             rg = floating
         elif node.op == "get_attr":
-            obj = _attr(gm, node.target)
+            obj = get_path(gm, node.target)
             rg = isinstance(obj, torch.nn.Parameter) and obj.requires_grad
         elif node.op == "output":
             rg = False

@@ -84,7 +84,27 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for node in graph.nodes:
         node.meta[ORIGIN] = node.name
     cache: dict[tuple, Node] = {}
-    for node in list(graph.nodes):
+
+    def convert(node: Node, inp: Node, fn, extra, kind, have, want) -> Node:
+        key = (inp, kind, extra)
+        if key not in cache:
+            with graph.inserting_before(node):
+                new = graph.call_function(fn, (inp, *extra), {"group": "tp"})
+            copy_meta(inp, new)
+            new.meta.update(
+                {
+                    "val": inp.meta["val"],
+                    PLACEMENT: want,
+                    INPUTS: {inp.name: have},
+                    REQUIRES_GRAD: inp.meta.get(REQUIRES_GRAD, False),
+                    ORIGIN: None,
+                    COMM: comm_info(kind, inp.meta["val"], world, have, want),
+                }
+            )
+            cache[key] = new
+        return cache[key]
+
+    for node in list(graph.nodes) if world > 1 else []:
         reqs = node.meta.get(INPUTS)
         if not reqs or node.meta.get(COMM):
             continue
@@ -93,30 +113,17 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 continue
             want = reqs[inp.name]
             have = out_placement(inp) or REPLICATE
-            conv = None if world == 1 else _call(have, want)
-            if conv is None:
-                if want is REPLICATE and _makes_sharded(node) and inp.meta.get(REQUIRES_GRAD) and world > 1:
-                    conv = C.copy_to_tp, (), "copy_to_tp"
-                else:
-                    continue
-            fn, extra, kind = conv
-            key = (inp, kind, extra)
-            new = cache.get(key)
-            if new is None:
-                with graph.inserting_before(node):
-                    new = graph.call_function(fn, (inp, *extra), {"group": "tp"})
-                copy_meta(inp, new)
-                new.meta.update(
-                    {
-                        "val": inp.meta["val"],
-                        PLACEMENT: want,
-                        INPUTS: {inp.name: have},
-                        REQUIRES_GRAD: inp.meta.get(REQUIRES_GRAD, False),
-                        ORIGIN: None,
-                        COMM: comm_info(kind, inp.meta["val"], world, have, want),
-                    }
-                )
-                cache[key] = new
+            new = inp
+            conv = _call(have, want)
+            if conv is not None:
+                new = convert(node, inp, *conv, have, want)
+            # whole on every rank but used by a sharded op: each rank's backward sees only its
+            # own share of the gradient, whatever made the value whole (nothing, an all-reduce,
+            # an all-gather), so sum it over the ranks on the way back
+            if want is REPLICATE and _makes_sharded(node) and inp.meta.get(REQUIRES_GRAD):
+                new = convert(node, new, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
+            if new is inp:
+                continue
             node.replace_input_with(inp, new)
             reqs = dict(reqs)
             del reqs[inp.name]

@@ -43,7 +43,7 @@ from fxpar.errors import PlanError, describe_node, module_path
 from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.rules import FREE, rule_for
+from fxpar.rules import FREE, WEIGHT_TRANSPARENT, rule_for
 from fxpar.rules.base import is_tensor_node, ndim, shape, tensor_args
 from fxpar.rules.matmul import DECIDABLE
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
@@ -52,16 +52,6 @@ from fxpar.rules.views import INVERSES
 
 aten = torch.ops.aten
 EMBEDDINGS = {aten.embedding.default}
-# ops through which a weight is still "just the weight" (its layout can be chosen by its user)
-_WEIGHT_TRANSPARENT = set(INVERSES) | {
-    aten.to.dtype,
-    aten.to.dtype_layout,
-    aten._to_copy.default,
-    aten.alias.default,
-    aten.detach.default,
-    aten.clone.default,
-    aten.contiguous.default,
-}
 
 
 def _inverse(node: Node):
@@ -111,7 +101,7 @@ class _Round:
         return node in self.user_dep
 
     def is_weight(self, node: Node) -> bool:
-        while node.op == "call_function" and node.target in _WEIGHT_TRANSPARENT:
+        while node.op == "call_function" and node.target in WEIGHT_TRANSPARENT:
             node = node.args[0]
         return node.op == "get_attr"
 
@@ -134,7 +124,7 @@ class _Round:
         ins = tensor_args(node)
         return (
             node.op == "call_function"
-            and node.target in _WEIGHT_TRANSPARENT
+            and node.target in WEIGHT_TRANSPARENT
             and len(ins) == 1
             and self.place.get(ins[0]) is FREE
         )
@@ -218,7 +208,7 @@ def _user_dependent(gm: GraphModule) -> set[Node]:
 def _weight_name(node: Node) -> str:
     for a in node.args:
         n = a
-        while isinstance(n, Node) and n.op == "call_function" and n.target in _WEIGHT_TRANSPARENT:
+        while isinstance(n, Node) and n.op == "call_function" and n.target in WEIGHT_TRANSPARENT:
             n = n.args[0]
         if isinstance(n, Node) and n.op == "get_attr" and ndim(n) >= 2:
             return n.target
@@ -265,10 +255,11 @@ def _reduce_point(rnd: _Round, node: Node) -> Node:
     walking back through ops that only carried it along (casts, scaling); an op that adds several
     partial sums is kept so that one all-reduce serves them all (parallel attention + MLP)."""
     while True:
-        partial_inputs = [i for i, q in rnd.inputs.get(node, {}).items() if q is PARTIAL]
-        if len(partial_inputs) != 1:
+        # partial inputs that were partial already (not a bias made partial for the op)
+        carried = [i for i, q in rnd.inputs.get(node, {}).items() if q is PARTIAL and rnd.place.get(i) is PARTIAL]
+        if len(carried) != 1:
             return node
-        node = partial_inputs[0]
+        node = carried[0]
 
 
 def _resolve(rnd: _Round, d: _Decisions) -> bool:

@@ -41,5 +41,5 @@ def test_replicated_values_that_differ_between_ranks_are_reported():
     # corrupt rank 1's copy of a replicated weight
     with torch.no_grad():
         plan.rank_module(1).get_parameter("blocks.0.norm.weight").add_(1.0)
-    with pytest.raises(fxpar.DivergenceError, match="ranks disagree"):
+    with pytest.raises(fxpar.DivergenceError, match="ranks disagree on the value"):
         plan.check(*args)

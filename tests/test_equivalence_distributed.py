@@ -1,6 +1,8 @@
 """The core test over real processes (gloo): what each rank holds of the outputs, of every
 parameter gradient and of the weights after 3 AdamW steps equals the single-device model."""
 
+import copy
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -95,3 +97,36 @@ def _device_mesh_dynamic():
         idx = torch.randint(0, 256, (b, t))
         assert_close(pm(idx), model(idx), f"batch {b} seq {t}")
     assert len(pm.plans) == 1  # one program serves every batch and sequence size
+
+
+def test_clip_grad_norm_over_the_whole_model(pools):
+    pools(2).run(_clip)
+
+
+def _clip():
+    model, args = build("gpt")
+    ref = copy.deepcopy(model)
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))
+    pm.zero_grad()  # before the first call: nothing to zero, no error
+    loss_fn(pm(*args)).backward()
+    loss_fn(ref(*args)).backward()
+    norm = pm.clip_grad_norm_(0.05)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+    assert_close(norm, ref_norm.float(), "global gradient norm")
+    rank = dist.get_rank()
+    for name, p in ref.named_parameters():
+        assert_close(dict(pm.named_parameters())[name].grad, shard_tensor(p.grad, pm.placement_of(name), rank), f"clipped {name}")
+
+
+def test_ranks_with_different_weights_are_refused(pools):
+    msgs = pools(2).run(_different_weights)
+    assert all("hold different values" in m and "torch.manual_seed" in m for m in msgs), msgs
+
+
+def _different_weights():
+    model, args = build("mlp", seed=dist.get_rank())
+    try:
+        fxpar.parallelize(model, fxpar.Mesh(tp=2), example_args=args)
+    except fxpar.FxparError as e:
+        return str(e)
+    return "no error"

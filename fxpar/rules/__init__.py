@@ -32,3 +32,15 @@ def localizer_for(node: Node):
 
 # importing the rule modules registers them
 from . import attention, embedding, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
+
+aten = torch.ops.aten
+# ops through which a weight is still "just the weight": its user may choose how it is stored
+WEIGHT_TRANSPARENT = frozenset(views.INVERSES) | {
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten._to_copy.default,
+    aten.alias.default,
+    aten.detach.default,
+    aten.clone.default,
+    aten.contiguous.default,
+}

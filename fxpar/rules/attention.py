@@ -46,7 +46,9 @@ def sdpa(node: Node, ctx: RuleContext) -> Sharding:
     tensors = [n for n in (q, k, v, mask) if isinstance(n, Node)]
     nd = ndim(q)
     places = {n: ctx.placement(n) for n in tensors}
-    replicated = Sharding(REPLICATE, {n: REPLICATE for n in tensors})
+
+    def replicated(reason=None):
+        return Sharding(REPLICATE, {t: REPLICATE for t in tensors}, fallback=reason)
 
     head = None
     for n in (q, k, v):
@@ -55,15 +57,15 @@ def sdpa(node: Node, ctx: RuleContext) -> Sharding:
             head = (n, p)
             break
     if head is None:
-        return replicated
+        return replicated()
     n, p = head
     hq, hk = static(shape(q)[p.dim]), static(shape(k)[p.dim])
     if n is not q and hq != hk:
-        return Sharding(REPLICATE, {t: REPLICATE for t in tensors}, fallback="key/value heads sharded without query heads")
+        return replicated("key/value heads sharded without query heads")
     lq = p
     lk = lq if hk == hq else (gqa_layout(lq, hk) if hk and hq % hk == 0 else None)
     if lk is None:
-        return Sharding(REPLICATE, {t: REPLICATE for t in tensors}, fallback="query heads do not map onto key/value heads")
+        return replicated("query heads do not map onto key/value heads")
     inputs = {q: lq, k: lk, v: lk}
     if isinstance(mask, Node):
         dm = lq.dim - (nd - ndim(mask))

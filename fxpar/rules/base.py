@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 from torch.fx import Node
 
-from ..placement import PARTIAL, REPLICATE, Placement, Shard
+from ..placement import REPLICATE, Placement, Shard
 
 
 class _Free:
@@ -128,11 +128,8 @@ def norm_dim(d: int, nd: int) -> int:
 def replicated(node: Node, ctx: RuleContext, output=REPLICATE, reason: str | None = None) -> Sharding:
     """Consume every tensor input replicated; report ``reason`` if that gathers a sharded one."""
     inputs = {n: REPLICATE for n in tensor_args(node)}
-    sharded = [n for n in inputs if isinstance(ctx.placement(n), Shard) or ctx.placement(n) is PARTIAL]
-    fallback = None
-    if reason and any(isinstance(ctx.placement(n), Shard) for n in sharded):
-        fallback = reason
-    return Sharding(output=output, inputs=inputs, fallback=fallback)
+    gathers = any(isinstance(ctx.placement(n), Shard) for n in inputs)
+    return Sharding(output=output, inputs=inputs, fallback=reason if gathers else None)
 
 
 def arg(node: Node, index: int, name: str, default=None):

@@ -28,7 +28,8 @@ def embedding(node: Node, ctx: RuleContext) -> Sharding:
     pw = ctx.placement(w)
     decision = ctx.decision(node)
     rows, width = static(shape(w)[0]), static(shape(w)[1])
-    if decision == "replicate":
+    if decision == "replicate" or arg(node, 3, "scale_grad_by_freq", False) or arg(node, 4, "sparse", False):
+        # frequency scaling counts ids over the whole table; sparse gradients stay whole too
         return Sharding(REPLICATE, {w: REPLICATE, idx: REPLICATE})
     if pw is FREE:
         vocab_like = ctx.user_input_dependent(idx) and rows and width and rows >= width

@@ -37,12 +37,13 @@ def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, 
     def result(out, px_req, pw_req, pb_req):
         inputs = {x: px_req, w: pw_req}
         if isinstance(bias, Node):
-            inputs[bias] = pb_req
+            # the bias broadcasts from the right: its last dim is the output features
+            inputs[bias] = pb_req.with_dim(ndim(bias) - 1) if isinstance(pb_req, Shard) else pb_req
         return Sharding(out, inputs)
 
     if decision == "replicate":
         return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
-    if isinstance(px, Shard) and px.dim == ndim(x) - 1:
+    if isinstance(px, Shard) and px.dim == ndim(x) - 1 and px.is_partition:
         wl = px.with_dim(w_in)
         if pw is FREE or wl == pw:
             # the bias is added once: on one rank, as its part of the partial sum
@@ -53,7 +54,7 @@ def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, 
     # the input is (made) replicated from here on
     out_features = static(shape(w)[w_out])
     if isinstance(pw, Shard) and pw.dim == w_out:
-        return result(pw.with_dim(nd - 1), REPLICATE, pw, pw.with_dim(0))
+        return result(pw.with_dim(nd - 1), REPLICATE, pw, pw)
     if isinstance(pw, Shard) and pw.dim == w_in:
         return result(PARTIAL, pw.with_dim(ndim(x) - 1), pw, PARTIAL)
     if pw is FREE and decision == "rowwise":
@@ -67,7 +68,7 @@ def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, 
             layout = Shard.even(w_out, out_features, ctx.world)
         if layout is not None:
             layout = layout.with_dim(w_out)
-            return result(layout.with_dim(nd - 1), REPLICATE, layout, layout.with_dim(0))
+            return result(layout.with_dim(nd - 1), REPLICATE, layout, layout)
     return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
 
 
@@ -98,7 +99,9 @@ def activation_matmul(node: Node, ctx: RuleContext, a: Node, b: Node) -> Shardin
             return Sharding(p.with_dim(nd - 2), {a: p, b: REPLICATE})
         if not is_a and p.dim == nb - 1:
             return Sharding(p.with_dim(nd - 1), {a: REPLICATE, b: p})
-        # contracted dim: the other operand must be split the same way
+        # contracted dim: the other operand must be split the same way, each element once
+        if not p.is_partition:
+            break
         other_dim = nb - 2 if is_a else na - 1
         return Sharding(PARTIAL, {this: p, other: p.with_dim(other_dim)})
     return Sharding(REPLICATE, {a: REPLICATE, b: REPLICATE})

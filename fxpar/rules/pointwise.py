@@ -56,16 +56,16 @@ _UNARY_LINEAR = {
 
 
 def _keeps_partial(node: Node, ins: list[Node], ctx: RuleContext) -> bool:
-    partial = [n for n in ins if ctx.placement(n) is PARTIAL]
+    # every occurrence counts: y * y of a partial y is not linear in y
+    operands = [a for a in node.args if isinstance(a, Node)]
+    partial = [a for a in operands if ctx.placement(a) is PARTIAL]
     scalars = [a for a in node.args[1:2] if not isinstance(a, Node)]
     if node.target in _SUM_LINEAR:
-        return len(partial) == len(ins) and not scalars
+        return len(partial) == len(operands) and not scalars
     if node.target in _FIRST_LINEAR:
-        if node.target == aten.div.Tensor and ins and partial != [ins[0]]:
-            return False
-        return len(partial) == 1
+        return len(partial) == 1 and (node.target != aten.div.Tensor or operands[0] is partial[0])
     if node.target in _UNARY_LINEAR:
-        return len(ins) == 1 and _is_float(node)
+        return len(operands) == 1 and _is_float(node)
     return False
 
 

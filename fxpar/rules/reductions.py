@@ -78,7 +78,7 @@ def reduce(node: Node, ctx: RuleContext) -> Sharding:
     if p.dim not in dims:
         out_dim = p.dim if keep else p.dim - sum(d < p.dim for d in dims)
         return Sharding(output_like(node, p.with_dim(out_dim)), {x: p})
-    if node.target in _SUMS and node.meta["val"].is_floating_point():
+    if node.target in _SUMS and node.meta["val"].is_floating_point() and p.is_partition:
         return Sharding(PARTIAL, {x: p})
     name = getattr(node.target, "__name__", str(node.target))
     return Sharding(output_like(node, REPLICATE), {x: REPLICATE}, fallback=f"{name} over the sharded dim")

@@ -24,8 +24,8 @@ aten = torch.ops.aten
 INT_MAX = 2**62
 
 
-def _pieces(node: Node) -> tuple[int, list[tuple[int, int]]] | None:
-    """The cut dimension and the ``[start, stop)`` of each output piece, for static sizes."""
+def _pieces(node: Node) -> list[tuple[int, int]] | None:
+    """The ``[start, stop)`` of each output piece along the cut dim, for static sizes."""
     x = node.args[0]
     t = node.target
     nd = ndim(x)
@@ -35,7 +35,7 @@ def _pieces(node: Node) -> tuple[int, list[tuple[int, int]]] | None:
         step = node.args[1]
         if size is None or not isinstance(step, int):
             return None
-        return dim, [(a, min(a + step, size)) for a in range(0, size, step)]
+        return [(a, min(a + step, size)) for a in range(0, size, step)]
     if t == aten.split_with_sizes.default:
         dim = norm_dim(arg(node, 2, "dim", 0), nd)
         sizes = node.args[1]
@@ -45,14 +45,14 @@ def _pieces(node: Node) -> tuple[int, list[tuple[int, int]]] | None:
         for s in sizes:
             out.append((a, a + s))
             a += s
-        return dim, out
+        return out
     if t == aten.chunk.default:
         dim = norm_dim(arg(node, 2, "dim", 0), nd)
         size = static(shape(x)[dim])
         if size is None:
             return None
         step = -(-size // node.args[1])
-        return dim, [(a, min(a + step, size)) for a in range(0, size, step)]
+        return [(a, min(a + step, size)) for a in range(0, size, step)]
     if t in (aten.slice.Tensor, aten.narrow.default):
         dim = norm_dim(arg(node, 1, "dim", 0), nd)
         size = static(shape(x)[dim])
@@ -62,14 +62,14 @@ def _pieces(node: Node) -> tuple[int, list[tuple[int, int]]] | None:
             start, length = node.args[2], node.args[3]
             if not isinstance(start, int) or not isinstance(length, int):
                 return None
-            start = start + size if start < 0 else start
-            return dim, [(start, start + length)]
+            start = max(0, start + size) if start < 0 else start
+            return [(start, start + length)]
         start, end, step = arg(node, 2, "start", None), arg(node, 3, "end", None), arg(node, 4, "step", 1)
         if step != 1 or not all(isinstance(v, (int, type(None))) for v in (start, end)):
             return None
-        start = 0 if start is None else (start + size if start < 0 else min(start, size))
-        end = size if end is None or end >= INT_MAX else (end + size if end < 0 else min(end, size))
-        return dim, [(start, end)]
+        start = 0 if start is None else (max(0, start + size) if start < 0 else min(start, size))
+        end = size if end is None or end >= INT_MAX else (max(0, end + size) if end < 0 else min(end, size))
+        return [(start, max(start, end))]
     return None
 
 
@@ -95,10 +95,9 @@ def cut(node: Node, ctx: RuleContext) -> Sharding:
         return Sharding(_wrap(node, REPLICATE), {x: REPLICATE})
     if p.dim != _cut_dim(node):
         return Sharding(_wrap(node, p), {x: p})
-    cut_spec = _pieces(node)
-    if cut_spec is None:
+    pieces = _pieces(node)
+    if pieces is None:
         return Sharding(_wrap(node, REPLICATE), {x: REPLICATE}, fallback="cut of a sharded dim with dynamic bounds")
-    _dim, pieces = cut_spec
     for layout in _candidate_layouts(p, pieces):
         placed = [piece_layout(layout, a, b) for a, b in pieces]
         if all(pl is not None for pl in placed):
@@ -124,8 +123,10 @@ def local_split(node: Node, rank: int, lctx):
     p = lctx.inp(node, x)
     if not isinstance(p, Shard) or p.dim != _cut_dim(node):
         return None
-    _dim, pieces = _pieces(node)
-    sizes = [piece_layout(p, a, b)[0][rank][1] - piece_layout(p, a, b)[0][rank][0] for a, b in pieces]
+    sizes = []
+    for a, b in _pieces(node):
+        begin, end = piece_layout(p, a, b)[0][rank]
+        sizes.append(end - begin)
     return LocalCall(aten.split_with_sizes.default, (x, sizes, p.dim), {})
 
 
@@ -135,7 +136,7 @@ def local_slice(node: Node, rank: int, lctx):
     p = lctx.inp(node, x)
     if not isinstance(p, Shard) or p.dim != _cut_dim(node):
         return None
-    _dim, [(a, b)] = _pieces(node)
+    [(a, b)] = _pieces(node)
     begin, end = piece_layout(p, a, b)[0][rank]
     return LocalCall(aten.slice.Tensor, (x, p.dim, begin, end), {})
 

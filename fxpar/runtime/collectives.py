@@ -8,7 +8,7 @@ function            forward                       backward
 ``copy_to_tp``      identity                      all-reduce (Megatron's ``f``)
 ``all_gather``      S -> R                        keep own slice
 ``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
-``reduce_scatter``  P -> S                        all-gather
+``reduce_scatter``  P -> S                        all-gather (sum over owners if shared)
 ``redistribute``    S -> S' (other layout)        S' -> S
 ``to_partial``      R -> P: x on rank 0, else 0   identity
 ==================  ============================  =====================================
@@ -86,8 +86,9 @@ def _gather(x, layout, comm):
 
 
 def _scatter_grad(g, layout, comm):
-    """Backward of taking a slice of a replicated tensor: the full gradient on every rank."""
-    if not layout.has_duplicates and layout.covers_all:
+    """The whole gradient on every rank from each rank's gradient of its slice (gradients of an
+    element several ranks hold are summed)."""
+    if layout.is_partition:
         return _gather(g.contiguous(), layout, comm)
     full = g.new_zeros(_full_shape(g, layout.dim, layout.size))
     idx = torch.as_tensor(layout.indices(comm.rank), device=g.device)
@@ -114,7 +115,15 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _take(g, ctx.layout, ctx.comm.rank), None, None
+        local = _take(g, ctx.layout, ctx.comm.rank)
+        if ctx.layout.has_duplicates:
+            # an element several ranks hold went into the whole tensor once: one of them gets its
+            # gradient (the gradients of shared elements are summed over their owners upstream)
+            keep = torch.as_tensor(ctx.layout.primary(ctx.comm.rank), device=g.device)
+            shape = [1] * g.dim()
+            shape[ctx.layout.dim] = -1
+            local = local * keep.view(shape).to(local.dtype)
+        return local, None, None
 
 
 class _Shard(torch.autograd.Function):
@@ -138,7 +147,7 @@ class _ReduceScatter(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _gather(g.contiguous(), ctx.layout, ctx.comm), None, None
+        return _scatter_grad(g, ctx.layout, ctx.comm), None, None
 
 
 def all_reduce(x: torch.Tensor, group: str = "tp") -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from ..capture import capture, meta_skeleton
-from ..codegen import build_module, rank_graph
+from ..codegen import build_module, get_path, rank_graph
 from ..errors import FxparError, MeshError
 from ..holder import populate, retarget_submodules
 from ..mesh import DEFAULT_TIMEOUT, Mesh, as_mesh
@@ -51,7 +51,7 @@ class ParallelModule(nn.Module):
         rng: str = "megatron",
         device=None,
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-        seed: int | None = None,
+        seed: int = 0,
         init_fn=None,
     ):
         super().__init__()
@@ -62,8 +62,8 @@ class ParallelModule(nn.Module):
         device_mesh = plain.bind(device.type, timeout) if isinstance(mesh, Mesh) else mesh
         tp_group = device_mesh.get_group("tp")
         comm = DistComm(tp_group, timeout) if plain.tp > 1 else LocalComm()
-        seed = torch.initial_seed() if seed is None else seed
-        sharded = torch.Generator(device=device).manual_seed(seed + SHARDED_SEED_OFFSET + comm.rank)
+        # Megatron's tensor-parallel stream: the user's seed, offset per tp rank
+        sharded = torch.Generator(device=device).manual_seed(torch.initial_seed() + SHARDED_SEED_OFFSET + comm.rank)
         self.training = model.training
         # plain attributes, not submodules: they must not show in parameters() or state_dict()
         self.__dict__.update(
@@ -117,6 +117,7 @@ class ParallelModule(nn.Module):
         cap = capture(self._skeleton, args, kwargs, dynamic_shapes=self._options["dynamic_shapes"])
         gm, ctx = plan_graph(cap, self._mesh, overrides=self._options["overrides"], rng=self._options["rng"])
         if self._placements is None:
+            self._check_same_model(cap)
             populate(self, cap, ctx.param_placements, self._comm.rank, self._source, self._device, seed=self._seed, init_fn=self._init_fn)
             self.__dict__.update(_placements=dict(ctx.param_placements), _captured=cap, _source=None, _dynamic=_dynamic_dims(cap))
             self._check_rng(gm)
@@ -131,6 +132,26 @@ class ParallelModule(nn.Module):
         prog = build_module(self, graph, cap.gm, f"Rank{self._comm.rank}", retarget_submodules(cap.gm, self._device))
         self._plans.append((gm, ctx))
         return prog
+
+    def _check_same_model(self, cap) -> None:
+        """Each rank slices its own copy of the model: the copies must be the same model."""
+        if self._comm.world == 1 or self._source is None:
+            return
+        sums = []
+        for name in cap.tensors:
+            t = get_path(self._source, name)
+            if t.device.type != "meta" and t.is_floating_point():
+                sums.append(t.detach().double().sum())
+        if not sums:
+            return
+        mine = torch.stack(sums).to(self._device)
+        theirs = self._comm.all_gather(mine)
+        if any(not torch.equal(t, mine) for t in theirs):
+            bad = next(i for i in range(len(sums)) if any(t[i] != mine[i] for t in theirs))
+            raise FxparError(
+                f"tensor-parallel ranks hold different values for '{list(cap.tensors)[bad]}' (and maybe more): "
+                "build the model with the same seed on every rank (torch.manual_seed) or load the same weights"
+            )
 
     def _check_rng(self, gm) -> None:
         """Replicated dropout needs the same random state on every tp rank: warn if it is not."""
@@ -161,17 +182,50 @@ class ParallelModule(nn.Module):
         self._require_built()
         return super().named_parameters(*args, **kwargs)
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._placements is not None:  # before the first call there is nothing to zero
+            super().zero_grad(set_to_none)
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """``torch.nn.utils.clip_grad_norm_`` over the whole model, not this rank's shards.
+
+        Sharded gradients contribute from every rank, replicated ones once, so every rank gets
+        the same norm and the same scale (clipping each rank's shards by their own norm would
+        scale replicated weights differently on each rank). A collective: call it on every rank.
+        """
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self._device)
+        sharded = [g for n, g in grads if isinstance(self.placement_of(n), Shard)]
+        whole = [g for n, g in grads if not isinstance(self.placement_of(n), Shard)]
+        inf = norm_type == float("inf")
+
+        def reduce(gs):
+            if not gs:
+                return torch.zeros((), dtype=torch.float64, device=self._device)
+            if inf:
+                return torch.stack([g.detach().abs().max().double() for g in gs]).max()
+            return torch.stack([g.detach().double().abs().pow(norm_type).sum() for g in gs]).sum()
+
+        local, rep = reduce(sharded), reduce(whole)
+        if self._comm.world > 1:
+            parts = self._comm.all_gather(local.reshape(1))
+            local = torch.cat(parts).max() if inf else torch.cat(parts).sum()
+        total = torch.maximum(local, rep) if inf else (local + rep) ** (1.0 / norm_type)
+        coef = max_norm / (float(total) + 1e-6)
+        if coef < 1.0:
+            for _, g in grads:
+                g.mul_(coef)
+        return total.float()
+
     def parameters(self, recurse: bool = True):
         self._require_built()
         return super().parameters(recurse)
 
     def placement_of(self, name: str):
         """Placement of a parameter or buffer on the tp dimension."""
-        cap = self._captured
-        for target, aliases in cap.aliases.items():
-            if name in aliases:
-                return self._placements.get(target, REPLICATE)
-        return REPLICATE
+        return self._placements.get(self._captured.graph_name(name), REPLICATE)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model's state dict (original names, full tensors) on every rank.
