@@ -3,7 +3,7 @@
     python -m fxpar demo --tp 2                 # train a GPT over 2 local CPU processes
     python -m fxpar plan gpt --tp 4             # every value's placement, every collective
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
-    python -m fxpar check gpt --tp 2            # simulate all ranks, compare with one device
+    python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
 
 A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``) or ``package.module:function``
 returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
@@ -74,13 +74,24 @@ def cmd_check(a) -> int:
     import fxpar
 
     plan, args = _compile(a)
+    loss_fn = _square_loss if a.train else None
     try:
-        n = plan.check(*args, rtol=a.rtol, atol=a.atol)
+        n = plan.check(*args, rtol=a.rtol, atol=a.atol, loss_fn=loss_fn)
     except fxpar.DivergenceError as e:
         print(e)
         return 1
-    print(f"{n} values of {type(plan.model).__name__} at tp={a.tp} match the single-device model")
+    what = "values and gradients" if a.train else "values"
+    print(f"{n} {what} of {type(plan.model).__name__} at tp={a.tp} match the single-device model")
     return 0
+
+
+def _square_loss(out):
+    """A loss of any output structure: the mean square of its floating-point tensors."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().pow(2).mean() for t in leaves)
 
 
 def cmd_demo(a) -> int:
@@ -112,6 +123,7 @@ def main(argv=None) -> int:
     model_args(sp)
     sp.add_argument("--rtol", type=float, default=1e-5)
     sp.add_argument("--atol", type=float, default=1e-5)
+    sp.add_argument("--train", action="store_true", help="also compare every gradient (mean-square loss of the outputs)")
     sp.set_defaults(fn=cmd_check)
     sp = sub.add_parser("demo", help="train a GPT over local CPU processes and compare with one process")
     sp.add_argument("--tp", type=int, default=2)

@@ -22,7 +22,8 @@ from .placement import Shard
 ENUMERATION_LIMIT = 1 << 24
 
 
-def _token(size):
+def size_token(size):
+    """An int for a static size, the text of the expression for a symbolic one."""
     if isinstance(size, int):
         return size
     if isinstance(size, torch.SymInt):
@@ -40,8 +41,8 @@ def view_groups(a, b):
     >>> view_groups((2, 8, 192), (2, 8, 3, 4, 16))
     [([0], [0]), ([1], [1]), ([2], [2, 3, 4])]
     """
-    a = [_token(x) for x in a]
-    b = [_token(x) for x in b]
+    a = [size_token(x) for x in a]
+    b = [size_token(x) for x in b]
     groups: list = []
     i = j = 0
     while i < len(a) and j < len(b):
@@ -86,10 +87,10 @@ def view_shard(in_shape, out_shape, shard: Shard) -> Shard | None:
             continue
         if gj is None:
             return None
-        sizes_in = [_token(in_shape[d]) for d in gi]
-        sizes_out = [_token(out_shape[d]) for d in gj]
-        real_in = [d for d in gi if _token(in_shape[d]) != 1]
-        real_out = [d for d in gj if _token(out_shape[d]) != 1]
+        sizes_in = [size_token(in_shape[d]) for d in gi]
+        sizes_out = [size_token(out_shape[d]) for d in gj]
+        real_in = [d for d in gi if size_token(in_shape[d]) != 1]
+        real_out = [d for d in gj if size_token(out_shape[d]) != 1]
         if len(real_in) == 1 and len(real_out) == 1 and real_in == [shard.dim]:
             return shard.with_dim(real_out[0])
         if not all(isinstance(s, int) for s in sizes_in + sizes_out) or prod(sizes_in) > ENUMERATION_LIMIT:

@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import FxparError
 from .placement import PARTIAL, Shard
+from .runtime.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
 from .runtime.context import RankContext, RNGStreams, running
 
@@ -75,13 +76,11 @@ def assemble(parts: list[torch.Tensor], placement, grad: bool = False) -> torch.
     if isinstance(placement, Shard):
         shape = list(parts[0].shape)
         shape[placement.dim] = placement.size
+        if not grad:
+            return _assemble(parts, placement, shape)
         out = parts[0].new_zeros(shape)
         for r, part in enumerate(parts):
-            idx = torch.as_tensor(placement.indices(r), device=part.device)
-            if grad:
-                out.index_add_(placement.dim, idx, part)
-            else:
-                out.index_copy_(placement.dim, idx, part)
+            out.index_add_(placement.dim, torch.as_tensor(placement.indices(r), device=part.device), part)
         return out
     if placement is PARTIAL and not grad:
         out = parts[0].clone()

@@ -44,7 +44,7 @@ from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, WEIGHT_TRANSPARENT, rule_for
-from fxpar.rules.base import is_tensor_node, ndim, shape, tensor_args
+from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, tensor_args
 from fxpar.rules.matmul import DECIDABLE
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
 from fxpar.rules.pointwise import invert as invert_pointwise
@@ -295,7 +295,7 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
             if rnd.is_weight(inp):
                 revert(rnd.seeds.get(inp, ()), f"its weight is also used whole by {node.name} ({module_path(node)})")
                 continue
-            reason = rnd.fallback.get(node) or f"{getattr(node.target, '__name__', node.target)} needs it whole"
+            reason = rnd.fallback.get(node) or f"{op_name(node)} needs it whole"
             revert(rnd.seeds.get(inp, ()), f"its output is gathered before {node.name} ({reason})")
         elif isinstance(req, Shard):
             if rnd.is_weight(inp):

@@ -93,12 +93,10 @@ def ndim(node: Node) -> int:
 
 def static(size) -> int | None:
     """The size as an int when it is not symbolic."""
-    if isinstance(size, int):
-        return size
-    if isinstance(size, torch.SymInt):
-        expr = size.node.expr
-        return int(expr) if expr.is_number else None
-    return None
+    from ..layout_algebra import size_token
+
+    token = size_token(size)
+    return token if isinstance(token, int) else None
 
 
 def tensor_args(node: Node) -> list[Node]:
@@ -119,6 +117,11 @@ def tensor_args(node: Node) -> list[Node]:
     visit(node.args)
     visit(node.kwargs)
     return out
+
+
+def op_name(node: Node) -> str:
+    """``layer_norm.default`` for ``aten.layer_norm.default``; the function name otherwise."""
+    return getattr(node.target, "__name__", str(node.target))
 
 
 def norm_dim(d: int, nd: int) -> int:

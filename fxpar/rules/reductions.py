@@ -13,7 +13,7 @@ from torch.fx import Node
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
 from ..runtime.ops import partial_mean
-from .base import RuleContext, Sharding, arg, ndim, norm_dim, shape, tensor_args
+from .base import RuleContext, Sharding, arg, ndim, norm_dim, op_name, shape, tensor_args
 from .registry import localizer, output_like, register
 
 aten = torch.ops.aten
@@ -80,7 +80,7 @@ def reduce(node: Node, ctx: RuleContext) -> Sharding:
         return Sharding(output_like(node, p.with_dim(out_dim)), {x: p})
     if node.target in _SUMS and node.meta["val"].is_floating_point() and p.is_partition:
         return Sharding(PARTIAL, {x: p})
-    name = getattr(node.target, "__name__", str(node.target))
+    name = op_name(node)
     return Sharding(output_like(node, REPLICATE), {x: REPLICATE}, fallback=f"{name} over the sharded dim")
 
 
@@ -142,7 +142,7 @@ def _keep_unless(node: Node, ctx: RuleContext, x: Node, needs_whole: set[int]) -
     others = {n: REPLICATE for n in tensor_args(node) if n is not x}
     if isinstance(p, Shard) and p.dim not in needs_whole:
         return Sharding(output_like(node, p), {x: p, **others})
-    name = getattr(node.target, "__name__", str(node.target))
+    name = op_name(node)
     reason = f"{name} needs the whole sharded dim" if isinstance(p, Shard) else None
     return Sharding(output_like(node, REPLICATE), {x: REPLICATE, **others}, fallback=reason)
 

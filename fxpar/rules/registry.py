@@ -6,7 +6,7 @@ import torch
 from torch.fx import Node
 
 from ..placement import REPLICATE
-from .base import Rule, RuleContext, Sharding, replicated
+from .base import Rule, RuleContext, Sharding, op_name, replicated
 
 RULES: dict[object, Rule] = {}
 LOCALIZERS: dict[object, object] = {}
@@ -46,5 +46,5 @@ def output_like(node: Node, place):
 
 def fallback(node: Node, ctx: RuleContext) -> Sharding:
     """Ops with no rule run replicated: sharded inputs are gathered, partial ones reduced."""
-    name = getattr(node.target, "__name__", str(node.target))
+    name = op_name(node)
     return replicated(node, ctx, output=output_like(node, REPLICATE), reason=f"no sharding rule for {name}")

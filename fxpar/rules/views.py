@@ -13,7 +13,7 @@ from torch.fx import Node
 from ..layout_algebra import view_shard
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
-from .base import FREE, RuleContext, Sharding, arg, ndim, norm_dim, shape, static
+from .base import FREE, RuleContext, Sharding, arg, ndim, norm_dim, op_name, shape, static
 from .registry import localizer, register
 
 aten = torch.ops.aten
@@ -36,12 +36,8 @@ def _unary(node: Node, ctx: RuleContext, forward) -> Sharding:
         q = forward(p)
         if q is not None:
             return Sharding(q, {x: p})
-        return Sharding(REPLICATE, {x: REPLICATE}, fallback=f"{_name(node)} regroups the sharded dim {p.dim}")
+        return Sharding(REPLICATE, {x: REPLICATE}, fallback=f"{op_name(node)} regroups the sharded dim {p.dim}")
     return Sharding(REPLICATE, {x: REPLICATE})
-
-
-def _name(node):
-    return getattr(node.target, "__name__", str(node.target))
 
 
 @register(*RESHAPES)
