@@ -17,6 +17,8 @@ from torch.fx import GraphModule
 
 from passes.annotate_tensors import annotate_tensors
 from passes.assign_rng import assign_rng
+from passes.cut_stages import cut_stages
+from passes.estimate_memory import estimate_memory
 from passes.insert_collectives import insert_collectives
 from passes.localize_shapes import localize_shapes
 from passes.plan_sharding import plan_sharding
@@ -30,6 +32,8 @@ PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
     insert_collectives,  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
     assign_rng,  # rewrite: dropout draws from a replicated or a per-rank random stream
     localize_shapes,  # analysis: per-rank sizes for views, splits, slices, means and embeddings
+    estimate_memory,  # analysis: parameter and saved-activation bytes per node, on fake tensors
+    cut_stages,  # analysis: pipeline stages that minimize the largest per-device peak memory
 ]
 
 

@@ -29,10 +29,22 @@ class PlanContext:
     mesh: Mesh
     overrides: dict[str, str] = field(default_factory=dict)
     rng: str = "megatron"
+    device_type: str = "cpu"  # where the programs will run: memory estimates use its kernels
+    optimizer: str = "adamw"  # for memory estimates: the states it keeps per parameter
+    # pipeline: schedule by name, microbatches per step, stages per rank (interleaved), explicit
+    # cuts by module name, a per-device memory cap in bytes, and values for symbolic sizes
+    schedule: str = "1f1b"
+    microbatches: int = 1
+    virtual: int = 2
+    split_points: tuple = ()
+    memory_limit: float | None = None
+    sizes: dict = field(default_factory=dict)
+    dim_names: dict = field(default_factory=dict)
     # written by passes
     decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
     warnings: list[str] = field(default_factory=list)
+    pipeline: object = None  # fxpar.stages.PipelineSpec, written by cut_stages
 
     def __post_init__(self):
         for pattern, style in self.overrides.items():
@@ -40,6 +52,10 @@ class PlanContext:
                 raise ValueError(f"override {pattern!r}: {style!r} is not one of {STYLES}")
         if self.rng not in RNG_MODES:
             raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
+        from .memory import OPTIMIZER_STATES
+
+        if self.optimizer not in OPTIMIZER_STATES:
+            raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_STATES)}")
 
     @property
     def tp(self) -> int:

@@ -52,8 +52,8 @@ def test_debug_levels(monkeypatch, capsys, tmp_path):
     model, args = build("mlp")
     fxpar.compile(model, fxpar.Mesh(tp=2), args)
     err = capsys.readouterr().err
-    assert "pass 2/5 plan_sharding" in err and "nodes" in err and "rank 1 code" in err
-    assert len(list(tmp_path.iterdir())) == 5
+    assert "pass 2/7 plan_sharding" in err and "nodes" in err and "rank 1 code" in err
+    assert len(list(tmp_path.iterdir())) == 7
 
 
 def test_plan_repr_and_table():

@@ -33,7 +33,9 @@ def dropout(x, p: float, train: bool, stream: str = "replicated", dim: int = 0, 
     ``stream="sharded"``: the rank's own stream for its slice (Megatron's model-parallel RNG);
     with ``RNGStreams.exact`` the full mask is drawn from the replicated stream instead and the
     rank keeps its slice, which reproduces the single-device masks exactly. The mask is drawn as
-    ATen's CPU dropout draws it, so replicated dropout matches the single-device model bit for bit.
+    ATen's CPU dropout draws it, so replicated dropout matches the single-device model bit for bit;
+    for backward it keeps a one-byte mask rather than ATen's full-precision noise tensor (the
+    fused CUDA kernels keep a mask too; activation memory per CONTEXT's formula assumes it).
     """
     if not train or p == 0.0:
         return x
@@ -50,5 +52,18 @@ def dropout(x, p: float, train: bool, stream: str = "replicated", dim: int = 0, 
     else:
         gen = rng.sharded if stream == "sharded" else rng.replicated
         noise = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1 - p, generator=gen)
-    noise.div_(1 - p)
-    return x * noise
+    return _MaskedScale.apply(x, noise != 0, noise.new_ones(()).div_(1 - p))
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * mask * scale``, saving the boolean mask (1 byte per element) for backward."""
+
+    @staticmethod
+    def forward(ctx, x, mask, scale):
+        ctx.save_for_backward(mask, scale)
+        return x * torch.where(mask, scale, torch.zeros((), dtype=x.dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, g):
+        mask, scale = ctx.saved_tensors
+        return g * torch.where(mask, scale, torch.zeros((), dtype=g.dtype, device=g.device)), None, None

@@ -1,0 +1,135 @@
+"""The memory model: what one rank holds for a set of graph nodes.
+
+Per node (``fxpar_memory``, written by ``passes/estimate_memory.py``) it knows the bytes of the
+parameter it reads, the storage its output lives in, and what autograd saves for backward when the
+node runs: new tensors (a dropout mask, softmax's output, copies made to multiply) and references
+to other nodes' outputs (a linear keeps its input). Sizes are sympy expressions in the symbolic
+batch/sequence sizes when the graph was captured with them, plain ints otherwise.
+
+From that, for any set of nodes (a pipeline stage):
+
+* parameters, gradients and optimizer state: each parameter once;
+* activations kept per microbatch: every saved storage once, however many ops keep it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+MEMORY = "fxpar_memory"
+
+# optimizer state per parameter, in units of the parameter's own bytes (fp32 states for fp32
+# parameters): SGD without momentum keeps nothing, with momentum one buffer, Adam/AdamW two
+OPTIMIZER_STATES = {"none": 0, "sgd": 0, "sgd_momentum": 1, "adam": 2, "adamw": 2}
+
+
+@dataclass(frozen=True)
+class NodeMemory:
+    """One node's contribution. ``out_bytes`` is the storage the node's output creates (0 for a
+    view), ``value_bytes`` the size of the output itself (what sending it costs); ``root`` names
+    the node whose storage the output lives in (itself unless it is a view); ``saved_roots`` the
+    storages of other values autograd keeps when this node runs; ``saved_new`` the bytes of
+    tensors it keeps that nothing else made."""
+
+    out_bytes: object = 0
+    value_bytes: object = 0
+    root: str = ""
+    saved_new: object = 0
+    saved_roots: tuple[str, ...] = ()
+    param_bytes: object = 0
+    trainable: bool = False
+    buffer_bytes: object = 0
+
+
+@dataclass
+class StageMemory:
+    """Bytes one rank needs for a set of nodes, by category."""
+
+    params: object = 0
+    grads: object = 0
+    optimizer: object = 0
+    buffers: object = 0
+    activations_per_microbatch: object = 0
+    in_flight: int = 1
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def static(self):
+        return self.params + self.grads + self.optimizer + self.buffers
+
+    @property
+    def activations(self):
+        return self.activations_per_microbatch * self.in_flight
+
+    @property
+    def peak(self):
+        return self.static + self.activations
+
+    def at(self, sizes: dict | None = None) -> StageMemory:
+        """The same, with symbolic sizes replaced by numbers (``{"batch": 8, "seq": 2048}``)."""
+        f = lambda e: evaluate(e, sizes)  # noqa: E731
+        return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
+                           f(self.activations_per_microbatch), self.in_flight, dict(self.extra))
+
+
+def expr(x):
+    """A size as a sympy expression (SymInt) or an int."""
+    if isinstance(x, torch.SymInt):
+        e = x.node.expr
+        return int(e) if e.is_number else e
+    return int(x)
+
+
+def evaluate(e, sizes: dict | None = None, names: dict | None = None):
+    """A number from an expression; ``sizes`` by user dim name (``names`` maps symbols to them)."""
+    if isinstance(e, (int, float)):
+        return e
+    subs = {}
+    for sym in e.free_symbols:
+        key = (names or {}).get(str(sym), str(sym))
+        if sizes is None or key not in sizes:
+            raise KeyError(f"give a value for the symbolic size {key!r} ({sym})")
+        subs[sym] = sizes[key]
+    value = e.subs(subs)
+    return int(value) if value.is_integer else float(value)
+
+
+def node_memory(node) -> NodeMemory:
+    return node.meta.get(MEMORY) or NodeMemory(root=node.name)
+
+
+def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=()) -> StageMemory:
+    """What one rank holds for ``nodes`` (a list of graph nodes) with one microbatch in flight.
+
+    ``all_nodes`` maps names to nodes of the whole graph, for saved values made elsewhere (a value
+    received from the previous stage and kept here counts here); ``held`` names values kept until
+    backward whether an op saved them or not (what a stage received).
+    """
+    m = StageMemory()
+    roots: set[str] = set()
+    for h in held:  # a received value is a fresh tensor here, whatever it was a view of there
+        m.activations_per_microbatch += node_memory(all_nodes[h]).value_bytes
+        roots.add(node_memory(all_nodes[h]).root or h)
+    factor = OPTIMIZER_STATES[optimizer]
+    for node in nodes:
+        info = node_memory(node)
+        if info.param_bytes:
+            m.params += info.param_bytes
+            if info.trainable:
+                m.grads += info.param_bytes
+                m.optimizer += factor * info.param_bytes
+        m.buffers += info.buffer_bytes
+        m.activations_per_microbatch += info.saved_new
+        roots.update(info.saved_roots)
+    for r in roots - {node_memory(all_nodes[h]).root or h for h in held}:
+        owner = all_nodes.get(r)
+        if owner is not None:
+            m.activations_per_microbatch += node_memory(owner).out_bytes
+    return m
+
+
+def simplify(e):
+    return sympy.simplify(e) if isinstance(e, sympy.Basic) else e

@@ -1,0 +1,242 @@
+"""Pass (analysis): cut the planned graph into pipeline stages by memory.
+
+Reads ``fxpar_memory`` (``estimate_memory``), the schedule options in ``ctx`` (``pp``,
+``schedule``, ``microbatches``, ``virtual``, ``split_points``, ``memory_limit``,
+``optimizer``, ``sizes``). Writes ``fxpar_stage`` on every compute node and ``ctx.pipeline``
+(``fxpar.stages.PipelineSpec``).
+
+The schedule decides how many microbatches of activations each stage holds at its peak (1F1B: p on
+the first stage down to 1 on the last; GPipe: all m); it is run symbolically first, so any schedule
+is accounted for exactly. A stage's peak is then its parameters, gradients and optimizer state,
+plus that many times the activations autograd keeps for one microbatch (values it receives and
+keeps counted there too). The cut minimizes the largest peak: a binary search on the budget, each
+step a greedy pass that gives every stage as many nodes as fit (optimal for costs that only grow
+as a stage grows). Cuts fall between any two compute nodes, not only at module boundaries. Last,
+each cut is moved, within 1% of the best largest peak, to where the fewest bytes cross.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from fxpar import schedule as sched
+from fxpar.errors import PlanError, module_path
+from fxpar.memory import OPTIMIZER_STATES, evaluate, node_memory, stage_memory
+from fxpar.plan_context import PlanContext
+from fxpar.stages import STAGE, PipelineSpec, build_stages, compute_nodes, owner_of, replicable
+
+SLACK = 0.01  # how much above the best largest peak a cut may go to send fewer bytes
+WINDOW = 96  # nodes a cut may move for that
+
+
+class _Costs:
+    """Numbers for every compute node at the sizes being planned for."""
+
+    def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict):
+        self.seq = seq
+        self.index = {n: i for i, n in enumerate(seq)}
+        self.all = {n.name: n for n in gm.graph.nodes}
+        free = replicable(gm)
+        num = lambda e: float(evaluate(e, sizes, names))  # noqa: E731
+        states = 2 + OPTIMIZER_STATES[optimizer]  # the parameter, its gradient, the optimizer's states
+        self.root_bytes = {n.name: num(node_memory(n).out_bytes) for n in gm.graph.nodes}
+        self.value_bytes = {n.name: num(node_memory(n).value_bytes) for n in gm.graph.nodes}
+        self.new, self.roots, self.params, self.inputs = [], [], [], []
+        for node in seq:
+            info = node_memory(node)
+            self.new.append(num(info.saved_new))
+            self.roots.append(set(info.saved_roots))
+            params = {}
+            for i in _reads(node):
+                if i.op == "get_attr":
+                    m = node_memory(i)
+                    params[i.target] = num(m.param_bytes) * (states if m.trainable else 1) + num(m.buffer_bytes)
+            self.params.append(params)
+            self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node)
+                                if i not in free and i.op != "get_attr" and owner_of(i) in self.index})
+        self.crossing = self._crossing(gm, free)
+
+    def _crossing(self, gm, free) -> list[float]:
+        """Bytes that would be sent if a cut fell before compute node ``g``."""
+        n = len(self.seq)
+        diff = [0.0] * (n + 2)
+        for node in gm.graph.nodes:
+            if node not in self.index or node in free:
+                continue
+            p = self.index[node]
+            uses = [self.index.get(owner_of(u), n) if u.op != "output" else n for u in node.users]
+            last = max(uses, default=p)
+            if last > p:
+                diff[p + 1] += self.value_bytes[node.name]
+                diff[last + 1] -= self.value_bytes[node.name]
+        out, acc = [], 0.0
+        for g in range(n + 1):
+            acc += diff[g]
+            out.append(acc)
+        return out
+
+    def cost(self, a: int, b: int, factor: int) -> float:
+        """Peak bytes of a stage running compute nodes ``[a, b)`` with ``factor`` microbatches in flight."""
+        params, roots, held, new = {}, set(), set(), 0.0
+        for i in range(a, b):
+            params.update(self.params[i])
+            roots |= self.roots[i]
+            new += self.new[i]
+            held |= {v for src, v in self.inputs[i] if src < a}
+        held_roots = {node_memory(self.all[v]).root or v for v in held}
+        act = new + sum(self.value_bytes[v] for v in held) + sum(self.root_bytes.get(r, 0.0) for r in roots - held_roots)
+        return sum(params.values()) + factor * act
+
+
+def _reads(node: Node):
+    """Inputs of a node, looking through recomputable nodes to the parameters they read."""
+    seen, stack = [], list(node.all_input_nodes)
+    while stack:
+        i = stack.pop()
+        if i in seen:
+            continue
+        seen.append(i)
+        if i.op in ("call_function", "call_module") and not i.meta.get("fxpar_requires_grad") and not i.meta.get("fxpar_comm"):
+            stack.extend(i.all_input_nodes)
+    return seen
+
+
+def _greedy(c: _Costs, factors: list[int], budget: float) -> list[int] | None:
+    """Cut positions giving every stage as many nodes as fit in ``budget``; None if it cannot."""
+    cuts, a, k, n = [], 0, 0, len(c.seq)
+    b = a
+    while b < n:
+        if c.cost(a, b + 1, factors[k]) <= budget:
+            b += 1
+            continue
+        if b == a or k + 1 >= len(factors):
+            return None
+        cuts.append(b)
+        a, k = b, k + 1
+    return cuts
+
+
+def _bounds(cuts, n):
+    edges = [0, *cuts, n]
+    return list(zip(edges, edges[1:]))
+
+
+def _best_cuts(c: _Costs, factors: list[int]) -> list[int]:
+    n, stages = len(c.seq), len(factors)
+    if stages > n:
+        raise PlanError(f"cannot cut {n} compute nodes into {stages} stages")
+    lo, hi = 0.0, c.cost(0, n, max(factors)) + 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if _greedy(c, factors, mid) is None:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-4 * hi:
+            break
+    cuts = _greedy(c, factors, hi)
+    while len(cuts) < stages - 1:  # fewer stages were enough: split the largest in two
+        spans = _bounds(cuts, n)
+        a, b = max(spans, key=lambda s: s[1] - s[0])
+        cuts = sorted(cuts + [(a + b) // 2])
+    return _fewer_bytes(c, factors, cuts, hi * (1 + SLACK))
+
+
+def _fewer_bytes(c: _Costs, factors, cuts: list[int], budget: float) -> list[int]:
+    """Move each cut, keeping both neighbours within ``budget``, to where the fewest bytes cross."""
+    n = len(c.seq)
+    cuts = list(cuts)
+    for k in range(len(cuts)):
+        left = cuts[k - 1] if k else 0
+        right = cuts[k + 1] if k + 1 < len(cuts) else n
+        best = (c.crossing[cuts[k]], 0, cuts[k])
+        for g in range(max(left + 1, cuts[k] - WINDOW), min(right, cuts[k] + WINDOW + 1)):
+            if c.cost(left, g, factors[k]) <= budget and c.cost(g, right, factors[k + 1]) <= budget:
+                best = min(best, (c.crossing[g], abs(g - cuts[k]), g))
+        cuts[k] = best[2]
+    return cuts
+
+
+def _user_cuts(c: _Costs, points: list[str], stages: int) -> list[int]:
+    cuts = []
+    for name in points:
+        idx = next((i for i, n in enumerate(c.seq) if _in_module(n, name)), None)
+        if idx is None:
+            raise PlanError(f"split point {name!r} names no module of the model; modules look like {module_path(c.seq[len(c.seq) // 2])!r}")
+        cuts.append(idx)
+    if len(cuts) != stages - 1 or sorted(cuts) != cuts or len(set(cuts)) != len(cuts):
+        raise PlanError(f"{stages} stages need {stages - 1} split points in model order, got {points}")
+    return cuts
+
+
+def _in_module(node: Node, name: str) -> bool:
+    path = module_path(node)
+    return path == name or path.startswith(name + ".")
+
+
+def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    v = ctx.virtual if ctx.schedule == "interleaved" else 1
+    n_stages = ctx.mesh.pp * v
+    schedule = sched.make(ctx.schedule, ctx.mesh.pp, ctx.microbatches, v)
+    factors = schedule.in_flight()
+    free = replicable(gm)
+    seq = compute_nodes(gm, free)
+    sizes, names = _sizes(gm, ctx)
+    costs = _Costs(gm, seq, ctx.optimizer, sizes, names)
+    if ctx.split_points:
+        cuts = _user_cuts(costs, list(ctx.split_points), n_stages)
+    elif n_stages == 1:
+        cuts = []
+    else:
+        cuts = _best_cuts(costs, factors)
+    assignment = {}
+    for k, (a, b) in enumerate(_bounds(cuts, len(seq))):
+        for node in seq[a:b]:
+            assignment[node] = k
+            node.meta[STAGE] = k
+    stages = build_stages(gm, assignment, n_stages, schedule.stage_rank)
+    all_nodes = {n.name: n for n in gm.graph.nodes}
+    weights = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+    tied: dict[str, list[int]] = {}
+    for s in stages:
+        nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
+        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs)
+        mem.in_flight = factors[s.index]
+        s.memory = mem
+        for p in s.params:
+            tied.setdefault(p, []).append(s.index)
+    ctx.pipeline = PipelineSpec(
+        stages, ctx.schedule, ctx.microbatches, v, {p: js for p, js in tied.items() if len(js) > 1}, sizes
+    )
+    if ctx.memory_limit is not None:
+        _check_limit(ctx, names)
+    return gm
+
+
+def _sizes(gm: GraphModule, ctx: PlanContext):
+    """Values for the symbolic sizes: the user's, else the example inputs' (export's hints)."""
+    names = dict(ctx.dim_names)
+    sizes = dict(ctx.sizes or {})
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        env = getattr(getattr(v, "fake_mode", None), "shape_env", None)
+        if env is not None:
+            hints = env.backed_var_to_val if hasattr(env, "backed_var_to_val") else env.var_to_val
+            for sym, val in hints.items():
+                key = names.get(str(sym), str(sym))
+                sizes.setdefault(key, int(val))
+            break
+    return sizes, names
+
+
+def _check_limit(ctx: PlanContext, names) -> None:
+    peaks = [(evaluate(s.memory.peak, ctx.pipeline.sizes, names), s) for s in ctx.pipeline.stages]
+    worst, stage = max(peaks, key=lambda x: x[0])
+    if worst > ctx.memory_limit:
+        gib = 1 << 30
+        raise PlanError(
+            f"no cut into {len(peaks)} stages fits {ctx.memory_limit / gib:.2f} GiB per device: stage "
+            f"{stage.index} ({', '.join(stage.modules[:3])}...) needs {worst / gib:.2f} GiB with "
+            f"{stage.memory.in_flight} microbatches in flight. Use more pipeline or tensor-parallel ranks, "
+            "smaller microbatches, or a schedule that keeps fewer in flight (1f1b rather than gpipe)"
+        )
