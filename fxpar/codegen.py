@@ -14,7 +14,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.node import map_aggregate
 
 from .errors import FxparError
-from .metadata import LOCAL
+from .metadata import LOCAL, LocalCall
 
 
 def get_path(obj, target: str):
@@ -81,3 +81,41 @@ def _has_attr(obj, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def stage_graph(gm: GraphModule, spec, n_stages: int) -> Graph:
+    """The graph of one pipeline stage: ``forward(*model_inputs, *received)`` returning the values
+    it sends (``spec.outputs``) and, on the last stage, the model's output leaves. Node names and
+    metadata are the global graph's, so per-rank calls and reports carry over."""
+    from .stages import stage_nodes
+
+    keep = stage_nodes(gm, spec, n_stages)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    graph = Graph()
+    env: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            env[node] = graph.node_copy(node, lambda a: env[a])
+    for name in spec.inputs:
+        src = by_name[name]
+        env[src] = graph.placeholder(name)
+        env[src].meta = dict(src.meta)
+    for node in gm.graph.nodes:
+        if node in env or node.op in ("placeholder", "output"):
+            continue
+        if node in keep or (node.op == "get_attr" and any(u in keep for u in node.users)):
+            env[node] = new = graph.node_copy(node, lambda a: env[a])
+            if LOCAL in node.meta:  # per-rank calls name the nodes of this graph too
+                remap = lambda a: env.get(a, a) if isinstance(a, torch.fx.Node) else a  # noqa: E731
+                new.meta[LOCAL] = {
+                    r: None if c is None else LocalCall(c.target, map_aggregate(c.args, remap), map_aggregate(c.kwargs, remap))
+                    for r, c in node.meta[LOCAL].items()
+                }
+    outs = [env[by_name[name]] for name in spec.outputs]
+    if spec.index == n_stages - 1:
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        leaves = output.args[0]
+        outs += [env[x] if isinstance(x, torch.fx.Node) else x for x in (leaves if isinstance(leaves, (list, tuple)) else [leaves])]
+    graph.output(tuple(outs))
+    graph.lint()
+    return graph

@@ -39,18 +39,23 @@ def populate(
     *,
     seed: int = 0,
     init_fn=None,
+    keep: set[str] | None = None,
+    unused: bool = True,
 ) -> dict[str, str]:
     """Register rank ``rank``'s parameters and buffers in ``root`` under every original name.
 
     Tensors come from ``source`` (sliced) when it holds real values, else from ``init_fn`` or the
-    seeded initialization. Returns ``{graph name: user-facing name}`` for the parameters.
+    seeded initialization. ``keep`` limits it to the tensors the graph reads by those names (a
+    pipeline stage's); ``unused`` also registers the tensors forward never reads. Returns
+    ``{graph name: user-facing name}`` for the parameters.
     """
     roles = param_roles(cap.gm)
     missing, names, done = [], {}, set()
     used = cap.used
-    entries = [(n.target, get_path(cap.gm, n.target)) for n in cap.gm.graph.nodes if n.op == "get_attr"]
-    # what forward never reads still belongs to the model's state: kept whole
-    entries += [(name, t) for name, t in cap.tensors.items()]
+    entries = [(n.target, get_path(cap.gm, n.target)) for n in cap.gm.graph.nodes
+               if n.op == "get_attr" and (keep is None or n.target in keep)]
+    if unused:  # what forward never reads still belongs to the model's state: kept whole
+        entries += [(name, t) for name, t in cap.tensors.items() if cap.graph_name(name) not in used]
     for target, meta_obj in entries:
         if not isinstance(meta_obj, torch.Tensor) or target in done:
             continue

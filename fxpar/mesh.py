@@ -65,6 +65,13 @@ class Mesh:
             rank //= extent
         return {n: coord[n] for n in DIM_ORDER}
 
+    def rank_of(self, **coord) -> int:
+        """The global rank at a coordinate (missing dimensions are 0): ``rank_of(pp=1, tp=0)``."""
+        r = 0
+        for name, extent in zip(DIM_ORDER, self.shape):
+            r = r * extent + coord.get(name, 0)
+        return r
+
     def __repr__(self) -> str:
         return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER) + ")"
 

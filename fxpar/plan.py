@@ -13,23 +13,36 @@ import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 from torch.fx import _pytree as fx_pytree
+from torch.utils import _pytree as pytree
 
 from . import report
 from .capture import Captured, capture
 from .codegen import build_module, copy_graph, get_path, rank_graph
-from .errors import DivergenceError, describe_node
+from .errors import DivergenceError, FxparError, describe_node
 from .holder import populate, retarget_submodules
 from .mesh import Mesh, as_mesh
 from .metadata import ORIGIN, PLACEMENT
 from .pipeline import debug_level, run_pipeline
 from .placement import REPLICATE, Shard
 from .plan_context import PlanContext
-from .simulate import Recorder, assemble, rank_contexts, run_ranks
+from .runtime.p2p import ThreadP2P
+from .runtime.pipeline import join_microbatches, split_microbatches
+from .runtime.rank import RankProgram
+from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 
 
-def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron") -> tuple[GraphModule, PlanContext]:
+# options of the pipeline passes, settable through compile/parallelize
+PLAN_OPTIONS = ("schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "sizes", "device_type")
+
+
+def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron", **options) -> tuple[GraphModule, PlanContext]:
     """Run the pass pipeline on a copy of the captured graph."""
-    ctx = PlanContext(mesh=mesh, overrides=dict(overrides or {}), rng=rng)
+    unknown = set(options) - set(PLAN_OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; options are {PLAN_OPTIONS}")
+    if "split_points" in options:
+        options["split_points"] = tuple(options["split_points"] or ())
+    ctx = PlanContext(mesh=mesh, overrides=dict(overrides or {}), rng=rng, dim_names=dict(cap.dim_names), **options)
     gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
     gm = run_pipeline(gm, ctx)
     return gm, ctx
@@ -46,73 +59,130 @@ class Plan:
         self.ctx = ctx
         self.seed = seed
         self.init_fn = init_fn
-        self._ranks: dict[int, GraphModule] = {}
+        self._programs: dict[int, RankProgram] = {}
         self._holders: dict[int, nn.Module] = {}
-        self._names: dict[str, str] = {}
+        self._contexts_p2p = None
         self._submods = retarget_submodules(cap.gm, torch.device("cpu"))
 
     @property
     def tp(self) -> int:
         return self.mesh.tp
 
+    @property
+    def pipelined(self) -> bool:
+        """Whether training goes through the schedule runner (stages, microbatches, replicas)."""
+        return self.mesh.pp > 1 or self.mesh.dp > 1 or self.ctx.microbatches > 1
+
     # per-rank programs ----------------------------------------------------------------------
-    def rank_module(self, rank: int) -> GraphModule:
-        """Rank ``rank``'s ``GraphModule`` on the CPU with its shards (built once, then reused)."""
-        if not 0 <= rank < self.tp:
-            raise IndexError(f"rank {rank} is outside tp={self.tp}")
-        if rank not in self._ranks:
+    def program(self, rank: int) -> RankProgram:
+        """Everything global rank ``rank`` runs, on the CPU with its own shards (built once)."""
+        if not 0 <= rank < self.mesh.size:
+            raise IndexError(f"rank {rank} is outside {self.mesh}")
+        if rank not in self._programs:
             holder = nn.Module()
-            self._names = populate(
-                holder, self.captured, self.ctx.param_placements, rank, self.model, "cpu", seed=self.seed, init_fn=self.init_fn
+            self._programs[rank] = RankProgram(
+                holder, self.captured, self.graph_module, self.ctx, self.mesh, rank, torch.device("cpu"),
+                self._p2p().endpoint(rank), source=self.model, seed=self.seed, init_fn=self.init_fn,
             )
-            graph = rank_graph(self.graph_module, rank, torch.device("cpu"))
             self._holders[rank] = holder
-            self._ranks[rank] = build_module(holder, graph, self.captured.gm, f"Rank{rank}", self._submods)
-        return self._ranks[rank]
+        return self._programs[rank]
+
+    def rank_module(self, rank: int) -> GraphModule:
+        """Rank ``rank``'s whole-model ``GraphModule`` (one pipeline stage), holding its shards."""
+        prog = self.program(rank)
+        if prog.full is None:
+            raise FxparError(f"{self.mesh} cuts the model into stages: use stage_module(stage, rank)")
+        return prog.full
+
+    def stage_module(self, stage: int, rank: int | None = None) -> GraphModule:
+        """The program of pipeline ``stage`` on the global ``rank`` holding it (default: tp rank 0, dp 0)."""
+        if rank is None:
+            rank = self.mesh.rank_of(pp=self.ctx.pipeline.stages[stage].rank)
+        return self.program(rank).stages[stage]
 
     def rank_code(self, rank: int) -> str:
-        return self.rank_module(rank).code
+        prog = self.program(rank)
+        mods = [prog.full] if prog.full is not None else list(prog.stages.values())
+        return "\n".join(m.code for m in mods)
 
     def param_names(self) -> dict[str, str]:
         """Graph attribute name -> user-facing parameter name (as ``model.named_parameters()``)."""
-        self.rank_module(0)
-        return dict(self._names)
+        names = {}
+        for r in range(self.mesh.size):
+            names.update(self.program(r).names)
+        return names
 
     # running every rank here ----------------------------------------------------------------
     def simulate(self, *args, **kwargs):
         """Run all ranks in this process; return the output (the same structure as the model's)."""
-        mods = [self.rank_module(r) for r in range(self.tp)]
-        outs = run_ranks(lambda r: mods[r](*args, **kwargs), self._contexts())
-        return outs[0]
+        progs = [self.program(r) for r in range(self.mesh.size)]
+        if self.mesh.pp == 1 and self.mesh.dp == 1:
+            outs = run_ranks(lambda r: progs[r].full(*args, **kwargs), self._contexts(), self._p2p())
+            return outs[0]
+        flat = list(fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec))
+        m = self.ctx.microbatches
+        outs = run_ranks(lambda r: progs[r].runner.forward(split_microbatches(_replica(flat, self.mesh, r), m)),
+                         self._contexts(), self._p2p())
+        last = self.ctx.pipeline.stages[-1].rank
+        # each replica's microbatches, in batch order
+        return join_microbatches([o for d in range(self.mesh.dp) for o in outs[self.mesh.rank_of(dp=d, pp=last)]])
 
-    def simulate_train(self, loss_fn, *args, **kwargs):
-        """Forward, ``loss_fn(output)`` and backward on all ranks.
+    def simulate_train(self, loss_fn, *args, target=None, **kwargs):
+        """Forward, ``loss_fn(output)`` (or ``loss_fn(output, target)``) and backward on all ranks,
+        through the pipeline schedule when there is one.
 
-        Returns ``(loss, grads)``: the loss and the full gradient of every parameter, re-assembled
-        from the ranks' shards, keyed by the original parameter names. Gradients accumulate in the
-        rank modules' ``.grad`` as in eager PyTorch; an optimizer can step on
-        ``rank_module(r).parameters()``.
+        Returns ``(loss, grads)``: the (mean over microbatches) loss and the full gradient of every
+        parameter, re-assembled from the ranks' shards and stages, keyed by the original parameter
+        names. Gradients accumulate in the ranks' ``.grad`` as in eager PyTorch; an optimizer can
+        step on ``program(r).params`` (or ``rank_module(r).parameters()``).
         """
-        mods = [self.rank_module(r) for r in range(self.tp)]
+        progs = [self.program(r) for r in range(self.mesh.size)]
+        if not self.pipelined:
+            def step(r):
+                out = progs[r].full(*args, **kwargs)
+                loss = loss_fn(out) if target is None else loss_fn(out, target)
+                loss.backward()
+                return loss.detach()
+        else:
+            flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
+            m = self.ctx.microbatches
+            chunks = [_replica(list(flat), self.mesh, r) for r in range(self.mesh.size)]
+            targets = [None if target is None else split_microbatches([_replica([target], self.mesh, r)[0]], m) for r in range(self.mesh.size)]
 
-        def step(r):
-            loss = loss_fn(mods[r](*args, **kwargs))
-            loss.backward()
-            return loss.detach()
-
-        losses = run_ranks(step, self._contexts())
+            def step(r):
+                mbs = split_microbatches(chunks[r], m)
+                tg = None if targets[r] is None else [t[0] for t in targets[r]]
+                return progs[r].runner.train_step(mbs, tg, loss_fn, progs[r].params)
+        losses = run_ranks(step, self._contexts(), self._p2p())
         return losses[0], self.full_grads()
 
+    def optimizer_params(self) -> list[list]:
+        """Per global rank, the parameters an optimizer of that rank steps."""
+        return [list(self.program(r).params.values()) if self.pipelined else list(self.rank_module(r).parameters())
+                for r in range(self.mesh.size)]
+
+    def _p2p(self):
+        if self._contexts_p2p is None:
+            self._contexts_p2p = ThreadP2P()
+        return self._contexts_p2p
+
     def _contexts(self):
-        return rank_contexts(self.tp, self.seed, self.ctx.rng == "exact")
+        contexts, _ = mesh_contexts(self.mesh, self.seed, self.ctx.rng == "exact")
+        return contexts
+
+    def _holders_of(self, target: str) -> list[int]:
+        """Global ranks (of dp replica 0) holding ``target``: the tp ranks of its first stage."""
+        for r in range(self.mesh.size):
+            self.program(r)
+        stage_rank = min(s.rank for s in self.ctx.pipeline.stages if target in s.params) if any(
+            target in s.params for s in self.ctx.pipeline.stages) else 0
+        return [self.mesh.rank_of(pp=stage_rank, tp=t) for t in range(self.tp)]
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Every parameter's gradient, re-assembled from the ranks, by original name."""
-        for r in range(self.tp):
-            self.rank_module(r)
         grads = {}
         for target, name in self.param_names().items():
-            parts = [get_path(self._holders[r], target).grad for r in range(self.tp)]
+            parts = [get_path(self._holders[r], target).grad for r in self._holders_of(target)]
             if any(p is None for p in parts):
                 continue
             grads[name] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE))
@@ -120,13 +190,17 @@ class Plan:
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter and buffer, re-assembled, under every original name."""
-        for r in range(self.tp):
-            self.rank_module(r)
+        for r in range(self.mesh.size):
+            self.program(r)
         out = {}
-        for key in self._holders[0].state_dict():
-            parts = [self._holders[r].state_dict()[key] for r in range(self.tp)]
-            place = self.ctx.param_placements.get(self.captured.graph_name(key), REPLICATE)
-            out[key] = assemble(parts, place).clone()
+        for r in range(self.mesh.size):
+            for key in self._holders[r].state_dict():
+                if key in out:
+                    continue
+                target = self.captured.graph_name(key)
+                ranks = self._holders_of(target)
+                parts = [self._holders[h].state_dict()[key] for h in ranks]
+                out[key] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE)).clone()
         return out
 
     # checking against the single-device model ------------------------------------------------
@@ -135,6 +209,8 @@ class Plan:
         node whose re-assembled value differs (in graph order), and, with ``loss_fn(output) ->
         scalar``, the first node whose gradient differs (in the order backward reaches them).
         Returns the number of values compared."""
+        if self.mesh.pp > 1 or self.mesh.dp > 1:
+            raise FxparError("check compares tensor-parallel plans node by node; for pipelines compare simulate_train's loss and gradients")
         flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
         grads = loss_fn is not None
         rng_state = torch.default_generator.get_state()
@@ -233,8 +309,16 @@ def compile(
     rng: str = "megatron",
     seed: int = 0,
     init_fn=None,
+    **options,
 ) -> Plan:
     """Plan ``model`` for ``mesh`` with no process group.
+
+    ``options`` shape the pipeline: ``schedule`` (``"1f1b"``, ``"gpipe"``, ``"interleaved"``),
+    ``microbatches``, ``virtual`` (stages per rank when interleaved), ``split_points`` (module
+    names to cut before, instead of cutting by memory), ``memory_limit`` (bytes per device),
+    ``optimizer`` (whose states the memory estimate counts) and ``sizes`` (values of symbolic
+    sizes to plan for). The example inputs are a whole batch: the graph is captured for one
+    microbatch of one data-parallel replica.
 
     >>> from models import gpt
     >>> model, (idx,) = gpt.build()
@@ -245,14 +329,39 @@ def compile(
     mesh = as_mesh(mesh)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
-    cap = capture(model, example_args, example_kwargs, dynamic_shapes=dynamic_shapes)
-    gm, ctx = plan_graph(cap, mesh, overrides=overrides, rng=rng)
+    mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, mesh.dp * options.get("microbatches", 1))
+    cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes)
+    gm, ctx = plan_graph(cap, mesh, overrides=overrides, rng=rng, **options)
     plan = Plan(model, mesh, cap, gm, ctx, seed=seed, init_fn=init_fn)
     if debug_level() >= 3:
         import sys
 
-        for r in range(mesh.tp):
+        for r in range(mesh.size):
             print(f"[fxpar] rank {r} code:\n{plan.rank_code(r)}", file=sys.stderr)
     return plan
 
 
+def first_microbatch(args, kwargs, parts: int):
+    """The first of ``parts`` equal pieces (along dim 0) of every tensor in the inputs."""
+    if parts == 1:
+        return args, kwargs
+    flat, spec = pytree.tree_flatten((args, dict(kwargs or {})))
+    return pytree.tree_unflatten(split_microbatches(flat, parts)[0], spec)
+
+
+
+
+def _replica(flat: list, mesh: Mesh, rank: int) -> list:
+    """The part of a global batch data-parallel replica ``dp`` of ``rank`` trains on."""
+    dp = mesh.coordinate(rank)["dp"]
+    if mesh.dp == 1:
+        return flat
+    out = []
+    for x in flat:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            if x.shape[0] % mesh.dp:
+                raise FxparError(f"a batch of {x.shape[0]} does not split over dp={mesh.dp} replicas")
+            out.append(x.chunk(mesh.dp, 0)[dp])
+        else:
+            out.append(x)
+    return out

@@ -11,29 +11,44 @@ from torch.fx import GraphModule, Interpreter
 from torch.utils import _pytree as pytree
 
 from .errors import FxparError
+from .mesh import Mesh
 from .placement import PARTIAL, Shard
 from .runtime.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
+from .runtime.p2p import ThreadP2P
 from .runtime.context import RankContext, RNGStreams, running
 
 SHARDED_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel RNG stream
 
 
 def rank_contexts(world: int, seed: int, exact: bool, timeout: float = 120.0) -> list[RankContext]:
-    """One context per simulated rank: a shared meeting point and per-rank random streams whose
-    replicated stream starts from torch's default generator (as the single-device run would)."""
-    shared = ThreadWorld(world, timeout)
+    """Contexts for ``world`` simulated tensor-parallel ranks (see ``mesh_contexts``)."""
+    return mesh_contexts(Mesh(tp=world), seed, exact, timeout)[0]
+
+
+def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple[list[RankContext], ThreadP2P]:
+    """A context for every rank of ``mesh`` (communicators for its tp, pp and dp groups) and the
+    mailboxes pipeline stages send through. Every rank's replicated random stream starts from
+    torch's default generator, as the single-device run would."""
+    worlds: dict = {}
     state = torch.default_generator.get_state()
-    out = []
-    for r in range(world):
+    contexts = []
+    for r in range(mesh.size):
+        coord = mesh.coordinate(r)
+        comms = {}
+        for dim in ("tp", "pp", "dp"):
+            key = (dim,) + tuple(v for k, v in coord.items() if k != dim)
+            if key not in worlds:
+                worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)
+            comms[dim] = ThreadComm(worlds[key], coord[dim])
         rep = torch.Generator()
         rep.set_state(state)
-        shard_gen = torch.Generator().manual_seed(seed + SHARDED_SEED_OFFSET + r)
-        out.append(RankContext(rank=r, comms={"tp": ThreadComm(shared, r)}, rng=RNGStreams(rep, shard_gen, exact)))
-    return out
+        shard_gen = torch.Generator().manual_seed(seed + SHARDED_SEED_OFFSET + coord["tp"])
+        contexts.append(RankContext(rank=coord["tp"], comms=comms, rng=RNGStreams(rep, shard_gen, exact)))
+    return contexts, ThreadP2P(timeout)
 
 
-def run_ranks(fn, contexts: list[RankContext]) -> list:
+def run_ranks(fn, contexts: list[RankContext], p2p: "ThreadP2P | None" = None) -> list:
     """``fn(rank)`` on one thread per rank, each inside its context; re-raises the first failure."""
     world = len(contexts)
     results: list = [None] * world
@@ -45,7 +60,10 @@ def run_ranks(fn, contexts: list[RankContext]) -> list:
                 results[r] = fn(r)
         except BaseException as e:  # noqa: BLE001 - reported after all threads stop
             errors[r] = e
-            contexts[r].comm("tp").shared.abort()
+            for comm in contexts[r].comms.values():
+                comm.shared.abort()
+            if p2p is not None:
+                p2p.abort()
 
     threads = [threading.Thread(target=body, args=(r,), name=f"fxpar-rank{r}") for r in range(world)]
     for t in threads:

@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 
 from .memory import StageMemory
 from .metadata import COMM, REQUIRES_GRAD
+from .rules.base import is_tensor_node
 from .runtime.ops import dropout
 
 STAGE = "fxpar_stage"
@@ -116,7 +117,7 @@ def build_stages(gm: GraphModule, assignment: dict[Node, int], n_stages: int, st
             if dst is None:  # used by a recomputed node: the reader of that decides
                 continue
             if node.op == "get_attr":
-                if node.target not in stages[dst].params:
+                if is_tensor_node(node) and node.target not in stages[dst].params:
                     stages[dst].params.append(node.target)
                 continue
             if node in free:
@@ -137,7 +138,7 @@ def build_stages(gm: GraphModule, assignment: dict[Node, int], n_stages: int, st
     for j, s in enumerate(stages):
         needed = _free_closure(gm, s, assignment, free, j, last)
         for n in needed:
-            if n.op == "get_attr" and n.target not in s.params:
+            if n.op == "get_attr" and is_tensor_node(n) and n.target not in s.params:
                 s.params.append(n.target)
     return stages
 

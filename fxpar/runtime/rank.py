@@ -1,0 +1,81 @@
+"""Everything one rank runs for a plan: its parameters, its programs and its schedule runner.
+
+Shared by ``ParallelModule`` (one process, one rank) and ``Plan`` (every rank in one process).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.fx import GraphModule
+
+from .. import schedule as sched
+from ..capture import Captured
+from ..codegen import build_module, get_path, rank_graph, stage_graph
+from ..holder import populate, retarget_submodules
+from ..mesh import Mesh
+from ..metadata import PLACEMENT, REQUIRES_GRAD
+from ..placement import REPLICATE
+from ..plan_context import PlanContext
+from ..shards import local_shape
+from .pipeline import PipelineRunner, Value
+
+
+class RankProgram:
+    """Rank ``rank`` of ``mesh`` for a planned graph. Parameters go into ``root`` under their
+    original names; ``full`` is the whole model's program when there is one pipeline stage (it
+    supports ``loss.backward()`` by the caller); ``runner`` runs this rank's stages under the
+    schedule (``train_step``, pipelined inference)."""
+
+    def __init__(self, root: nn.Module, cap: Captured, gm: GraphModule, ctx: PlanContext, mesh: Mesh, rank: int,
+                 device, p2p, *, source=None, seed: int = 0, init_fn=None):
+        coord = mesh.coordinate(rank)
+        self.dp, self.pp, self.tp = coord["dp"], coord["pp"], coord["tp"]
+        spec = ctx.pipeline
+        mine = [s for s in spec.stages if s.rank == self.pp]
+        keep = {p for s in mine for p in s.params}
+        self.names = populate(root, cap, ctx.param_placements, self.tp, source, device,
+                              seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0)
+        self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
+        bodies = retarget_submodules(cap.gm, device)
+        self.full = None
+        if mesh.pp == 1:
+            self.full = build_module(root, rank_graph(gm, self.tp, device), cap.gm, f"Rank{rank}", bodies)
+        n = len(spec.stages)
+        self.stages = {}
+        for s in mine:
+            graph = stage_graph(gm, s, n)
+            self.stages[s.index] = build_module(
+                root, rank_graph(GraphModule(gm, graph), self.tp, device), cap.gm, f"Stage{s.index}Rank{rank}", bodies
+            )
+        schedule = sched.lower(sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual), spec.links())
+        sched.check(schedule)
+        self.schedule = schedule
+        peer = lambda stage: mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], tp=self.tp)  # noqa: E731
+        self.runner = PipelineRunner(
+            spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
+            _tied_shapes(gm, ctx, spec),
+        )
+
+
+def _values(gm: GraphModule, spec) -> dict[str, Value]:
+    by_name = {n.name: n for n in gm.graph.nodes}
+    out = {}
+    for s in spec.stages:
+        for name in s.outputs:
+            node = by_name[name]
+            val = node.meta["val"]
+            grad = bool(node.meta.get(REQUIRES_GRAD)) and (val.is_floating_point() or val.is_complex())
+            out[name] = Value(tuple(local_shape(val.shape, node.meta.get(PLACEMENT) or REPLICATE)), val.dtype, grad)
+    return out
+
+
+def _tied_shapes(gm: GraphModule, ctx: PlanContext, spec) -> dict:
+    out = {}
+    for name in spec.tied:
+        obj = get_path(gm, name)
+        out[name] = (tuple(local_shape(obj.shape, ctx.param_placements.get(name, REPLICATE))), obj.dtype)
+    return out
+
+
+
