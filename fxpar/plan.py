@@ -32,7 +32,9 @@ from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 
 
 # options of the pipeline passes, settable through compile/parallelize
-PLAN_OPTIONS = ("schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "sizes", "device_type")
+PLAN_OPTIONS = (
+    "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "sizes", "device_type", "param_stages",
+)
 
 
 def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron", **options) -> tuple[GraphModule, PlanContext]:

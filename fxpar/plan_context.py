@@ -40,6 +40,7 @@ class PlanContext:
     memory_limit: float | None = None
     sizes: dict = field(default_factory=dict)
     dim_names: dict = field(default_factory=dict)
+    param_stages: dict = field(default_factory=dict)  # keep parameters in these stages (recapture)
     # written by passes
     decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement

@@ -169,6 +169,25 @@ def _user_cuts(c: _Costs, points: list[str], stages: int) -> list[int]:
     return cuts
 
 
+def _cuts_keeping_params(c: _Costs, param_stages: dict[str, int], stages: int) -> list[int]:
+    """Cuts that keep every parameter in the stage it was placed in before (another input
+    signature of the same module), each moved to where the fewest bytes cross."""
+    where: list[int | None] = []
+    for i, params in enumerate(c.params):
+        found = {param_stages[p] for p in params if p in param_stages}
+        if len(found) > 1:
+            raise PlanError(f"{c.seq[i].name} reads parameters of stages {sorted(found)}: the stages cannot be kept")
+        where.append(found.pop() if found else None)
+    cuts = []
+    for k in range(stages - 1):
+        lo = max([i + 1 for i, w in enumerate(where) if w is not None and w <= k] + [cuts[-1] + 1 if cuts else 1])
+        hi = min([i for i, w in enumerate(where) if w is not None and w > k] + [len(where) - 1])
+        if lo > hi:
+            raise PlanError("this input signature orders the model's operations differently: its pipeline stages cannot hold the same parameters")
+        cuts.append(min(range(lo, hi + 1), key=lambda g: (c.crossing[g], g)))
+    return cuts
+
+
 def _in_module(node: Node, name: str) -> bool:
     path = module_path(node)
     return path == name or path.startswith(name + ".")
@@ -183,7 +202,9 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
     costs = _Costs(gm, seq, ctx.optimizer, sizes, names)
-    if ctx.split_points:
+    if ctx.param_stages:
+        cuts = _cuts_keeping_params(costs, ctx.param_stages, n_stages)
+    elif ctx.split_points:
         cuts = _user_cuts(costs, list(ctx.split_points), n_stages)
     elif n_stages == 1:
         cuts = []

@@ -1,9 +1,9 @@
 """``ParallelModule``: what ``fxpar.parallelize`` returns on each rank.
 
-It holds only this rank's shards, registered under the model's original names, and runs the
-rank's generated program. Programs are made per input signature (shapes that are not dynamic,
-dtypes, train/eval mode), like ``torch.compile`` recompiles; all of them share the same
-parameters, and a new signature must place parameters the same way.
+It holds only this rank's shards (of its pipeline stages), registered under the model's original
+names, and runs the rank's generated programs. Programs are made per input signature (shapes that
+are not dynamic, dtypes, train/eval mode), like ``torch.compile`` recompiles; all of them share
+the same parameters, and a new signature must place parameters the same way.
 """
 
 from __future__ import annotations
@@ -15,19 +15,23 @@ import warnings
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from ..capture import capture, meta_skeleton
-from ..codegen import build_module, get_path, rank_graph
-from ..errors import FxparError, MeshError
-from ..holder import populate, retarget_submodules
-from ..mesh import DEFAULT_TIMEOUT, Mesh, as_mesh
+from ..codegen import get_path
+from ..errors import FxparError
+from ..mesh import DEFAULT_TIMEOUT, DIM_ORDER, Mesh, as_mesh
 from ..placement import REPLICATE, Shard
-from ..plan import plan_graph
+from ..plan import first_microbatch, plan_graph
+from ..shards import local_shape
 from ..simulate import SHARDED_SEED_OFFSET
 from .collectives import _assemble
 from .comm import DistComm, LocalComm
 from .context import RankContext, RNGStreams, running
+from .p2p import DistP2P
+from .pipeline import join_microbatches, split_microbatches
+from .rank import RankProgram
 
 
 class ParallelModule(nn.Module):
@@ -35,6 +39,11 @@ class ParallelModule(nn.Module):
 
     ``parameters()`` are the local shards (hand them to any optimizer), ``state_dict()`` is local
     under the original names, ``full_state_dict()`` gathers every full tensor on every rank.
+
+    With tensor parallelism only, ``pm(*args)`` runs the model and ``loss.backward()`` works as
+    usual. With pipeline stages or data-parallel replicas, train with ``pm.train_step(*args,
+    target=y)`` (forward, loss and backward over all microbatches under the schedule, gradients
+    synchronized; returns the mean loss on every rank) and use ``pm(*args)`` for inference.
     Without example inputs, the model is captured at the first call; create the optimizer after
     that call (``parameters()`` raises before it).
     """
@@ -46,6 +55,7 @@ class ParallelModule(nn.Module):
         example_args=None,
         example_kwargs=None,
         *,
+        loss_fn=None,
         dynamic_shapes=None,
         overrides=None,
         rng: str = "megatron",
@@ -53,27 +63,42 @@ class ParallelModule(nn.Module):
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
         seed: int = 0,
         init_fn=None,
+        **options,
     ):
         super().__init__()
         plain = as_mesh(mesh)
-        if plain.pp > 1 or plain.dp > 1:
-            raise MeshError(f"{plain}: fxpar.parallelize runs tensor parallelism; use dp=1 and pp=1 for now")
         device = torch.device(device) if device is not None else _default_device()
         device_mesh = plain.bind(device.type, timeout) if isinstance(mesh, Mesh) else mesh
-        tp_group = device_mesh.get_group("tp")
-        comm = DistComm(tp_group, timeout) if plain.tp > 1 else LocalComm()
+        names = tuple(device_mesh.mesh_dim_names)
+        comms = {}
+        for dim in DIM_ORDER:
+            size = getattr(plain, dim)
+            comms[dim] = DistComm(device_mesh.get_group(dim), timeout, dim) if size > 1 else LocalComm()
+        coord = dict(zip(names, device_mesh.get_coordinate()))
+        rank = plain.rank_of(**coord)
+
+        def to_global(r: int) -> int:  # a position on the mesh -> its rank in the world
+            c = plain.coordinate(r)
+            return int(device_mesh.mesh[tuple(c[n] for n in names)])
+
         # Megatron's tensor-parallel stream: the user's seed, offset per tp rank
-        sharded = torch.Generator(device=device).manual_seed(torch.initial_seed() + SHARDED_SEED_OFFSET + comm.rank)
+        sharded = torch.Generator(device=device).manual_seed(torch.initial_seed() + SHARDED_SEED_OFFSET + comms["tp"].rank)
         self.training = model.training
         # plain attributes, not submodules: they must not show in parameters() or state_dict()
         self.__dict__.update(
             _mesh=plain,
+            _device_mesh=device_mesh,
+            _rank=rank,
+            _to_global=to_global,
             _device=device,
-            _comm=comm,
-            _ctx=RankContext(rank=comm.rank, comms={"tp": comm}, rng=RNGStreams(None, sharded, rng == "exact")),
+            _comms=comms,
+            _ctx=RankContext(rank=comms["tp"].rank, comms=comms, rng=RNGStreams(None, sharded, rng == "exact")),
+            _p2p=DistP2P(timeout),
             _skeleton=meta_skeleton(model),
             _source=model,
-            _options=dict(dynamic_shapes=dynamic_shapes, overrides=overrides, rng=rng),
+            _loss_fn=loss_fn,
+            _options=dict(dynamic_shapes=dynamic_shapes, overrides=overrides, rng=rng, **options),
+            _microbatches=options.get("microbatches", 1),
             _seed=seed,
             _init_fn=init_fn,
             _programs={},
@@ -81,15 +106,70 @@ class ParallelModule(nn.Module):
             _placements=None,
             _captured=None,
             _dynamic=None,
+            _held=None,
         )
         if example_args is not None or example_kwargs:
             self._program(_as_tuple(example_args), dict(example_kwargs or {}))
+
+    @property
+    def _comm(self):
+        return self._comms["tp"]
 
     # running -----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         prog = self._program(args, kwargs)
         with running(self._ctx):
-            return prog(*args, **kwargs)
+            if prog.full is not None and (self._mesh.dp == 1 or not _training(self)):
+                if self._microbatches == 1:
+                    return prog.full(*args, **kwargs)
+                # captured for one microbatch: run the batch as microbatches
+                flat, spec = pytree.tree_flatten((args, kwargs))
+                parts = [pytree.tree_unflatten(mb, spec) for mb in split_microbatches(flat, self._microbatches)]
+                return join_microbatches([prog.full(*a, **k) for a, k in parts])
+            if _training(self):
+                raise FxparError(
+                    f"with {self._mesh} train with pm.train_step(*args, target=...): it runs the pipeline "
+                    "schedule and synchronizes gradients; pm(...) is for inference (use torch.no_grad() or pm.eval())"
+                )
+            mbs = split_microbatches(self._flat(args, kwargs), self._microbatches)
+            return self._everywhere(prog, mbs)
+
+    def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """Forward, loss and backward of one batch (this data-parallel replica's part) over all
+        microbatches under the pipeline schedule; gradients of tied parameters are summed over the
+        stages holding them and averaged over replicas. Returns the mean loss, on every rank; then
+        step the optimizer on ``pm.parameters()``. ``loss_fn(output, target)`` (or
+        ``loss_fn(output)`` without a target) is the one given to ``fxpar.parallelize``."""
+        if self._loss_fn is None:
+            raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
+        prog = self._program(args, kwargs)
+        m = self._microbatches
+        mbs = split_microbatches(self._flat(args, kwargs), m)
+        targets = None if target is None else [t[0] for t in split_microbatches([target], m)]
+        with running(self._ctx):
+            return prog.runner.train_step(mbs, targets, self._loss_fn, prog.params)
+
+    def _flat(self, args, kwargs) -> list:
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), self._captured.gm._in_spec))
+
+    def _everywhere(self, prog, mbs):
+        """Pipelined inference, the output given to every rank of the pipeline."""
+        outs = prog.runner.forward(mbs)
+        comm = self._comms["pp"]
+        last = prog.schedule.stage_rank[-1] == self._mesh.coordinate(self._rank)["pp"]
+        leaves_spec = self._output_leaves
+        results = []
+        for i in range(len(mbs)):
+            leaves = pytree.tree_leaves(outs[i]) if last else [torch.zeros(s, dtype=d, device=self._device) for s, d in leaves_spec]
+            shared = [comm.all_reduce(t) if comm.world > 1 else t for t in leaves]
+            results.append(pytree.tree_unflatten(shared, self._captured.gm._out_spec))
+        return join_microbatches(results)
+
+    @property
+    def _output_leaves(self):
+        out = next(n for n in self._captured.gm.graph.nodes if n.op == "output")
+        leaves = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
+        return [(tuple(x.meta["val"].shape), x.meta["val"].dtype) for x in leaves]
 
     def _program(self, args, kwargs):
         prog = self._programs.get(self._key(args, kwargs))
@@ -112,30 +192,50 @@ class ParallelModule(nn.Module):
                 parts.append(x)
         return (self.training, str(spec), tuple(parts))
 
-    def _build(self, args, kwargs):
+    def _build(self, args, kwargs) -> RankProgram:
         self._skeleton.train(self.training)
-        cap = capture(self._skeleton, args, kwargs, dynamic_shapes=self._options["dynamic_shapes"])
-        gm, ctx = plan_graph(cap, self._mesh, overrides=self._options["overrides"], rng=self._options["rng"])
-        if self._placements is None:
+        options = dict(self._options)
+        mb_args, mb_kwargs = first_microbatch(args, kwargs, self._microbatches)
+        cap = capture(self._skeleton, mb_args, mb_kwargs, dynamic_shapes=options.pop("dynamic_shapes"))
+        first = self._placements is None
+        if not first and self._mesh.pp > 1:  # the parameters stay in the stages they are in
+            spec = self._plans[0][1].pipeline
+            options["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
+        gm, ctx = plan_graph(cap, self._mesh, device_type=self._device.type, **options)
+        if first:
             self._check_same_model(cap)
-            populate(self, cap, ctx.param_placements, self._comm.rank, self._source, self._device, seed=self._seed, init_fn=self._init_fn)
-            self.__dict__.update(_placements=dict(ctx.param_placements), _captured=cap, _source=None, _dynamic=_dynamic_dims(cap))
-            self._check_rng(gm)
-        elif any(ctx.param_placements.get(k, REPLICATE) != v for k, v in self._placements.items()):
-            raise FxparError(
-                "these inputs lead to a different placement of the parameters than the first call; "
-                "parallelize a separate module for them"
-            )
+        else:
+            held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params}
+            if held != self._held or any(ctx.param_placements.get(k, REPLICATE) != v for k, v in self._placements.items()):
+                raise FxparError(
+                    "these inputs lead to a different placement of the parameters than the first call; "
+                    "parallelize a separate module for them"
+                )
         for w in ctx.warnings:
             warnings.warn(f"fxpar: {w}", stacklevel=3)
-        graph = rank_graph(gm, self._comm.rank, self._device)
-        prog = build_module(self, graph, cap.gm, f"Rank{self._comm.rank}", retarget_submodules(cap.gm, self._device))
+        prog = RankProgram(
+            self, cap, gm, ctx, self._mesh, self._rank, self._device, self._p2p,
+            source=self._source, seed=self._seed, init_fn=self._init_fn, populate=first, to_global=self._to_global,
+        )
+        if first:
+            self.__dict__.update(
+                _placements=dict(ctx.param_placements),
+                _captured=cap,
+                _source=None,
+                _dynamic=_dynamic_dims(cap),
+                _held={p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params},
+            )
+            self._check_rng(gm)
         self._plans.append((gm, ctx))
         return prog
 
+    @property
+    def _pp_rank(self) -> int:
+        return self._mesh.coordinate(self._rank)["pp"]
+
     def _check_same_model(self, cap) -> None:
-        """Each rank slices its own copy of the model: the copies must be the same model."""
-        if self._comm.world == 1 or self._source is None:
+        """Each rank builds its shards from its own copy of the model: they must be one model."""
+        if self._mesh.size == 1 or self._source is None:
             return
         sums = []
         for name in cap.tensors:
@@ -145,13 +245,17 @@ class ParallelModule(nn.Module):
         if not sums:
             return
         mine = torch.stack(sums).to(self._device)
-        theirs = self._comm.all_gather(mine)
-        if any(not torch.equal(t, mine) for t in theirs):
-            bad = next(i for i in range(len(sums)) if any(t[i] != mine[i] for t in theirs))
-            raise FxparError(
-                f"tensor-parallel ranks hold different values for '{list(cap.tensors)[bad]}' (and maybe more): "
-                "build the model with the same seed on every rank (torch.manual_seed) or load the same weights"
-            )
+        for dim in DIM_ORDER:
+            comm = self._comms[dim]
+            if comm.world == 1:
+                continue
+            theirs = comm.all_gather(mine)
+            if any(not torch.equal(t, mine) for t in theirs):
+                bad = next(i for i in range(len(sums)) if any(t[i] != mine[i] for t in theirs))
+                raise FxparError(
+                    f"ranks of the {dim} group hold different values for '{list(cap.tensors)[bad]}' (and maybe more): "
+                    "build the model with the same seed on every rank (torch.manual_seed) or load the same weights"
+                )
 
     def _check_rng(self, gm) -> None:
         """Replicated dropout needs the same random state on every tp rank: warn if it is not."""
@@ -182,24 +286,36 @@ class ParallelModule(nn.Module):
         self._require_built()
         return super().named_parameters(*args, **kwargs)
 
+    def parameters(self, recurse: bool = True):
+        self._require_built()
+        return super().parameters(recurse)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._placements is not None:  # before the first call there is nothing to zero
             super().zero_grad(set_to_none)
+
+    def placement_of(self, name: str):
+        """Placement of a parameter or buffer on the tp dimension."""
+        return self._placements.get(self._captured.graph_name(name), REPLICATE)
+
+    def _owner(self, target: str) -> int:
+        """The pipeline rank whose copy of ``target`` counts (the first stage holding it)."""
+        stages = self._plans[0][1].pipeline.stages
+        ranks = [s.rank for s in stages if target in s.params]
+        return min(ranks) if ranks else 0
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """``torch.nn.utils.clip_grad_norm_`` over the whole model, not this rank's shards.
 
-        Sharded gradients contribute from every rank, replicated ones once, so every rank gets
-        the same norm and the same scale (clipping each rank's shards by their own norm would
-        scale replicated weights differently on each rank). A collective: call it on every rank.
+        Sharded gradients contribute from every tp rank, replicated ones once, a parameter held by
+        several pipeline stages once, so every rank gets the same norm and the same scale (clipping
+        each rank's shards by their own norm would scale replicated weights differently on each
+        rank). A collective: call it on every rank.
         """
         grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self._device)
-        sharded = [g for n, g in grads if isinstance(self.placement_of(n), Shard)]
-        whole = [g for n, g in grads if not isinstance(self.placement_of(n), Shard)]
         inf = norm_type == float("inf")
+        pp = self._pp_rank
 
         def reduce(gs):
             if not gs:
@@ -208,38 +324,51 @@ class ParallelModule(nn.Module):
                 return torch.stack([g.detach().abs().max().double() for g in gs]).max()
             return torch.stack([g.detach().double().abs().pow(norm_type).sum() for g in gs]).sum()
 
-        local, rep = reduce(sharded), reduce(whole)
-        if self._comm.world > 1:
-            parts = self._comm.all_gather(local.reshape(1))
-            local = torch.cat(parts).max() if inf else torch.cat(parts).sum()
-        total = torch.maximum(local, rep) if inf else (local + rep) ** (1.0 / norm_type)
-        coef = max_norm / (float(total) + 1e-6)
+        counted = [(n, g) for n, g in grads if self._owner(self._captured.graph_name(n)) == pp]
+        sharded = reduce([g for n, g in counted if isinstance(self.placement_of(n), Shard)])
+        whole = reduce([g for n, g in counted if not isinstance(self.placement_of(n), Shard)])
+        sharded = self._combine(sharded, "tp", inf)
+        total = torch.maximum(sharded, whole) if inf else sharded + whole
+        total = self._combine(total, "pp", inf)
+        norm = total if inf else total ** (1.0 / norm_type)
+        coef = max_norm / (float(norm) + 1e-6)
         if coef < 1.0:
             for _, g in grads:
                 g.mul_(coef)
-        return total.float()
+        return norm.float()
 
-    def parameters(self, recurse: bool = True):
-        self._require_built()
-        return super().parameters(recurse)
-
-    def placement_of(self, name: str):
-        """Placement of a parameter or buffer on the tp dimension."""
-        return self._placements.get(self._captured.graph_name(name), REPLICATE)
+    def _combine(self, x: torch.Tensor, dim: str, inf: bool) -> torch.Tensor:
+        comm = self._comms[dim]
+        if comm.world == 1:
+            return x
+        parts = torch.cat(comm.all_gather(x.reshape(1)))
+        return parts.max() if inf else parts.sum()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The full model's state dict (original names, full tensors) on every rank.
 
-        A collective: every rank of the tp group must call it.
+        A collective: every rank must call it.
         """
+        cap = self._captured
+        local = self.state_dict()
+        pp = self._pp_rank
         out = {}
-        for key, local in self.state_dict().items():
+        for key in sorted(set(a for names in cap.aliases.values() for a in names) | set(local)):
+            target = cap.graph_name(key)
+            template = cap.tensors.get(cap.aliases.get(key, [key])[0])
+            if template is None or (key not in local and not _persistent(cap, key)):
+                continue
             place = self.placement_of(key)
-            if isinstance(place, Shard) and self._comm.world > 1:
-                parts = self._comm.all_gather(local.detach().contiguous())
-                out[key] = _assemble(parts, place, _full(local, place))
+            if key in local:
+                t = local[key].detach()
             else:
-                out[key] = local.detach().clone()
+                t = torch.zeros(local_shape(template.shape, place), dtype=template.dtype, device=self._device)
+            if isinstance(place, Shard) and self._comm.world > 1:
+                t = _assemble(self._comm.all_gather(t.contiguous()), place, _full(t, place))
+            if self._comms["pp"].world > 1:
+                mine = t if self._owner(target) == pp else torch.zeros_like(t)
+                t = self._comms["pp"].all_reduce(mine.to(torch.uint8) if mine.dtype == torch.bool else mine).to(t.dtype)
+            out[key] = t.clone()
         return out
 
     @property
@@ -252,14 +381,33 @@ class ParallelModule(nn.Module):
         return list(self._plans)
 
     def comm_bytes(self) -> dict:
-        """Bytes this rank has sent, by collective kind, since the last ``reset_comm_bytes``."""
-        return dict(self._comm.sent_bytes)
+        """Bytes this rank has sent, by collective kind (and pipeline sends), since the last
+        ``reset_comm_bytes``."""
+        out: dict = {}
+        for dim, comm in self._comms.items():
+            for kind, n in comm.sent_bytes.items():
+                key = kind if dim == "tp" else f"{dim} {kind}"
+                if n:
+                    out[key] = out.get(key, 0) + n
+        if self._p2p.sent_bytes:
+            out["pipeline send"] = self._p2p.sent_bytes
+        return out
 
     def reset_comm_bytes(self) -> None:
-        self._comm.reset_counters()
+        for comm in self._comms.values():
+            comm.reset_counters()
+        self._p2p.sent_bytes = 0
 
     def extra_repr(self) -> str:
-        return f"{self._mesh}, rank {self._comm.rank}, device {self._device}"
+        return f"{self._mesh}, rank {self._rank}, device {self._device}"
+
+
+def _training(pm) -> bool:
+    return pm.training and torch.is_grad_enabled()
+
+
+def _persistent(cap, key) -> bool:
+    return cap.persistent.get(key, True)
 
 
 def _as_tuple(args):

@@ -12,7 +12,8 @@ from torch.fx import GraphModule
 from .. import schedule as sched
 from ..capture import Captured
 from ..codegen import build_module, get_path, rank_graph, stage_graph
-from ..holder import populate, retarget_submodules
+from ..holder import populate as fill
+from ..holder import retarget_submodules
 from ..mesh import Mesh
 from ..metadata import PLACEMENT, REQUIRES_GRAD
 from ..placement import REPLICATE
@@ -28,13 +29,15 @@ class RankProgram:
     schedule (``train_step``, pipelined inference)."""
 
     def __init__(self, root: nn.Module, cap: Captured, gm: GraphModule, ctx: PlanContext, mesh: Mesh, rank: int,
-                 device, p2p, *, source=None, seed: int = 0, init_fn=None):
+                 device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None):
         coord = mesh.coordinate(rank)
         self.dp, self.pp, self.tp = coord["dp"], coord["pp"], coord["tp"]
         spec = ctx.pipeline
         mine = [s for s in spec.stages if s.rank == self.pp]
         keep = {p for s in mine for p in s.params}
-        self.names = populate(root, cap, ctx.param_placements, self.tp, source, device,
+        self.names = {}
+        if populate:  # a later input signature reuses the parameters the first one made
+            self.names = fill(root, cap, ctx.param_placements, self.tp, source, device,
                               seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0)
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
@@ -51,7 +54,11 @@ class RankProgram:
         schedule = sched.lower(sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual), spec.links())
         sched.check(schedule)
         self.schedule = schedule
-        peer = lambda stage: mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], tp=self.tp)  # noqa: E731
+        to_global = to_global or (lambda r: r)
+
+        def peer(stage):  # the rank holding ``stage`` for this rank's data-parallel and tp position
+            return to_global(mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], tp=self.tp))
+
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
             _tied_shapes(gm, ctx, spec),
