@@ -68,9 +68,10 @@ class StageMemory:
     def peak(self):
         return self.static + self.activations
 
-    def at(self, sizes: dict | None = None) -> StageMemory:
-        """The same, with symbolic sizes replaced by numbers (``{"batch": 8, "seq": 2048}``)."""
-        f = lambda e: evaluate(e, sizes)  # noqa: E731
+    def at(self, sizes: dict | None = None, names: dict | None = None) -> StageMemory:
+        """The same, with symbolic sizes replaced by numbers (``{"batch": 8, "seq": 2048}``;
+        ``names`` maps export's symbols to those names)."""
+        f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra))
 

@@ -205,6 +205,33 @@ class Plan:
                 out[key] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE)).clone()
         return out
 
+    # memory --------------------------------------------------------------------------------
+    def memory(self, **sizes) -> list:
+        """Per pipeline stage, the estimated bytes one rank holds (``StageMemory``: parameters,
+        gradients, optimizer state, activations of the microbatches in flight, ``peak``) at the
+        given sizes of the symbolic dimensions (``plan.memory(batch=4, seq=2048)``; by default the
+        sizes the plan was made for)."""
+        spec = self.ctx.pipeline
+        values = {**spec.sizes, **sizes}
+        return [s.memory.at(values, self.ctx.dim_names) for s in spec.stages]
+
+    def max_microbatch(self, limit: float, dim: str = "batch", **sizes) -> int:
+        """The largest microbatch (size of the symbolic dimension ``dim``) whose every stage fits
+        ``limit`` bytes per device; 0 if none does. Needs ``dim`` captured as symbolic
+        (``dynamic_shapes={"x": {0: "batch"}}``)."""
+        if dim not in self.ctx.dim_names.values():
+            raise FxparError(f"no symbolic dimension named {dim!r}: capture it with dynamic_shapes (named {dim!r})")
+        fits = lambda b: max(m.peak for m in self.memory(**{**sizes, dim: b})) <= limit  # noqa: E731
+        if not fits(1):
+            return 0
+        lo, hi = 1, 2
+        while fits(hi) and hi < 1 << 30:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
     # checking against the single-device model ------------------------------------------------
     def check(self, *args, rtol: float = 1e-5, atol: float = 1e-5, loss_fn=None, **kwargs) -> int:
         """Run the single-device graph and all ranks; raise ``DivergenceError`` naming the first
@@ -281,13 +308,17 @@ class Plan:
         return report.summary(self.graph_module, self.ctx)
 
     def dump(self, path: str) -> list[str]:
-        """Write ``rank{r}.py`` (each rank's code), ``plan.txt`` (the table) and ``summary.txt``."""
+        """Write ``rank{r}.py`` (each rank's code: its whole program, or its pipeline stages),
+        ``plan.txt`` (the node table) and ``summary.txt`` (decisions, collectives, stages with
+        their memory, the schedule)."""
         os.makedirs(path, exist_ok=True)
         written = []
-        for r in range(self.tp):
+        for r in range(self.mesh.size):
+            prog = self.program(r)
+            mods = [prog.full] if prog.full is not None else [prog.stages[j] for j in sorted(prog.stages)]
             f = os.path.join(path, f"rank{r}.py")
             with open(f, "w") as fh:
-                fh.write(report.rank_source(self.rank_module(r), r, self.graph_module))
+                fh.write("\n\n".join(report.rank_source(m, r, self.graph_module) for m in mods))
             written.append(f)
         for name, text in (("plan.txt", self.table()), ("summary.txt", self.summary())):
             f = os.path.join(path, name)

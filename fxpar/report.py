@@ -93,8 +93,12 @@ def summary(gm: GraphModule, ctx) -> str:
     if rows:
         lines.append(tabulate(rows, headers=["collective", "count", "fwd bytes/rank", "bwd bytes/rank"]))
     total, local = param_bytes(gm, ctx)
-    if total:
+    if total and ctx.mesh.pp == 1:
         lines.append(f"parameters: {fmt_bytes(total)} in all, {fmt_bytes(local)} per rank ({local / total:.3f} of all)")
+    if ctx.pipeline is not None:
+        lines.append(stage_table(gm, ctx))
+    if ctx.pipeline is not None and ctx.mesh.pp > 1:
+        lines.append(schedule_report(ctx))
     if ctx.warnings:
         lines.append("warnings:\n" + "\n".join("  - " + w for w in ctx.warnings))
     return "\n".join(lines)
@@ -149,3 +153,38 @@ def rank_source(module: GraphModule, rank: int, global_gm: GraphModule) -> str:
                 line = f"{line}  # {info[m.group(2)]}"
         out.append(line)
     return "\n".join(out)
+
+
+def stage_table(gm: GraphModule, ctx) -> str:
+    """Per pipeline stage: where it runs, what it holds, its estimated peak memory per device and
+    the bytes it sends per microbatch."""
+    from .memory import evaluate
+
+    spec = ctx.pipeline
+    by_name = {n.name: n for n in gm.graph.nodes}
+    names = ctx.dim_names
+    rows = []
+    for s in spec.stages:
+        m = s.memory.at(spec.sizes, names)
+        sent = sum(evaluate(by_name[o].meta["fxpar_memory"].value_bytes, spec.sizes, names) * len(s.sinks[o]) for o in s.outputs)
+        mods = f"{s.modules[0]} .. {s.modules[-1]}" if len(s.modules) > 1 else (s.modules[0] if s.modules else "")
+        rows.append([s.index, s.rank, len(s.nodes), mods, fmt_bytes(m.params), fmt_bytes(m.grads), fmt_bytes(m.optimizer),
+                     f"{fmt_bytes(m.activations_per_microbatch)} x{m.in_flight}", fmt_bytes(m.peak), fmt_bytes(sent)])
+    sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes.items()) or "the example's"
+    head = (f"stages ({spec.schedule}, {spec.microbatches} microbatches, sizes {sizes}, optimizer {ctx.optimizer}); "
+            f"memory per device of the stage's rank")
+    return head + "\n" + tabulate(
+        rows, headers=["stage", "pp rank", "nodes", "modules", "params", "grads", "optimizer", "activations x in flight",
+                       "peak", "sends/microbatch"], disable_numparse=True)
+
+
+def schedule_report(ctx) -> str:
+    """The schedule as a step x rank grid, and its bubble against the formula."""
+    from . import schedule as sched
+
+    spec = ctx.pipeline
+    s = sched.make(spec.schedule, ctx.mesh.pp, spec.microbatches, spec.virtual)
+    return (
+        f"schedule {spec.schedule}: bubble {s.bubble():.3f} of the time (backward = 2 x forward), "
+        f"formula (p-1)/(v*m+p-1) = {s.ideal_bubble():.3f}\n" + s.grid()
+    )

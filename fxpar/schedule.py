@@ -21,7 +21,7 @@ stages per rank, the bubble divided by about v).
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from tabulate import tabulate
@@ -249,8 +249,8 @@ def check(s: Schedule) -> None:
     """Run a lowered schedule symbolically; raise ``ScheduleError`` if it cannot complete."""
     rank = s.stage_rank
     links = s.links or {j: (_prev(j), _next(j, s.stages)) for j in range(s.stages)}
-    sent: set[tuple] = set()  # (kind, from stage, to stage, mb) in flight or delivered
-    received: set[tuple] = set()
+    sent: Counter = Counter()  # (kind, from stage, to stage, mb) -> sends made
+    received: Counter = Counter()
     done: set[tuple] = set()
     pos = [0] * s.ranks
     while True:
@@ -264,12 +264,12 @@ def check(s: Schedule) -> None:
                     need = ("F", a.stage, a.mb) if a.kind == "SEND_F" else ("B", a.stage, a.mb)
                     if need not in done:
                         raise ScheduleError(f"rank {r} sends {a} before computing it\n" + _at(s, r, pos[r]))
-                    sent.add((a.kind[-1], a.stage, a.peer, a.mb))
+                    sent[(a.kind[-1], a.stage, a.peer, a.mb)] += 1
                 elif a.kind in ("RECV_F", "RECV_B"):
                     msg = (a.kind[-1], a.peer, a.stage, a.mb)
-                    if msg not in sent:
+                    if sent[msg] <= received[msg]:
                         break  # waits for the peer
-                    received.add(msg)
+                    received[msg] += 1
                 else:
                     missing = _missing_inputs(a, links, rank, r, received, done)
                     if missing:
@@ -283,7 +283,7 @@ def check(s: Schedule) -> None:
             r = next(r for r in range(s.ranks) if pos[r] < len(s.actions[r]))
             a = s.actions[r][pos[r]]
             raise ScheduleError(f"deadlock: rank {r} waits at {a} for a send that never comes\n" + _at(s, r, pos[r]))
-    unmatched = sent - received
+    unmatched = +(sent - received)
     if unmatched:
         kind, src, dst, mb = sorted(unmatched)[0]
         raise ScheduleError(

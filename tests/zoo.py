@@ -92,3 +92,22 @@ def reference_steps(model, args, steps: int, lr: float):
         opt.step()
         opt.zero_grad()
     return losses, grads, ref.state_dict()
+
+
+def loss_with_target(out, target):
+    """Cross-entropy for language models, MSE else, against a given target."""
+    t = logits(out).float()
+    if t.dim() == 3:
+        return F.cross_entropy(t.flatten(0, 1), target.flatten())
+    return F.mse_loss(t, target)
+
+
+def pipeline_case(name: str, copies: int):
+    """A model, a batch of ``copies`` x its example batch, and a fixed target for it."""
+    model, args = build(name)
+    args = tuple(torch.cat([a] * copies, 0) for a in args)
+    with torch.no_grad():
+        out = logits(model(*args))
+    g = torch.Generator().manual_seed(3)
+    target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g) if out.dim() == 3 else torch.randn(out.shape, generator=g)
+    return model, args, target

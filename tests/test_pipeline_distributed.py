@@ -1,0 +1,88 @@
+"""Pipeline, data and tensor parallelism over gloo processes: each rank trains its replica's part
+of the batch with ``train_step``; the loss, what each rank holds of every gradient and the weights
+after 3 AdamW steps equal the single-device model trained on the whole batch."""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fxpar
+from fxpar.shards import shard_tensor
+from tests.zoo import adamw, assert_close, logits, loss_with_target, pipeline_case
+
+STEPS = 3
+
+
+def train(name, dp, pp, tp, schedule, m):
+    model, args, target = pipeline_case(name, dp * m)
+    ref = copy.deepcopy(model)
+    ropt = adamw(ref.parameters())
+    mesh = fxpar.Mesh(dp=dp, pp=pp, tp=tp)
+    coord = mesh.coordinate(dist.get_rank())
+    local = tuple(a.chunk(dp, 0)[coord["dp"]] for a in args)
+    local_target = target.chunk(dp, 0)[coord["dp"]]
+    pm = fxpar.parallelize(model, mesh, example_args=local, loss_fn=loss_with_target, schedule=schedule, microbatches=m)
+    opt = adamw(pm.parameters())
+    params = dict(pm.named_parameters())
+    for step in range(STEPS):
+        ref_loss = loss_with_target(ref(*args), target)
+        ref_loss.backward()
+        loss = pm.train_step(*local, target=local_target)
+        assert_close(loss, ref_loss.detach(), f"rank {dist.get_rank()} loss at step {step}")
+        for pname, p in ref.named_parameters():
+            if pname in params:
+                expect = shard_tensor(p.grad, pm.placement_of(pname), coord["tp"])
+                assert_close(params[pname].grad, expect, f"rank {dist.get_rank()} step {step} gradient of {pname}")
+        opt.step()
+        opt.zero_grad()
+        ropt.step()
+        ropt.zero_grad()
+    full = pm.full_state_dict()
+    for key, value in ref.state_dict().items():
+        assert_close(full[key], value, f"{key} after {STEPS} steps")
+    pm.eval()
+    with torch.no_grad():
+        assert_close(logits(pm(*local)), logits(ref.eval()(*local)), "inference on every rank")
+    return len(params)
+
+
+@pytest.mark.parametrize(
+    "name, schedule, m",
+    [("gpt", "1f1b", 4), ("llama", "gpipe", 2), ("mlp", "interleaved", 2)],
+)
+def test_two_stages(pools, name, schedule, m):
+    pools(2).run(train, name, 1, 2, 1, schedule, m)
+
+
+@pytest.mark.parametrize(
+    "name, dp, pp, tp, schedule, m",
+    [
+        ("gpt", 1, 2, 2, "1f1b", 4),
+        ("gpt", 2, 2, 1, "interleaved", 2),
+        ("gpt", 1, 4, 1, "gpipe", 4),
+        ("llama", 1, 4, 1, "interleaved", 4),
+        ("hf_gpt2", 1, 2, 2, "1f1b", 2),
+        ("hf_llama", 2, 2, 1, "gpipe", 2),
+    ],
+)
+def test_four_ranks(pools, name, dp, pp, tp, schedule, m):
+    if name.startswith("hf"):
+        pytest.importorskip("transformers")
+    pools(4).run(train, name, dp, pp, tp, schedule, m)
+
+
+def _train_in_forward():
+    model, args, target = pipeline_case("gpt", 2)
+    pm = fxpar.parallelize(model, fxpar.Mesh(pp=2), example_args=args, loss_fn=loss_with_target, microbatches=2)
+    try:
+        pm(*args)
+    except fxpar.FxparError as e:
+        return str(e)
+    return "no error"
+
+
+def test_pipelined_module_trains_through_train_step(pools):
+    for msg in pools(2).run(_train_in_forward):
+        assert "pm.train_step(*args, target=...)" in msg

@@ -1,0 +1,94 @@
+"""Stage cutting: by the memory each stage will really need under the schedule."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxpar
+from models import llama
+from tests.zoo import assert_close, build
+
+
+def meta_llama(layers=8):
+    with torch.device("meta"):
+        return llama.Transformer(llama.ModelArgs(dim=512, n_layers=layers, n_heads=8, vocab_size=4096, multiple_of=64))
+
+
+def peaks(plan):
+    return [m.peak for m in plan.memory()]
+
+
+def test_in_flight_follows_the_schedule():
+    model = meta_llama()
+    tokens = torch.randint(0, 4096, (8, 128))
+    one = fxpar.compile(model, fxpar.Mesh(pp=4), (tokens,), schedule="1f1b", microbatches=8)
+    assert [s.memory.in_flight for s in one.ctx.pipeline.stages] == [4, 3, 2, 1]
+    gp = fxpar.compile(model, fxpar.Mesh(pp=4), (tokens,), schedule="gpipe", microbatches=8)
+    assert [s.memory.in_flight for s in gp.ctx.pipeline.stages] == [8, 8, 8, 8]
+    # the first 1F1B stage keeps 4 microbatches: it gets fewer layers than the last
+    first, last = one.ctx.pipeline.stages[0], one.ctx.pipeline.stages[-1]
+    assert len(first.nodes) < len(last.nodes)
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_cut_by_memory_beats_equal_layer_counts(pp):
+    model = meta_llama()
+    tokens = torch.randint(0, 4096, (8, 256))
+    plan = fxpar.compile(model, fxpar.Mesh(pp=pp), (tokens,), schedule="1f1b", microbatches=8)
+    per = 8 // pp
+    equal = fxpar.compile(model, fxpar.Mesh(pp=pp), (tokens,), schedule="1f1b", microbatches=8,
+                          split_points=[f"layers.{per * k}" for k in range(1, pp)])
+    assert max(peaks(plan)) <= max(peaks(equal))
+    assert max(peaks(plan)) / (sum(peaks(plan)) / pp) <= 1.10
+
+
+def test_split_points_by_module_name():
+    model, args = build("llama")
+    plan = fxpar.compile(model, fxpar.Mesh(pp=2), (torch.cat([args[0]] * 2),), microbatches=2, split_points=["layers.1"])
+    assert plan.ctx.pipeline.stages[1].modules[0].startswith("layers.1")
+    with pytest.raises(fxpar.PlanError, match="names no module"):
+        fxpar.compile(model, fxpar.Mesh(pp=2), args, split_points=["layers.9"])
+
+
+def test_a_memory_cap_no_cut_fits_is_refused():
+    model = meta_llama()
+    with pytest.raises(fxpar.PlanError, match=r"no cut into 2 stages fits 0\.01 GiB per device: stage \d"):
+        fxpar.compile(model, fxpar.Mesh(pp=2), (torch.randint(0, 4096, (2, 64)),), memory_limit=0.01 * (1 << 30))
+
+
+class LongSkip(nn.Module):
+    """The first block's output is used again at the very end: it crosses every cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)) for _ in range(4))
+
+    def forward(self, x):
+        first = self.blocks[0](x)
+        h = first
+        for b in self.blocks[1:]:
+            h = h + b(h)
+        return h * first
+
+
+def test_values_skip_over_stages():
+    torch.manual_seed(0)
+    model, x = LongSkip(), torch.randn(8, 16)
+    plan = fxpar.compile(model, fxpar.Mesh(pp=4), (x,), schedule="gpipe", microbatches=2)
+    stages = plan.ctx.pipeline.stages
+    skipping = [name for s in stages for name, dsts in s.sinks.items() if max(dsts) > s.index + 1]
+    assert skipping, "some value should go straight to a later stage"
+    loss, grads = plan.simulate_train(lambda out: out.pow(2).mean(), x)
+    model(x).pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        assert_close(grads[name], p.grad, f"gradient of {name}")
+
+
+def test_values_that_need_no_gradient_are_recomputed_not_sent():
+    model, args = build("llama")  # the rotary table is sliced from a buffer on every stage
+    plan = fxpar.compile(model, fxpar.Mesh(pp=2), args)
+    sent = [name for s in plan.ctx.pipeline.stages for name in s.outputs]
+    by_name = {n.name: n for n in plan.graph_module.graph.nodes}
+    assert all(by_name[name].meta["fxpar_requires_grad"] for name in sent), sent
+    assert "freqs_cis" in plan.ctx.pipeline.stages[1].params
+
