@@ -2,6 +2,7 @@
 
     python -m fxpar demo --tp 2                 # train a GPT over 2 local CPU processes
     python -m fxpar plan gpt --tp 4             # every value's placement, every collective
+    python -m fxpar plan llama --pp 4 --microbatches 8 --brief   # stages, their memory, the schedule
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
 
@@ -51,7 +52,11 @@ def _compile(a):
     torch.manual_seed(a.seed)
     model, args = load_model(a.model, a.set)
     overrides = dict(o.split("=", 1) for o in a.override or [])
-    return fxpar.compile(model, fxpar.Mesh(tp=a.tp), args, overrides=overrides), args
+    copies = a.dp * a.microbatches  # the example batch, repeated for every replica and microbatch
+    args = tuple(torch.cat([x] * copies) if isinstance(x, torch.Tensor) else x for x in args)
+    mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, tp=a.tp)
+    plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches, virtual=a.virtual)
+    return plan, args
 
 
 def cmd_plan(a) -> int:
@@ -107,6 +112,11 @@ def main(argv=None) -> int:
     def model_args(sp):
         sp.add_argument("model", help="models/ name (gpt, llama, mlp) or module:function")
         sp.add_argument("--tp", type=int, default=2)
+        sp.add_argument("--pp", type=int, default=1)
+        sp.add_argument("--dp", type=int, default=1)
+        sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
+        sp.add_argument("--microbatches", type=int, default=1)
+        sp.add_argument("--virtual", type=int, default=2, help="stages per rank with --schedule interleaved")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
         sp.add_argument("--override", action="append", metavar="NAME=STYLE", help="force colwise/rowwise/replicate/vocab")
         sp.add_argument("--seed", type=int, default=0)

@@ -158,6 +158,12 @@ class Plan:
         losses = run_ranks(step, self._contexts(), self._p2p())
         return losses[0], self.full_grads()
 
+    def save_trace(self, path: str) -> None:
+        """The last simulated step of every rank as a Chrome trace (see ``ParallelModule.save_trace``)."""
+        from .runtime.module import write_chrome_trace
+
+        write_chrome_trace(path, [(r, n, a, b) for r, p in sorted(self._programs.items()) for n, a, b in p.runner.events])
+
     def optimizer_params(self) -> list[list]:
         """Per global rank, the parameters an optimizer of that rank steps."""
         return [list(self.program(r).params.values()) if self.pipelined else list(self.rank_module(r).parameters())

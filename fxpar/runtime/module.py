@@ -132,6 +132,7 @@ class ParallelModule(nn.Module):
                     "schedule and synchronizes gradients; pm(...) is for inference (use torch.no_grad() or pm.eval())"
                 )
             mbs = split_microbatches(self._flat(args, kwargs), self._microbatches)
+            self.__dict__["_last"] = prog
             return self._everywhere(prog, mbs)
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
@@ -146,6 +147,7 @@ class ParallelModule(nn.Module):
         m = self._microbatches
         mbs = split_microbatches(self._flat(args, kwargs), m)
         targets = None if target is None else [t[0] for t in split_microbatches([target], m)]
+        self.__dict__["_last"] = prog
         with running(self._ctx):
             return prog.runner.train_step(mbs, targets, self._loss_fn, prog.params)
 
@@ -371,6 +373,18 @@ class ParallelModule(nn.Module):
             out[key] = t.clone()
         return out
 
+    def save_trace(self, path: str) -> None:
+        """Write the last step's actions of every rank as a Chrome trace (open it in Perfetto or
+        chrome://tracing): one row per rank, one box per compute, send and receive. A collective:
+        every rank must call it; rank 0 writes the file."""
+        prog = self.__dict__.get("_last")
+        events = [(self._rank, name, t0, t1) for name, t0, t1 in prog.runner.events] if prog else []
+        gathered = [None] * dist.get_world_size() if dist.is_initialized() else [events]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, events)
+        if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+            write_chrome_trace(path, [e for part in gathered for e in part])
+
     @property
     def mesh(self) -> Mesh:
         return self._mesh
@@ -437,3 +451,19 @@ def _dynamic_dims(cap) -> dict[int, tuple[int, ...]]:
         if dims:
             out[k] = dims
     return out
+
+
+def write_chrome_trace(path: str, events) -> None:
+    """``events``: ``(rank, name, start, end)`` in seconds. Compute actions are one colour, sends
+    and receives another."""
+    import json
+
+    t0 = min(e[2] for e in events) if events else 0.0
+    trace = [
+        {"name": name, "ph": "X", "pid": 0, "tid": rank, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+         "cat": "compute" if name[0] in "FB" else "comm"}
+        for rank, name, a, b in events
+    ]
+    trace += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}} for r in sorted({e[0] for e in events})]
+    with open(path, "w") as f:
+        json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, f)

@@ -11,6 +11,7 @@ gradients (bucketed all-reduces), and the mean loss is given to every rank.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +52,7 @@ class PipelineRunner:
         self.pp_rank, self.peer, self.values = pp_rank, peer, values
         self.out_spec, self.device, self.p2p = out_spec, device, p2p
         self.tied_shapes = tied_shapes or {}
+        self.events: list[tuple[str, float, float]] = []  # (action, start, end) of the last step, seconds
         self.last = len(spec.stages) - 1
         self.vid = {name: i for i, name in enumerate(sorted(values))}
 
@@ -58,8 +60,7 @@ class PipelineRunner:
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
         m = len(microbatches)
         st = _State(microbatches, targets, loss_fn, m)
-        for a in self.schedule.actions[self.pp_rank]:
-            getattr(self, "_" + a.kind.lower())(a, st)
+        self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
         self._sync_tied(params)
         self._sync_data_parallel(params)
@@ -69,10 +70,25 @@ class PipelineRunner:
     def forward(self, microbatches: list[list]):
         """Inference: forwards only; the output (microbatches joined) on every rank."""
         st = _State(microbatches, None, None, len(microbatches))
-        for a in self._forward_actions(len(microbatches)):
-            getattr(self, "_" + a.kind.lower())(a, st)
+        self._run(self._forward_actions(len(microbatches)), st)
         self.p2p.flush()
         return st.outputs
+
+    def _run(self, actions, st) -> None:
+        """Carry out ``actions`` in order, keeping when each started and ended (``events``)."""
+        self.events = []
+        clock = time.perf_counter
+        for a in actions:
+            t0 = clock()
+            getattr(self, "_" + a.kind.lower())(a, st)
+            self.events.append((str(a), t0, clock()))
+
+    def busy_fraction(self) -> float:
+        """Share of the last step this rank spent computing (not waiting or sending)."""
+        if not self.events:
+            return 0.0
+        busy = sum(t1 - t0 for name, t0, t1 in self.events if name[0] in "FB")
+        return busy / (self.events[-1][2] - self.events[0][1])
 
     def _forward_actions(self, m: int):
         from ..schedule import Action, lower
