@@ -10,7 +10,8 @@ from .errors import CaptureError, CollectiveError, DivergenceError, FxparError, 
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard
 from .parallelize import parallelize
-from .plan import Plan, compile
+from .plan import Plan
+from .plan import compile as compile  # public (fxpar.compile), kept out of __all__
 from .runtime.module import ParallelModule
 
 # ``compile`` is public (fxpar.compile) but left out of ``import *``, where it would shadow the builtin

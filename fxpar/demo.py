@@ -100,7 +100,7 @@ def main(tp: int = 2, steps: int = 5, out: str = "fxpar_out") -> int:
     print(f"\nlosses match: {'yes' if worst < 1e-4 else 'NO'} (max |diff| {worst:.2e})")
     print(f"parameters per rank: {local:,} of {total:,} ({local / total:.2f}); parallelize took {build:.2f}s")
     print(f"step time: {1000 * step:.1f} ms at tp={tp}, {1000 * single_step:.1f} ms on 1 process (CPU: overhead, not speedup)")
-    print(f"rank 0 sent per run: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sorted(sent.items())))
+    print("rank 0 sent per run: " + ", ".join(f"{k} {v / 1024:.1f} KiB" for k, v in sorted(sent.items())))
     idx, _ = _batch()
     plan = fxpar.compile(_model(), fxpar.Mesh(tp=tp), (idx,))
     paths = plan.dump(out)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-MEMORY = "fxpar_memory"
+from .metadata import MEMORY
 
 # optimizer state per parameter, in units of the parameter's own bytes (fp32 states for fp32
 # parameters): SGD without momentum keeps nothing, with momentum one buffer, Adam/AdamW two
@@ -40,6 +40,7 @@ class NodeMemory:
     saved_new: object = 0
     saved_roots: tuple[str, ...] = ()
     param_bytes: object = 0
+    param_elem: int = 4  # bytes per element of the parameter
     trainable: bool = False
     buffer_bytes: object = 0
 
@@ -102,7 +103,14 @@ def node_memory(node) -> NodeMemory:
     return node.meta.get(MEMORY) or NodeMemory(root=node.name)
 
 
-def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=()) -> StageMemory:
+def optimizer_bytes(info: NodeMemory, optimizer: str, dtype: torch.dtype | None):
+    """Bytes of the optimizer state for one parameter: its states in ``dtype`` (default: the
+    parameter's own dtype; fp32 states of 16-bit weights are common)."""
+    size = info.param_bytes if dtype is None else info.param_bytes * torch.empty((), dtype=dtype).element_size() / info.param_elem
+    return OPTIMIZER_STATES[optimizer] * size
+
+
+def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), optimizer_dtype=None) -> StageMemory:
     """What one rank holds for ``nodes`` (a list of graph nodes) with one microbatch in flight.
 
     ``all_nodes`` maps names to nodes of the whole graph, for saved values made elsewhere (a value
@@ -114,14 +122,13 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=()) -> S
     for h in held:  # a received value is a fresh tensor here, whatever it was a view of there
         m.activations_per_microbatch += node_memory(all_nodes[h]).value_bytes
         roots.add(node_memory(all_nodes[h]).root or h)
-    factor = OPTIMIZER_STATES[optimizer]
     for node in nodes:
         info = node_memory(node)
         if info.param_bytes:
             m.params += info.param_bytes
             if info.trainable:
                 m.grads += info.param_bytes
-                m.optimizer += factor * info.param_bytes
+                m.optimizer += optimizer_bytes(info, optimizer, optimizer_dtype)
         m.buffers += info.buffer_bytes
         m.activations_per_microbatch += info.saved_new
         roots.update(info.saved_roots)

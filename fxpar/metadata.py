@@ -37,6 +37,14 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 ``fxpar_rng`` : ``str``
     On dropout nodes: ``"replicated"`` (same mask on every rank) or ``"sharded"`` (each rank its
     own slice).
+``fxpar_memory`` : ``fxpar.memory.NodeMemory``
+    What the node costs one rank: parameter bytes, the storage its output creates, what autograd
+    keeps for backward (new tensors, references to other nodes' outputs); sympy expressions with
+    symbolic sizes. Written by ``estimate_memory``. Example:
+    ``NodeMemory(out_bytes=8192, value_bytes=8192, root='linear', saved_new=0, saved_roots=('mul_1',))``.
+``fxpar_stage`` : ``int``
+    The pipeline stage a compute node runs in (nodes every stage recomputes have none). Written by
+    ``cut_stages``.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ COMM = "fxpar_comm"
 ORIGIN = "fxpar_origin"
 LOCAL = "fxpar_local"
 RNG = "fxpar_rng"
+MEMORY = "fxpar_memory"
+STAGE = "fxpar_stage"
 
 
 @dataclass(frozen=True)

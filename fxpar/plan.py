@@ -33,7 +33,8 @@ from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 
 # options of the pipeline passes, settable through compile/parallelize
 PLAN_OPTIONS = (
-    "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "sizes", "device_type", "param_stages",
+    "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "optimizer_dtype", "sizes",
+    "device_type", "param_stages",
 )
 
 
@@ -355,8 +356,9 @@ def compile(
     ``options`` shape the pipeline: ``schedule`` (``"1f1b"``, ``"gpipe"``, ``"interleaved"``),
     ``microbatches``, ``virtual`` (stages per rank when interleaved), ``split_points`` (module
     names to cut before, instead of cutting by memory), ``memory_limit`` (bytes per device),
-    ``optimizer`` (whose states the memory estimate counts) and ``sizes`` (values of symbolic
-    sizes to plan for). The example inputs are a whole batch: the graph is captured for one
+    ``optimizer`` (``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"``, ``"none"``: whose
+    states the memory estimate counts) with ``optimizer_dtype`` (their dtype, default the
+    parameters'), and ``sizes`` (values of symbolic sizes to plan for). The example inputs are a whole batch: the graph is captured for one
     microbatch of one data-parallel replica.
 
     >>> from models import gpt

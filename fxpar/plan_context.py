@@ -31,6 +31,7 @@ class PlanContext:
     rng: str = "megatron"
     device_type: str = "cpu"  # where the programs will run: memory estimates use its kernels
     optimizer: str = "adamw"  # for memory estimates: the states it keeps per parameter
+    optimizer_dtype: object = None  # and their dtype (None: the parameter's)
     # pipeline: schedule by name, microbatches per step, stages per rank (interleaved), explicit
     # cuts by module name, a per-device memory cap in bytes, and values for symbolic sizes
     schedule: str = "1f1b"

@@ -22,7 +22,6 @@ from .metadata import COMM, REQUIRES_GRAD
 from .rules.base import is_tensor_node
 from .runtime.ops import dropout
 
-STAGE = "fxpar_stage"
 
 
 @dataclass

@@ -21,9 +21,10 @@ from torch.fx import GraphModule, Node
 
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
-from fxpar.memory import OPTIMIZER_STATES, evaluate, node_memory, stage_memory
+from fxpar.memory import evaluate, node_memory, optimizer_bytes, stage_memory
 from fxpar.plan_context import PlanContext
-from fxpar.stages import STAGE, PipelineSpec, build_stages, compute_nodes, owner_of, replicable
+from fxpar.metadata import STAGE
+from fxpar.stages import PipelineSpec, build_stages, compute_nodes, owner_of, replicable
 
 SLACK = 0.01  # how much above the best largest peak a cut may go to send fewer bytes
 WINDOW = 96  # nodes a cut may move for that
@@ -32,13 +33,12 @@ WINDOW = 96  # nodes a cut may move for that
 class _Costs:
     """Numbers for every compute node at the sizes being planned for."""
 
-    def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict):
+    def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
         self.all = {n.name: n for n in gm.graph.nodes}
         free = replicable(gm)
         num = lambda e: float(evaluate(e, sizes, names))  # noqa: E731
-        states = 2 + OPTIMIZER_STATES[optimizer]  # the parameter, its gradient, the optimizer's states
         self.root_bytes = {n.name: num(node_memory(n).out_bytes) for n in gm.graph.nodes}
         self.value_bytes = {n.name: num(node_memory(n).value_bytes) for n in gm.graph.nodes}
         self.new, self.roots, self.params, self.inputs = [], [], [], []
@@ -50,7 +50,9 @@ class _Costs:
             for i in _reads(node):
                 if i.op == "get_attr":
                     m = node_memory(i)
-                    params[i.target] = num(m.param_bytes) * (states if m.trainable else 1) + num(m.buffer_bytes)
+                    held = num(m.param_bytes) * (2 if m.trainable else 1)  # the weight, its gradient
+                    opt = num(optimizer_bytes(m, optimizer, optimizer_dtype)) if m.trainable else 0
+                    params[i.target] = held + opt + num(m.buffer_bytes)
             self.params.append(params)
             self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node)
                                 if i not in free and i.op != "get_attr" and owner_of(i) in self.index})
@@ -201,7 +203,7 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
-    costs = _Costs(gm, seq, ctx.optimizer, sizes, names)
+    costs = _Costs(gm, seq, ctx.optimizer, sizes, names, ctx.optimizer_dtype)
     if ctx.param_stages:
         cuts = _cuts_keeping_params(costs, ctx.param_stages, n_stages)
     elif ctx.split_points:
@@ -221,7 +223,7 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     tied: dict[str, list[int]] = {}
     for s in stages:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
-        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs)
+        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs, optimizer_dtype=ctx.optimizer_dtype)
         mem.in_flight = factors[s.index]
         s.memory = mem
         for p in s.params:

@@ -21,7 +21,8 @@ from torch.utils import _pytree as pytree
 
 from fxpar.codegen import get_path, rank_graph
 from fxpar.holder import retarget_submodules
-from fxpar.memory import MEMORY, NodeMemory, expr
+from fxpar.memory import NodeMemory, expr
+from fxpar.metadata import MEMORY
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.runtime.comm import Communicator
@@ -89,7 +90,7 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                     trainable = isinstance(obj, torch.nn.Parameter) and obj.requires_grad
                     out = torch.empty(shape, dtype=obj.dtype, device=device).requires_grad_(trainable)
                     key = "param_bytes" if isinstance(obj, torch.nn.Parameter) else "buffer_bytes"
-                    info = {key: expr(out.numel()) * out.element_size(), "trainable": trainable}
+                    info = {key: expr(out.numel()) * out.element_size(), "trainable": trainable, "param_elem": out.element_size()}
                     params.add(node.name)
                 else:
                     out = bodies.get(node.target, obj)

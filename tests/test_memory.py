@@ -87,3 +87,18 @@ def test_largest_microbatch_that_fits():
     assert max(m.peak for m in plan.memory(batch=b, seq=64)) <= limit < max(m.peak for m in plan.memory(batch=b + 1, seq=64))
     with pytest.raises(fxpar.FxparError, match="no symbolic dimension named 'tokens'"):
         plan.max_microbatch(limit, dim="tokens")
+
+
+def test_optimizer_state_by_optimizer_and_dtype():
+    model, (idx,) = gpt.build()
+    model = model.to(torch.bfloat16)
+    args = (torch.cat([idx] * 2),)
+
+    def first_stage(**options):
+        return fxpar.compile(model, fxpar.Mesh(pp=2), args, microbatches=2, **options).memory()[0]
+
+    adamw = first_stage()
+    assert adamw.optimizer == 2 * adamw.params  # two bf16 states per bf16 weight
+    assert first_stage(optimizer_dtype=torch.float32).optimizer == 4 * adamw.params  # two fp32 states
+    assert first_stage(optimizer="sgd").optimizer == 0
+    assert first_stage(optimizer="sgd_momentum").optimizer == adamw.params

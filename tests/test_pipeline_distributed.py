@@ -86,3 +86,8 @@ def _train_in_forward():
 def test_pipelined_module_trains_through_train_step(pools):
     for msg in pools(2).run(_train_in_forward):
         assert "pm.train_step(*args, target=...)" in msg
+
+
+def test_train_step_without_stages(pools):
+    """The same call with tensor parallelism only: microbatches, one stage, no pipeline sends."""
+    pools(2).run(train, "llama", 1, 1, 2, "1f1b", 2)

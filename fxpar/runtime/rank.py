@@ -5,7 +5,6 @@ Shared by ``ParallelModule`` (one process, one rank) and ``Plan`` (every rank in
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
