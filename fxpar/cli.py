@@ -116,7 +116,7 @@ def main(argv=None) -> int:
         sp.add_argument("--dp", type=int, default=1)
         sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
         sp.add_argument("--microbatches", type=int, default=1)
-        sp.add_argument("--virtual", type=int, default=2, help="stages per rank with --schedule interleaved")
+        sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
         sp.add_argument("--override", action="append", metavar="NAME=STYLE", help="force colwise/rowwise/replicate/vocab")
         sp.add_argument("--seed", type=int, default=0)

@@ -99,7 +99,8 @@ def stage_graph(gm: GraphModule, spec, n_stages: int) -> Graph:
     for name in spec.inputs:
         src = by_name[name]
         env[src] = graph.placeholder(name)
-        env[src].meta = dict(src.meta)
+        # the value's description, not the producing op's per-rank call
+        env[src].meta = {k: v for k, v in src.meta.items() if k != LOCAL}
     for node in gm.graph.nodes:
         if node in env or node.op in ("placeholder", "output"):
             continue

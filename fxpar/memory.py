@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sympy
 import torch
 
 from .metadata import MEMORY
@@ -77,6 +76,21 @@ class StageMemory:
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra))
 
 
+def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
+    """What each pipeline rank holds for the stages it runs (``ranks[j]`` holds stage ``j``): the
+    sum over its stages, activations at each stage's own peak (an upper bound with several
+    stages per rank, whose peaks need not coincide)."""
+    out = [StageMemory() for _ in range(max(ranks) + 1)]
+    for m, r in zip(stages, ranks):
+        d = out[r]
+        d.params += m.params
+        d.grads += m.grads
+        d.optimizer += m.optimizer
+        d.buffers += m.buffers
+        d.activations_per_microbatch += m.activations
+    return out
+
+
 def expr(x):
     """A size as a sympy expression (SymInt) or an int."""
     if isinstance(x, torch.SymInt):
@@ -115,11 +129,11 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
 
     ``all_nodes`` maps names to nodes of the whole graph, for saved values made elsewhere (a value
     received from the previous stage and kept here counts here); ``held`` names values kept until
-    backward whether an op saved them or not (what a stage received).
+    backward whether an op saved them or not (what a stage received, what it sent on).
     """
     m = StageMemory()
     roots: set[str] = set()
-    for h in held:  # a received value is a fresh tensor here, whatever it was a view of there
+    for h in dict.fromkeys(held):  # a received value is a fresh tensor here, whatever it was a view of there
         m.activations_per_microbatch += node_memory(all_nodes[h]).value_bytes
         roots.add(node_memory(all_nodes[h]).root or h)
     for node in nodes:
@@ -139,5 +153,3 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
     return m
 
 
-def simplify(e):
-    return sympy.simplify(e) if isinstance(e, sympy.Basic) else e

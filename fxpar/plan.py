@@ -20,13 +20,14 @@ from .capture import Captured, capture
 from .codegen import build_module, copy_graph, get_path, rank_graph
 from .errors import DivergenceError, FxparError, describe_node
 from .holder import populate, retarget_submodules
+from .memory import per_device
 from .mesh import Mesh, as_mesh
 from .metadata import ORIGIN, PLACEMENT
 from .pipeline import debug_level, run_pipeline
 from .placement import REPLICATE, Shard
 from .plan_context import PlanContext
 from .runtime.p2p import ThreadP2P
-from .runtime.pipeline import join_microbatches, split_microbatches
+from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
 from .runtime.rank import RankProgram
 from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 
@@ -124,11 +125,13 @@ class Plan:
             return outs[0]
         flat = list(fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec))
         m = self.ctx.microbatches
-        outs = run_ranks(lambda r: progs[r].runner.forward(split_microbatches(_replica(flat, self.mesh, r), m)),
-                         self._contexts(), self._p2p())
+        mbs = [split_microbatches(_replica(flat, self.mesh, r), m) for r in range(self.mesh.size)]
+        outs = run_ranks(lambda r: progs[r].runner.forward(mbs[r]), self._contexts(), self._p2p())
         last = self.ctx.pipeline.stages[-1].rank
         # each replica's microbatches, in batch order
-        return join_microbatches([o for d in range(self.mesh.dp) for o in outs[self.mesh.rank_of(dp=d, pp=last)]])
+        spec = self.captured.gm._out_spec
+        parts = [pytree.tree_unflatten(o, spec) for d in range(self.mesh.dp) for o in outs[self.mesh.rank_of(dp=d, pp=last)]]
+        return join_microbatches(parts, microbatch_size(mbs[0]))
 
     def simulate_train(self, loss_fn, *args, target=None, **kwargs):
         """Forward, ``loss_fn(output)`` (or ``loss_fn(output, target)``) and backward on all ranks,
@@ -222,13 +225,17 @@ class Plan:
         values = {**spec.sizes, **sizes}
         return [s.memory.at(values, self.ctx.dim_names) for s in spec.stages]
 
+    def device_memory(self, **sizes) -> list:
+        """Per pipeline rank, what it holds for all its stages (see ``fxpar.memory.per_device``)."""
+        return per_device(self.memory(**sizes), [s.rank for s in self.ctx.pipeline.stages])
+
     def max_microbatch(self, limit: float, dim: str = "batch", **sizes) -> int:
-        """The largest microbatch (size of the symbolic dimension ``dim``) whose every stage fits
-        ``limit`` bytes per device; 0 if none does. Needs ``dim`` captured as symbolic
+        """The largest microbatch (size of the symbolic dimension ``dim``) with which every device
+        fits ``limit`` bytes; 0 if none does. Needs ``dim`` captured as symbolic
         (``dynamic_shapes={"x": {0: "batch"}}``)."""
         if dim not in self.ctx.dim_names.values():
             raise FxparError(f"no symbolic dimension named {dim!r}: capture it with dynamic_shapes (named {dim!r})")
-        fits = lambda b: max(m.peak for m in self.memory(**{**sizes, dim: b})) <= limit  # noqa: E731
+        fits = lambda b: max(m.peak for m in self.device_memory(**{**sizes, dim: b})) <= limit  # noqa: E731
         if not fits(1):
             return 0
         lo, hi = 1, 2

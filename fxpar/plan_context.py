@@ -36,7 +36,7 @@ class PlanContext:
     # cuts by module name, a per-device memory cap in bytes, and values for symbolic sizes
     schedule: str = "1f1b"
     microbatches: int = 1
-    virtual: int = 2
+    virtual: int | None = None  # stages per rank, interleaved only (default 2)
     split_points: tuple = ()
     memory_limit: float | None = None
     sizes: dict = field(default_factory=dict)
@@ -56,6 +56,14 @@ class PlanContext:
             raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
         from .memory import OPTIMIZER_STATES
 
+        if self.schedule == "interleaved":
+            self.virtual = 2 if self.virtual is None else self.virtual
+            if self.virtual < 2:
+                raise ValueError(f"the interleaved schedule runs several stages per rank: virtual={self.virtual} must be 2 or more")
+        elif self.virtual not in (None, 1):
+            raise ValueError(f"schedule {self.schedule!r} runs one stage per rank; virtual={self.virtual} needs schedule='interleaved'")
+        else:
+            self.virtual = 1
         if self.optimizer not in OPTIMIZER_STATES:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_STATES)}")
 

@@ -8,11 +8,15 @@ waits for its send) and rejects one that deadlocks, receives what nobody sends, 
 receives or computes before its inputs arrived, naming the action and printing the grid with the
 step where it stopped (as torch.distributed.pipelining's ``_format_pipeline_order`` does).
 
-    >>> s = one_f_one_b(2, 4)
-    >>> print(s.grid())
-    step  rank 0  rank 1
+    >>> print(one_f_one_b(2, 3).grid())
+      step  rank 0    rank 1
     ------  --------  --------
-    ...
+         0  F0.0      F1.0
+         1  F0.1      B1.0
+         2  B0.0      F1.1
+         3  F0.2      B1.1
+         4  B0.1      F1.2
+         5  B0.2      B1.2
 
 Schedules: ``gpipe`` (all forwards, then all backwards: m microbatches of activations in flight),
 ``one_f_one_b`` (at most p in flight on the first stage, the same bubble), ``interleaved`` (v
@@ -125,7 +129,7 @@ class Schedule:
         return start
 
     def _deps(self, a: Action) -> list[tuple]:
-        recv_from, send_to = self.links.get(a.stage, (_prev(a.stage), _next(a.stage, self.stages)))
+        recv_from, send_to = (self.links or chain(self.stages))[a.stage]
         if a.kind == "F":
             return [("F", s, a.mb) for s in recv_from]
         return [("F", a.stage, a.mb)] + [("B", s, a.mb) for s in send_to]
@@ -145,12 +149,9 @@ class Schedule:
         return (p - 1) / (v * m + p - 1)
 
 
-def _prev(stage: int) -> list[int]:
-    return [stage - 1] if stage > 0 else []
-
-
-def _next(stage: int, n: int) -> list[int]:
-    return [stage + 1] if stage + 1 < n else []
+def chain(n: int) -> dict[int, tuple[list[int], list[int]]]:
+    """Links of ``n`` stages in a line: each receives from the previous and sends to the next."""
+    return {j: ([j - 1] if j > 0 else [], [j + 1] if j + 1 < n else []) for j in range(n)}
 
 
 # generators --------------------------------------------------------------------------------------
@@ -226,7 +227,7 @@ def make(name: str, p: int, m: int, v: int = 1) -> Schedule:
 def lower(s: Schedule, links: dict[int, tuple[list[int], list[int]]] | None = None) -> Schedule:
     """Add the sends and receives: ``links[j] = (stages j receives from, stages j sends to)``
     (default: a chain). Stages on the same rank hand values over without communication."""
-    links = links or {j: (_prev(j), _next(j, s.stages)) for j in range(s.stages)}
+    links = links or chain(s.stages)
     rank = s.stage_rank
     out = []
     for r, acts in enumerate(s.compute_only()):
@@ -248,7 +249,7 @@ def lower(s: Schedule, links: dict[int, tuple[list[int], list[int]]] | None = No
 def check(s: Schedule) -> None:
     """Run a lowered schedule symbolically; raise ``ScheduleError`` if it cannot complete."""
     rank = s.stage_rank
-    links = s.links or {j: (_prev(j), _next(j, s.stages)) for j in range(s.stages)}
+    links = s.links or chain(s.stages)
     sent: Counter = Counter()  # (kind, from stage, to stage, mb) -> sends made
     received: Counter = Counter()
     done: set[tuple] = set()

@@ -16,9 +16,8 @@ from .placement import PARTIAL, Shard
 from .runtime.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
 from .runtime.p2p import ThreadP2P
-from .runtime.context import RankContext, RNGStreams, running
+from .runtime.context import RankContext, RNGStreams, running, stream_seeds
 
-SHARDED_SEED_OFFSET = 2718  # Megatron's offset for the tensor-parallel RNG stream
 
 
 def rank_contexts(world: int, seed: int, exact: bool, timeout: float = 120.0) -> list[RankContext]:
@@ -41,10 +40,15 @@ def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple
             if key not in worlds:
                 worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)
             comms[dim] = ThreadComm(worlds[key], coord[dim])
+        rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"])
         rep = torch.Generator()
-        rep.set_state(state)
-        shard_gen = torch.Generator().manual_seed(seed + SHARDED_SEED_OFFSET + coord["tp"])
-        contexts.append(RankContext(rank=coord["tp"], comms=comms, rng=RNGStreams(rep, shard_gen, exact)))
+        if mesh.pp == 1:  # one stage: the single-device model's stream, so exact mode can match it
+            rep.set_state(state)
+        else:
+            rep.manual_seed(rep_seed)
+        shard_gen = torch.Generator().manual_seed(tp_seed)
+        rng = RNGStreams(rep, shard_gen, exact, mirrors_default=mesh.pp == 1)
+        contexts.append(RankContext(rank=coord["tp"], comms=comms, rng=rng))
     return contexts, ThreadP2P(timeout)
 
 
@@ -74,8 +78,9 @@ def run_ranks(fn, contexts: list[RankContext], p2p: "ThreadP2P | None" = None) -
     if first is not None:
         r, e = first
         raise FxparError(f"simulated rank {r} failed: {type(e).__name__}: {e}") from e
-    # the replicated stream advanced the same way on every rank: continue from it
-    torch.default_generator.set_state(contexts[0].rng.replicated.get_state())
+    # the replicated stream advanced as the single-device one would have: continue from it
+    if contexts[0].rng.mirrors_default:
+        torch.default_generator.set_state(contexts[0].rng.replicated.get_state())
     return results
 
 

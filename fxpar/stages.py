@@ -160,7 +160,8 @@ def _free_closure(gm, spec: StageSpec, assignment, free, j, last) -> set[Node]:
 
 def stage_nodes(gm: GraphModule, spec: StageSpec, n_stages: int) -> set[Node]:
     """Every node stage ``spec`` runs: its compute nodes, their getitems and what it recomputes."""
-    assignment = {n: spec.index for n in gm.graph.nodes if n.name in set(spec.nodes)}
+    names = set(spec.nodes)
+    assignment = {n: spec.index for n in gm.graph.nodes if n.name in names}
     free = replicable(gm)
     out = set(assignment)
     out |= {n for n in gm.graph.nodes if n.target is operator.getitem and owner_of(n) in out}

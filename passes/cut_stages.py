@@ -17,11 +17,13 @@ each cut is moved, within 1% of the best largest peak, to where the fewest bytes
 
 from __future__ import annotations
 
+import operator
+
 from torch.fx import GraphModule, Node
 
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
-from fxpar.memory import evaluate, node_memory, optimizer_bytes, stage_memory
+from fxpar.memory import evaluate, node_memory, optimizer_bytes, per_device, stage_memory
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
 from fxpar.stages import PipelineSpec, build_stages, compute_nodes, owner_of, replicable
@@ -47,15 +49,27 @@ class _Costs:
             self.new.append(num(info.saved_new))
             self.roots.append(set(info.saved_roots))
             params = {}
-            for i in _reads(node):
+            for i in _reads(node, free):
                 if i.op == "get_attr":
                     m = node_memory(i)
                     held = num(m.param_bytes) * (2 if m.trainable else 1)  # the weight, its gradient
                     opt = num(optimizer_bytes(m, optimizer, optimizer_dtype)) if m.trainable else 0
                     params[i.target] = held + opt + num(m.buffer_bytes)
             self.params.append(params)
-            self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node)
+            self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node, free)
                                 if i not in free and i.op != "get_attr" and owner_of(i) in self.index})
+        # the last use of every value made by a compute node (len(seq): the model's output)
+        self.produced: list[list[str]] = [[] for _ in seq]
+        self.last_use: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if owner_of(node) in self.index and node not in free:
+                uses = [self.index.get(owner_of(u), len(seq)) if u.op != "output" else len(seq) for u in node.users]
+                self.produced[self.index[owner_of(node)]].append(node.name)
+                self.last_use[node.name] = max(uses, default=-1)
+        # the model's outputs made before the last stage are sent to it and held there
+        output = next(n for n in gm.graph.nodes if n.op == "output")
+        self.outputs = {(self.index[owner_of(i)], i.name) for i in output.all_input_nodes
+                        if i not in free and owner_of(i) in self.index}
         self.crossing = self._crossing(gm, free)
 
     def _crossing(self, gm, free) -> list[float]:
@@ -63,9 +77,11 @@ class _Costs:
         n = len(self.seq)
         diff = [0.0] * (n + 2)
         for node in gm.graph.nodes:
-            if node not in self.index or node in free:
+            if owner_of(node) not in self.index or node in free:
                 continue
-            p = self.index[node]
+            if any(u.target is operator.getitem for u in node.users):
+                continue  # a tuple: its getitems are what crosses
+            p = self.index[owner_of(node)]
             uses = [self.index.get(owner_of(u), n) if u.op != "output" else n for u in node.users]
             last = max(uses, default=p)
             if last > p:
@@ -85,20 +101,25 @@ class _Costs:
             roots |= self.roots[i]
             new += self.new[i]
             held |= {v for src, v in self.inputs[i] if src < a}
+        if b == len(self.seq):
+            held |= {v for src, v in self.outputs if src < a}
+        # what the stage sends on is kept until its gradient comes back
+        if b < len(self.seq):
+            held |= {v for i in range(a, b) for v in self.produced[i] if self.last_use[v] >= b}
         held_roots = {node_memory(self.all[v]).root or v for v in held}
         act = new + sum(self.value_bytes[v] for v in held) + sum(self.root_bytes.get(r, 0.0) for r in roots - held_roots)
         return sum(params.values()) + factor * act
 
 
-def _reads(node: Node):
-    """Inputs of a node, looking through recomputable nodes to the parameters they read."""
+def _reads(node: Node, free: set[Node]):
+    """Inputs of a node, looking through recomputed nodes to the parameters they read."""
     seen, stack = [], list(node.all_input_nodes)
     while stack:
         i = stack.pop()
         if i in seen:
             continue
         seen.append(i)
-        if i.op in ("call_function", "call_module") and not i.meta.get("fxpar_requires_grad") and not i.meta.get("fxpar_comm"):
+        if i in free and i.op in ("call_function", "call_module"):
             stack.extend(i.all_input_nodes)
     return seen
 
@@ -196,7 +217,7 @@ def _in_module(node: Node, name: str) -> bool:
 
 
 def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    v = ctx.virtual if ctx.schedule == "interleaved" else 1
+    v = ctx.virtual
     n_stages = ctx.mesh.pp * v
     schedule = sched.make(ctx.schedule, ctx.mesh.pp, ctx.microbatches, v)
     factors = schedule.in_flight()
@@ -223,7 +244,7 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     tied: dict[str, list[int]] = {}
     for s in stages:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
-        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs, optimizer_dtype=ctx.optimizer_dtype)
+        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs + s.outputs, optimizer_dtype=ctx.optimizer_dtype)
         mem.in_flight = factors[s.index]
         s.memory = mem
         for p in s.params:
@@ -253,13 +274,18 @@ def _sizes(gm: GraphModule, ctx: PlanContext):
 
 
 def _check_limit(ctx: PlanContext, names) -> None:
-    peaks = [(evaluate(s.memory.peak, ctx.pipeline.sizes, names), s) for s in ctx.pipeline.stages]
-    worst, stage = max(peaks, key=lambda x: x[0])
+    stages = ctx.pipeline.stages
+    devices = per_device([s.memory for s in stages], [s.rank for s in stages])
+    peaks = [evaluate(d.peak, ctx.pipeline.sizes, names) for d in devices]
+    worst = max(peaks)
     if worst > ctx.memory_limit:
+        rank = peaks.index(worst)
+        held = [s for s in stages if s.rank == rank]
         gib = 1 << 30
         raise PlanError(
-            f"no cut into {len(peaks)} stages fits {ctx.memory_limit / gib:.2f} GiB per device: stage "
-            f"{stage.index} ({', '.join(stage.modules[:3])}...) needs {worst / gib:.2f} GiB with "
-            f"{stage.memory.in_flight} microbatches in flight. Use more pipeline or tensor-parallel ranks, "
-            "smaller microbatches, or a schedule that keeps fewer in flight (1f1b rather than gpipe)"
+            f"no cut into {len(stages)} stages fits {ctx.memory_limit / gib:.2f} GiB per device: pipeline rank "
+            f"{rank} (stage {', '.join(str(s.index) for s in held)}: {', '.join(held[0].modules[:3])}...) needs "
+            f"{worst / gib:.2f} GiB with {', '.join(str(s.memory.in_flight) for s in held)} microbatches in flight. "
+            "Use more pipeline or tensor-parallel ranks, smaller microbatches, or a schedule that keeps fewer "
+            "in flight (1f1b rather than gpipe)"
         )

@@ -91,3 +91,25 @@ def test_pipelined_module_trains_through_train_step(pools):
 def test_train_step_without_stages(pools):
     """The same call with tensor parallelism only: microbatches, one stage, no pipeline sends."""
     pools(2).run(train, "llama", 1, 1, 2, "1f1b", 2)
+
+
+def _messages_in_order():
+    """Tags ignored, as NCCL ignores them: receives must be posted in the order peers send."""
+    from tests.test_stages import LongSkip
+
+    torch.manual_seed(0)
+    model, x = LongSkip(), torch.randn(8, 16)
+    ref = copy.deepcopy(model)
+    pm = fxpar.parallelize(model, fxpar.Mesh(pp=2), example_args=(x,), loss_fn=lambda out: out.pow(2).mean(),
+                           schedule="interleaved", microbatches=2)
+    pm._p2p.order_only = True
+    loss = pm.train_step(x)
+    ref_loss = ref(x).pow(2).mean()
+    ref_loss.backward()
+    assert_close(loss, ref_loss.detach(), "loss with order-matched messages")
+    for name, p in pm.named_parameters():
+        assert_close(p.grad, dict(ref.named_parameters())[name].grad, f"gradient of {name}")
+
+
+def test_messages_match_by_order_not_tag(pools):
+    pools(2).run(_messages_in_order)

@@ -52,7 +52,7 @@ def test_split_points_by_module_name():
 
 def test_a_memory_cap_no_cut_fits_is_refused():
     model = meta_llama()
-    with pytest.raises(fxpar.PlanError, match=r"no cut into 2 stages fits 0\.01 GiB per device: stage \d"):
+    with pytest.raises(fxpar.PlanError, match=r"no cut into 2 stages fits 0\.01 GiB per device: pipeline rank \d \(stage \d"):
         fxpar.compile(model, fxpar.Mesh(pp=2), (torch.randint(0, 4096, (2, 64)),), memory_limit=0.01 * (1 << 30))
 
 
@@ -92,3 +92,20 @@ def test_values_that_need_no_gradient_are_recomputed_not_sent():
     assert all(by_name[name].meta["fxpar_requires_grad"] for name in sent), sent
     assert "freqs_cis" in plan.ctx.pipeline.stages[1].params
 
+
+
+@pytest.mark.parametrize("name, schedule", [("gpt", "1f1b"), ("llama", "interleaved"), ("mlp", "gpipe")])
+def test_the_cut_optimizes_the_memory_it_reports(name, schedule):
+    """The fast cost the cutter minimizes is the stage memory the plan reports."""
+    from fxpar.stages import compute_nodes, replicable
+    from passes.cut_stages import _Costs
+
+    model, args = build(name)
+    args = (torch.cat([args[0]] * 4),)
+    plan = fxpar.compile(model, fxpar.Mesh(pp=2), args, schedule=schedule, microbatches=4)
+    gm, spec = plan.graph_module, plan.ctx.pipeline
+    seq = compute_nodes(gm, replicable(gm))
+    costs = _Costs(gm, seq, plan.ctx.optimizer, spec.sizes, plan.ctx.dim_names)
+    starts = [next(i for i, n in enumerate(seq) if n.name == s.nodes[0]) for s in spec.stages] + [len(seq)]
+    for s, m, a, b in zip(spec.stages, plan.memory(), starts, starts[1:]):
+        assert costs.cost(a, b, s.memory.in_flight) == pytest.approx(float(m.peak)), f"stage {s.index}"

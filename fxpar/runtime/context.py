@@ -27,6 +27,18 @@ class RNGStreams:
     replicated: torch.Generator | None = None
     sharded: torch.Generator | None = None
     exact: bool = False
+    mirrors_default: bool = False  # the replicated stream is a copy of torch's default generator
+
+
+PIPELINE_SEED_OFFSET = 100  # Megatron's: each pipeline stage draws its own masks
+
+
+def stream_seeds(base: int, tp_rank: int, pp_rank: int) -> tuple[int, int]:
+    """Seeds of the replicated and the tensor-parallel stream of a rank: different for every
+    pipeline rank (stages must not repeat each other's masks), the tensor-parallel one also for
+    every tp rank (Megatron's offset 2718)."""
+    replicated = base + PIPELINE_SEED_OFFSET * pp_rank
+    return replicated, replicated + 2718 + tp_rank
 
 
 @dataclass

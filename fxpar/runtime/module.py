@@ -24,13 +24,13 @@ from ..errors import FxparError
 from ..mesh import DEFAULT_TIMEOUT, DIM_ORDER, Mesh, as_mesh
 from ..placement import REPLICATE, Shard
 from ..plan import first_microbatch, plan_graph
+from ..memory import expr
 from ..shards import local_shape
-from ..simulate import SHARDED_SEED_OFFSET
 from .collectives import _assemble
 from .comm import DistComm, LocalComm
-from .context import RankContext, RNGStreams, running
+from .context import RankContext, RNGStreams, running, stream_seeds
 from .p2p import DistP2P
-from .pipeline import join_microbatches, split_microbatches
+from .pipeline import join_microbatches, microbatch_size, split_microbatches
 from .rank import RankProgram
 
 
@@ -81,8 +81,11 @@ class ParallelModule(nn.Module):
             c = plain.coordinate(r)
             return int(device_mesh.mesh[tuple(c[n] for n in names)])
 
-        # Megatron's tensor-parallel stream: the user's seed, offset per tp rank
-        sharded = torch.Generator(device=device).manual_seed(torch.initial_seed() + SHARDED_SEED_OFFSET + comms["tp"].rank)
+        pp_rank = plain.coordinate(rank)["pp"]
+        rep_seed, tp_seed = stream_seeds(torch.initial_seed(), comms["tp"].rank, pp_rank)
+        sharded = torch.Generator(device=device).manual_seed(tp_seed)
+        # one stage: torch's default generator, as the model would use; several: one per stage
+        replicated = None if plain.pp == 1 else torch.Generator(device=device).manual_seed(rep_seed)
         self.training = model.training
         # plain attributes, not submodules: they must not show in parameters() or state_dict()
         self.__dict__.update(
@@ -92,7 +95,7 @@ class ParallelModule(nn.Module):
             _to_global=to_global,
             _device=device,
             _comms=comms,
-            _ctx=RankContext(rank=comms["tp"].rank, comms=comms, rng=RNGStreams(None, sharded, rng == "exact")),
+            _ctx=RankContext(rank=comms["tp"].rank, comms=comms, rng=RNGStreams(replicated, sharded, rng == "exact")),
             _p2p=DistP2P(timeout),
             _skeleton=meta_skeleton(model),
             _source=model,
@@ -124,8 +127,9 @@ class ParallelModule(nn.Module):
                     return prog.full(*args, **kwargs)
                 # captured for one microbatch: run the batch as microbatches
                 flat, spec = pytree.tree_flatten((args, kwargs))
-                parts = [pytree.tree_unflatten(mb, spec) for mb in split_microbatches(flat, self._microbatches)]
-                return join_microbatches([prog.full(*a, **k) for a, k in parts])
+                mbs = split_microbatches(flat, self._microbatches)
+                parts = [pytree.tree_unflatten(mb, spec) for mb in mbs]
+                return join_microbatches([prog.full(*a, **k) for a, k in parts], microbatch_size(mbs))
             if _training(self):
                 raise FxparError(
                     f"with {self._mesh} train with pm.train_step(*args, target=...): it runs the pipeline "
@@ -140,7 +144,9 @@ class ParallelModule(nn.Module):
         microbatches under the pipeline schedule; gradients of tied parameters are summed over the
         stages holding them and averaged over replicas. Returns the mean loss, on every rank; then
         step the optimizer on ``pm.parameters()``. ``loss_fn(output, target)`` (or
-        ``loss_fn(output)`` without a target) is the one given to ``fxpar.parallelize``."""
+        ``loss_fn(output)`` without a target) is the one given to ``fxpar.parallelize``; it should
+        be a mean over its microbatch (as ``F.cross_entropy`` is by default): the step's loss and
+        gradients are the mean over microbatches, which equals the whole batch's mean."""
         if self._loss_fn is None:
             raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
         prog = self._program(args, kwargs)
@@ -158,20 +164,23 @@ class ParallelModule(nn.Module):
         """Pipelined inference, the output given to every rank of the pipeline."""
         outs = prog.runner.forward(mbs)
         comm = self._comms["pp"]
-        last = prog.schedule.stage_rank[-1] == self._mesh.coordinate(self._rank)["pp"]
-        leaves_spec = self._output_leaves
+        last = prog.schedule.stage_rank[-1] == self._pp_rank
+        output = next(n for n in self._captured.gm.graph.nodes if n.op == "output")
+        leaves = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
         results = []
         for i in range(len(mbs)):
-            leaves = pytree.tree_leaves(outs[i]) if last else [torch.zeros(s, dtype=d, device=self._device) for s, d in leaves_spec]
-            shared = [comm.all_reduce(t) if comm.world > 1 else t for t in leaves]
+            mine = outs[i] if last else [self._zeros_like(x, prog) for x in leaves]
+            shared = [comm.all_reduce(t) if isinstance(t, torch.Tensor) and comm.world > 1 else t for t in mine]
             results.append(pytree.tree_unflatten(shared, self._captured.gm._out_spec))
-        return join_microbatches(results)
+        return join_microbatches(results, microbatch_size(mbs))
 
-    @property
-    def _output_leaves(self):
-        out = next(n for n in self._captured.gm.graph.nodes if n.op == "output")
-        leaves = out.args[0] if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
-        return [(tuple(x.meta["val"].shape), x.meta["val"].dtype) for x in leaves]
+    def _zeros_like(self, leaf, prog):
+        """What a rank without the last stage contributes for an output leaf: zeros of its shape."""
+        val = leaf.meta.get("val") if isinstance(leaf, torch.fx.Node) else None
+        if not isinstance(val, torch.Tensor):
+            return leaf if not isinstance(leaf, torch.fx.Node) else val
+        shape = [d if isinstance(d, int) else int(expr(d).subs(prog.runner.sizes)) for d in val.shape]
+        return torch.zeros(shape, dtype=val.dtype, device=self._device)
 
     def _program(self, args, kwargs):
         prog = self._programs.get(self._key(args, kwargs))

@@ -14,19 +14,42 @@ from ..errors import CollectiveError
 
 
 class DistP2P:
-    def __init__(self, timeout: datetime.timedelta):
+    """Receives are posted in the order each peer sends (``expect``): NCCL matches a pair's
+    messages by order, not by tag."""
+
+    def __init__(self, timeout: datetime.timedelta, order_only: bool = False):
         self.timeout = timeout
+        self.order_only = order_only  # ignore tags, as NCCL does (to test the ordering on gloo)
         self.pending = []
         self.sent_bytes = 0
+        self.expected: dict[int, list] = {}  # peer -> messages (tag, shape, dtype) not yet posted
+        self.posted: dict[int, dict] = {}  # peer -> tag -> (work, buffer)
+        self.device = None
+
+    def expect(self, src: int, messages: list, device) -> None:
+        """The messages (tag, shape, dtype) rank ``src`` will send here in this step, in its order."""
+        self.expected[src] = list(messages)
+        self.posted.setdefault(src, {})
+        self.device = device
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         t = t.detach().contiguous()
         self.sent_bytes += t.numel() * t.element_size()
-        self.pending.append((dist.isend(t, dst, tag=tag), t, dst))
+        # a send keeps its tensor until it completes; drop those that have
+        self.pending = [p for p in self.pending if not p[0].is_completed()]
+        self.pending.append((dist.isend(t, dst, tag=0 if self.order_only else tag), t, dst))
 
     def recv(self, shape, dtype, device, src: int, tag: int) -> torch.Tensor:
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        work = dist.irecv(buf, src, tag=tag)
+        posted = self.posted.setdefault(src, {})
+        queue = self.expected.get(src, [])
+        while tag not in posted and queue:  # post everything the peer sends before it
+            t, s, d = queue.pop(0)
+            buf = torch.empty(s, dtype=d, device=self.device or device)
+            posted[t] = (dist.irecv(buf, src, tag=0 if self.order_only else t), buf)
+        if tag not in posted:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            posted[tag] = (dist.irecv(buf, src, tag=0 if self.order_only else tag), buf)
+        work, buf = posted.pop(tag)
         self._wait(work, f"receiving {tuple(shape)} {dtype} from rank {src}")
         return buf
 
@@ -55,7 +78,7 @@ class ThreadP2P:
         self.timeout = timeout
         self.broken = False
 
-    def endpoint(self, rank: int) -> "_ThreadEndpoint":
+    def endpoint(self, rank: int) -> "_ThreadEndpoint":  # noqa: D401
         return _ThreadEndpoint(self, rank)
 
     def abort(self) -> None:
@@ -88,3 +111,6 @@ class _ThreadEndpoint:
 
     def flush(self) -> None:
         pass
+
+    def expect(self, src: int, messages: list, device) -> None:
+        pass  # mailboxes are keyed by tag: order does not matter

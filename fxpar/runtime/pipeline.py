@@ -47,29 +47,40 @@ class PipelineRunner:
         device,
         p2p,
         tied_shapes: dict | None = None,
+        input_shapes: list | None = None,
     ):
         self.spec, self.schedule, self.modules = spec, schedule, modules
         self.pp_rank, self.peer, self.values = pp_rank, peer, values
         self.out_spec, self.device, self.p2p = out_spec, device, p2p
         self.tied_shapes = tied_shapes or {}
+        self.input_shapes = input_shapes or []
+        self.sizes: dict = {}  # values of the symbolic sizes in this step
         self.events: list[tuple[str, float, float]] = []  # (action, start, end) of the last step, seconds
         self.last = len(spec.stages) - 1
         self.vid = {name: i for i, name in enumerate(sorted(values))}
 
     # one training step ------------------------------------------------------------------------
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            raise FxparError("train_step computes gradients: call it outside torch.no_grad()")
         m = len(microbatches)
         st = _State(microbatches, targets, loss_fn, m)
+        self._bind_sizes(microbatches[0])
+        before = {n: params[n].grad.clone() for n in self.spec.tied if n in params and params[n].grad is not None}
+        self._expect(lambda r: self.schedule.actions[r])
         self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
-        self._sync_tied(params)
+        self._sync_tied(params, before)
         self._sync_data_parallel(params)
         loss = sum(st.losses) / m if st.losses else torch.zeros((), device=self.device)
         return self._everywhere(loss.detach().reshape(()).float())
 
-    def forward(self, microbatches: list[list]):
-        """Inference: forwards only; the output (microbatches joined) on every rank."""
+    def forward(self, microbatches: list[list]) -> list[list]:
+        """Inference: forwards only. On the rank of the last stage, each microbatch's output
+        leaves (flat, in the order of the model's output structure); elsewhere nothing."""
         st = _State(microbatches, None, None, len(microbatches))
+        self._bind_sizes(microbatches[0])
+        self._expect(lambda r: self._forward_actions(len(microbatches), r))
         self._run(self._forward_actions(len(microbatches)), st)
         self.p2p.flush()
         return st.outputs
@@ -83,22 +94,54 @@ class PipelineRunner:
             getattr(self, "_" + a.kind.lower())(a, st)
             self.events.append((str(a), t0, clock()))
 
-    def busy_fraction(self) -> float:
-        """Share of the last step this rank spent computing (not waiting or sending)."""
-        if not self.events:
-            return 0.0
-        busy = sum(t1 - t0 for name, t0, t1 in self.events if name[0] in "FB")
-        return busy / (self.events[-1][2] - self.events[0][1])
+    def _expect(self, actions_of) -> None:
+        """Tell the transport, per peer, the messages that peer will send here, in its order.
 
-    def _forward_actions(self, m: int):
+        NCCL matches a pair's point-to-point messages in posting order and ignores tags; posting
+        the receives in the sender's order keeps them matched even when this rank needs them in
+        another order (a value skipping a stage, interleaved stages)."""
+        for r in range(self.schedule.ranks):
+            if r == self.pp_rank:
+                continue
+            msgs = []
+            for a in actions_of(r):
+                if a.kind not in ("SEND_F", "SEND_B") or self.schedule.stage_rank[a.peer] != self.pp_rank:
+                    continue
+                s = self.spec.stages[a.stage]
+                if a.kind == "SEND_F":
+                    names = [n for n in s.outputs if a.peer in s.sinks[n]]
+                else:
+                    names = [n for n in s.inputs if s.sources[n] == a.peer and self.values[n].grad]
+                kind = a.kind[-1]
+                msgs += [(self._tag(kind, a.mb, n), self._shape(self.values[n]), self.values[n].dtype) for n in names]
+            self.p2p.expect(self.peer(self._any_stage_of(r)), msgs, self.device)
+
+    def _any_stage_of(self, rank: int) -> int:
+        return self.schedule.stage_rank.index(rank)
+
+    def _forward_actions(self, m: int, rank: int | None = None):
         from ..schedule import Action, lower
 
-        mine = [j for j, r in enumerate(self.schedule.stage_rank) if r == self.pp_rank]
+        rank = self.pp_rank if rank is None else rank
+        mine = [j for j, r in enumerate(self.schedule.stage_rank) if r == rank]
         compute = [[Action("F", j, mb) for mb in range(m) for j in range(len(self.schedule.stage_rank))
                     if self.schedule.stage_rank[j] == r] for r in range(self.schedule.ranks)]
         plain = Schedule("forward", compute, list(self.schedule.stage_rank), m)
-        acts = lower(plain, self.spec.links()).actions[self.pp_rank]
+        acts = lower(plain, self.spec.links()).actions[rank]
         return [a for a in acts if a.kind in ("F", "SEND_F", "RECV_F") and a.stage in mine]
+
+    def _bind_sizes(self, inputs: list) -> None:
+        """Values of the symbolic sizes, read off one microbatch's inputs."""
+        self.sizes = {}
+        for shape, x in zip(self.input_shapes, inputs):
+            if shape is None or not isinstance(x, torch.Tensor):
+                continue
+            for d, n in zip(shape, x.shape):
+                if not isinstance(d, int):
+                    self.sizes[d] = n
+
+    def _shape(self, v: Value) -> tuple:
+        return tuple(d if isinstance(d, int) else int(d.subs(self.sizes)) for d in v.shape)
 
     # actions ----------------------------------------------------------------------------------
     def _tag(self, kind: str, mb: int, name: str) -> int:
@@ -109,14 +152,15 @@ class PipelineRunner:
         for name in s.inputs:
             if s.sources[name] == a.peer:
                 v = self.values[name]
-                t = self.p2p.recv(v.shape, v.dtype, self.device, self.peer(a.peer), self._tag("F", a.mb, name))
+                t = self.p2p.recv(self._shape(v), v.dtype, self.device, self.peer(a.peer), self._tag("F", a.mb, name))
                 st.recv[(a.stage, a.mb)][name] = t.requires_grad_(v.grad and torch.is_grad_enabled())
 
     def _send_f(self, a, st):
         s = self.spec.stages[a.stage]
-        for name, t in st.out[(a.stage, a.mb)].items():
-            if a.peer in s.sinks.get(name, ()):
-                self.p2p.send(t, self.peer(a.peer), self._tag("F", a.mb, name))
+        out = st.out[(a.stage, a.mb)]
+        for name in s.outputs:  # in the order the peer expects them (``_expect``)
+            if a.peer in s.sinks[name]:
+                self.p2p.send(out[name], self.peer(a.peer), self._tag("F", a.mb, name))
 
     def _f(self, a, st):
         s = self.spec.stages[a.stage]
@@ -131,10 +175,10 @@ class PipelineRunner:
         k = len(s.outputs)
         st.out[(a.stage, a.mb)] = dict(zip(s.outputs, outs[:k]))
         if a.stage == self.last:
-            result = pytree.tree_unflatten(list(outs[k:]), self.out_spec)
             if st.loss_fn is None:
-                st.outputs.append(result)
+                st.outputs.append(list(outs[k:]))
             else:
+                result = pytree.tree_unflatten(list(outs[k:]), self.out_spec)
                 target = st.targets[a.mb] if st.targets is not None else None
                 loss = st.loss_fn(result) if target is None else st.loss_fn(result, target)
                 st.loss[a.mb] = loss
@@ -145,7 +189,7 @@ class PipelineRunner:
         for name in s.outputs:
             if a.peer in s.sinks[name] and self.values[name].grad:
                 v = self.values[name]
-                g = self.p2p.recv(v.shape, v.dtype, self.device, self.peer(a.peer), self._tag("B", a.mb, name))
+                g = self.p2p.recv(self._shape(v), v.dtype, self.device, self.peer(a.peer), self._tag("B", a.mb, name))
                 _accumulate(st.grads[(a.stage, a.mb)], name, g)
 
     def _b(self, a, st):
@@ -153,7 +197,8 @@ class PipelineRunner:
         if a.stage == self.last:
             (st.loss.pop(a.mb) / st.m).backward()
         else:
-            pairs = [(t, st.grads[key][n]) for n, t in st.out[key].items() if n in st.grads[key] and t.requires_grad]
+            grads = st.grads.pop(key, {})
+            pairs = [(t, grads[n]) for n, t in st.out[key].items() if n in grads and t.requires_grad]
             if pairs:
                 torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
         s = self.spec.stages[a.stage]
@@ -171,13 +216,14 @@ class PipelineRunner:
     def _send_b(self, a, st):
         key = (a.stage, a.mb)
         s = self.spec.stages[a.stage]
-        for name, g in list(st.in_grads[key].items()):
-            if s.sources[name] == a.peer:
-                self.p2p.send(g, self.peer(a.peer), self._tag("B", a.mb, name))
+        for name in s.inputs:  # in the order the peer expects them (``_expect``)
+            if s.sources[name] == a.peer and name in st.in_grads[key]:
+                self.p2p.send(st.in_grads[key].pop(name), self.peer(a.peer), self._tag("B", a.mb, name))
 
     # after the schedule -------------------------------------------------------------------------
-    def _sync_tied(self, params: dict) -> None:
-        """Sum the gradients of parameters several stages hold, over the pipeline ranks."""
+    def _sync_tied(self, params: dict, before: dict) -> None:
+        """Sum this step's gradients of parameters several stages hold over the pipeline ranks
+        (what accumulated from earlier steps is already the same on every holder)."""
         if not self.spec.tied:
             return
         comm = current().comm("pp")
@@ -188,9 +234,11 @@ class PipelineRunner:
                 g = torch.zeros(shape, dtype=dtype, device=self.device)
             else:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
+                if name in before:
+                    g = g - before[name]
             total = comm.all_reduce(g)
             if p is not None:
-                p.grad = total
+                p.grad = total + before[name] if name in before else total
 
     def _sync_data_parallel(self, params: dict) -> None:
         comm = current().comms.get("dp")
@@ -205,13 +253,10 @@ class PipelineRunner:
 
     def _everywhere(self, loss: torch.Tensor) -> torch.Tensor:
         ctx = current()
-        mine = loss if self.last in self._my_stages() else torch.zeros_like(loss)
+        mine = loss if self.schedule.stage_rank[self.last] == self.pp_rank else torch.zeros_like(loss)
         total = ctx.comm("pp").all_reduce(mine) if "pp" in ctx.comms else mine
         dp = ctx.comms.get("dp")
         return dp.all_reduce(total) / dp.world if dp is not None and dp.world > 1 else total
-
-    def _my_stages(self):
-        return [j for j, r in enumerate(self.schedule.stage_rank) if r == self.pp_rank]
 
 
 class _State:
@@ -247,10 +292,12 @@ def _buckets(grads):
 
 
 def split_microbatches(flat: list, m: int) -> list[list]:
-    """Each tensor input split into ``m`` equal chunks along dim 0; other inputs repeated."""
+    """Each tensor input with the batch's size on dim 0 (that of the first tensor input) split into
+    ``m`` equal chunks along dim 0; other inputs (a mask, a table) given whole to every microbatch."""
     out = [[] for _ in range(m)]
+    batch = next((x.shape[0] for x in flat if isinstance(x, torch.Tensor) and x.dim()), None)
     for x in flat:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
+        if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
             if x.shape[0] % m:
                 raise FxparError(f"a batch of {x.shape[0]} does not split into {m} microbatches; make it divisible")
             for i, c in enumerate(x.chunk(m, 0)):
@@ -261,14 +308,26 @@ def split_microbatches(flat: list, m: int) -> list[list]:
     return out
 
 
-def join_microbatches(outputs: list):
-    """One output from the microbatches' outputs: tensors concatenated along dim 0, scalars averaged."""
+def join_microbatches(outputs: list, batch: int | None = None):
+    """One output from the microbatches' outputs. A tensor is concatenated along its first dim of
+    the microbatch's size ``batch`` (dim 0 when unknown); a tensor with no such dim (a loss the
+    model reduced over the batch) is averaged, as a mean over equal microbatches would be."""
     leaves = [pytree.tree_flatten(o) for o in outputs]
     spec = leaves[0][1]
     joined = []
     for parts in zip(*[lv for lv, _ in leaves]):
-        if isinstance(parts[0], torch.Tensor):
-            joined.append(torch.cat(parts, 0) if parts[0].dim() > 0 else torch.stack(parts).float().mean().to(parts[0].dtype))
+        first = parts[0]
+        if not isinstance(first, torch.Tensor):
+            joined.append(first)
+            continue
+        dims = [d for d, n in enumerate(first.shape) if batch is None or n == batch]
+        if first.dim() and dims:
+            joined.append(torch.cat(parts, dims[0]))
         else:
-            joined.append(parts[0])
+            joined.append(torch.stack(parts).float().mean(0).to(first.dtype))
     return pytree.tree_unflatten(joined, spec)
+
+
+def microbatch_size(microbatches: list[list]) -> int | None:
+    """The batch size of a microbatch: dim 0 of its first tensor input."""
+    return next((x.shape[0] for x in microbatches[0] if isinstance(x, torch.Tensor) and x.dim()), None)

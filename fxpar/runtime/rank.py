@@ -5,6 +5,7 @@ Shared by ``ParallelModule`` (one process, one rank) and ``Plan`` (every rank in
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
 from torch.fx import GraphModule
 
@@ -17,6 +18,7 @@ from ..mesh import Mesh
 from ..metadata import PLACEMENT, REQUIRES_GRAD
 from ..placement import REPLICATE
 from ..plan_context import PlanContext
+from ..memory import expr
 from ..shards import local_shape
 from .pipeline import PipelineRunner, Value
 
@@ -60,7 +62,7 @@ class RankProgram:
 
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
-            _tied_shapes(gm, ctx, spec),
+            _tied_shapes(gm, ctx, spec), _input_shapes(gm),
         )
 
 
@@ -72,7 +74,18 @@ def _values(gm: GraphModule, spec) -> dict[str, Value]:
             node = by_name[name]
             val = node.meta["val"]
             grad = bool(node.meta.get(REQUIRES_GRAD)) and (val.is_floating_point() or val.is_complex())
-            out[name] = Value(tuple(local_shape(val.shape, node.meta.get(PLACEMENT) or REPLICATE)), val.dtype, grad)
+            shape = [expr(d) for d in val.shape]  # symbolic sizes are evaluated at every step
+            out[name] = Value(tuple(local_shape(shape, node.meta.get(PLACEMENT) or REPLICATE)), val.dtype, grad)
+    return out
+
+
+def _input_shapes(gm: GraphModule) -> list:
+    """The model inputs' shapes as captured (ints and symbols), in placeholder order."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta.get("val")
+            out.append(tuple(expr(d) for d in v.shape) if isinstance(v, torch.Tensor) else None)
     return out
 
 
