@@ -35,6 +35,9 @@ class Value:
 
 
 class PipelineRunner:
+    """One rank's stages (``modules``, by stage index) under a lowered ``schedule``; ``peer(j)`` is
+    the global rank holding stage ``j`` at this rank's data-parallel and tp position."""
+
     def __init__(
         self,
         spec: PipelineSpec,
