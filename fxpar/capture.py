@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import traceback
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +78,25 @@ def meta_skeleton(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None) -> Captured:
+TARGET = "fxpar_target"  # the keyword a captured loss receives its target by
+
+
+def with_loss(model: nn.Module, loss_fn) -> nn.Module:
+    """``model`` whose forward returns ``loss_fn(output, fxpar_target)`` (``loss_fn(output)``
+    without a target): the same parameters under the same names, so that the loss is part of the
+    graph and can run split (cross-entropy over split logits never gathers them)."""
+    wrapper = copy.copy(model)  # shares the submodules, parameters and buffers
+    forward = model.forward
+
+    def loss_forward(self, *args, fxpar_target=None, **kwargs):
+        out = forward(*args, **kwargs)
+        return loss_fn(out) if fxpar_target is None else loss_fn(out, fxpar_target)
+
+    wrapper.forward = types.MethodType(loss_forward, wrapper)
+    return wrapper
+
+
+def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an ATen-level ``GraphModule`` on the meta device.
 
     >>> from models import mlp
@@ -91,6 +110,8 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None) -> C
     kwargs = dict(kwargs or {})
     skeleton = meta_skeleton(model)
     skeleton.train(model.training)
+    if loss_fn is not None:
+        skeleton = with_loss(skeleton, loss_fn)
     meta_args, meta_kwargs = pytree.tree_map_only(
         torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (tuple(args), kwargs)
     )

@@ -16,7 +16,7 @@ from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
 from . import report
-from .capture import Captured, capture
+from .capture import TARGET, Captured, capture
 from .codegen import build_module, copy_graph, get_path, rank_graph
 from .errors import DivergenceError, FxparError, describe_node
 from .holder import populate, retarget_submodules
@@ -35,7 +35,7 @@ from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 # options of the pipeline passes, settable through compile/parallelize
 PLAN_OPTIONS = (
     "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "optimizer_dtype", "sizes",
-    "device_type", "param_stages",
+    "device_type", "param_stages", "fixed_weights",
 )
 
 
@@ -55,8 +55,10 @@ def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron", **o
 class Plan:
     """Every rank's program for one model, mesh and input signature (see ``fxpar.compile``)."""
 
-    def __init__(self, model: nn.Module, mesh: Mesh, cap: Captured, gm: GraphModule, ctx: PlanContext, *, seed=0, init_fn=None):
+    def __init__(self, model: nn.Module, mesh: Mesh, cap: Captured, gm: GraphModule, ctx: PlanContext, *, seed=0,
+                 init_fn=None, loss_fn=None):
         self.model = model
+        self.loss_fn = loss_fn  # when given, the graph computes the loss (its output)
         self.mesh = mesh
         self.captured = cap
         self.graph_module = gm
@@ -143,10 +145,14 @@ class Plan:
         step on ``program(r).params`` (or ``rank_module(r).parameters()``).
         """
         progs = [self.program(r) for r in range(self.mesh.size)]
+        if self.loss_fn is not None:  # the graph takes the target and returns the loss
+            if loss_fn not in (None, self.loss_fn):
+                raise FxparError("this plan computes the loss it was compiled with; pass loss_fn=None or the same function")
+            kwargs, target, loss_fn = {**kwargs, TARGET: target}, None, None
         if not self.pipelined:
             def step(r):
                 out = progs[r].full(*args, **kwargs)
-                loss = loss_fn(out) if target is None else loss_fn(out, target)
+                loss = out if self.loss_fn is not None else (loss_fn(out) if target is None else loss_fn(out, target))
                 loss.backward()
                 return loss.detach()
         else:
@@ -356,6 +362,8 @@ def compile(
     rng: str = "megatron",
     seed: int = 0,
     init_fn=None,
+    loss_fn=None,
+    example_target=None,
     **options,
 ) -> Plan:
     """Plan ``model`` for ``mesh`` with no process group.
@@ -377,10 +385,12 @@ def compile(
     mesh = as_mesh(mesh)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
+    if loss_fn is not None:
+        example_kwargs = {**(example_kwargs or {}), TARGET: example_target}
     mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, mesh.dp * options.get("microbatches", 1))
-    cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes)
+    cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn)
     gm, ctx = plan_graph(cap, mesh, overrides=overrides, rng=rng, **options)
-    plan = Plan(model, mesh, cap, gm, ctx, seed=seed, init_fn=init_fn)
+    plan = Plan(model, mesh, cap, gm, ctx, seed=seed, init_fn=init_fn, loss_fn=loss_fn)
     if debug_level() >= 3:
         import sys
 

@@ -42,6 +42,7 @@ class PlanContext:
     sizes: dict = field(default_factory=dict)
     dim_names: dict = field(default_factory=dict)
     param_stages: dict = field(default_factory=dict)  # keep parameters in these stages (recapture)
+    fixed_weights: dict = field(default_factory=dict)  # keep weights placed this way (recapture)
     # written by passes
     decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement

@@ -1,7 +1,9 @@
 """Pass (analysis): place every value over the tp ranks, deciding column/row parallelism from
 the data flow.
 
-Reads ``val``, ``nn_module_stack`` and the per-op rules in ``fxpar.rules``. Writes
+Reads ``val``, ``nn_module_stack``, the per-op rules in ``fxpar.rules`` and
+``ctx.fixed_weights`` (placements another capture of the same module already gave its weights:
+the plan works around them, gathering a weight where it must). Writes
 ``fxpar_placement`` and ``fxpar_inputs`` on every node, ``fxpar_decision`` on every matmul with a
 weight and every embedding, ``fxpar_fallback`` where an op with no rule had to gather; fills
 ``ctx.decisions`` (by module name, e.g. ``{"transformer.h.0.attn.c_attn": "colwise"}``),
@@ -77,8 +79,9 @@ class _Decisions:
 class _Round:
     """One forward propagation of placements under fixed decisions."""
 
-    def __init__(self, gm: GraphModule, world: int, decisions: _Decisions, user_dep: set[Node]):
+    def __init__(self, gm: GraphModule, world: int, decisions: _Decisions, user_dep: set[Node], fixed: dict | None = None):
         self.gm, self.world, self.d, self.user_dep = gm, world, decisions, user_dep
+        self.fixed = fixed or {}  # weights whose placement is already decided
         self.place: dict[Node, object] = {}
         self.inputs: dict[Node, dict[Node, Placement]] = {}
         self.fallback: dict[Node, str] = {}
@@ -111,7 +114,7 @@ class _Round:
             if node.op == "placeholder":
                 self.place[node] = REPLICATE if is_tensor_node(node) else None
             elif node.op == "get_attr":
-                self.place[node] = FREE if is_tensor_node(node) else None
+                self.place[node] = self.fixed.get(node.target, FREE) if is_tensor_node(node) else None
             elif node.op == "output":
                 self.inputs[node] = {n: REPLICATE for n in tensor_args(node)}
             elif self._weight_view(node):
@@ -361,7 +364,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
         rnd.run()
     else:
         for _ in range(max_rounds):
-            rnd = _Round(gm, ctx.tp, d, user_dep).run()
+            rnd = _Round(gm, ctx.tp, d, user_dep, ctx.fixed_weights).run()
             if not _resolve(rnd, d):
                 break
         else:

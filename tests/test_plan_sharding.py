@@ -103,16 +103,22 @@ def test_every_collective_is_annotated_with_its_bytes():
             assert c.elements == 2 * 16 * 64 and c.bytes == 2 * 16 * 64 * 4
 
 
-def test_a_loss_inside_the_model_keeps_the_tied_output_whole():
-    """Cross-entropy has no sharding rule yet: the logits it reads stay whole, and so does the
-    token embedding tied to their projection; nothing is gathered and nothing is warned."""
+def test_a_loss_inside_the_model_runs_split_over_the_vocabulary():
+    """A cross-entropy computed inside ``forward`` reads logits split by vocabulary: the tied
+    token embedding splits by vocabulary too, the loss runs split (no gather feeds it), and only
+    the logits the model returns are gathered."""
     model, (idx,) = build("gpt")
     plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx, idx))
     d = plan.ctx.decisions
-    assert d["lm_head"].startswith("replicate: its output is gathered before cross_entropy_loss")
-    assert d["transformer.wte"] == "replicate: its weight is also used whole by linear_8 (lm_head)"
+    assert d["lm_head"] == "colwise" and d["transformer.wte"] == "vocab"
     assert not plan.ctx.warnings
-    assert_close(plan.simulate(idx, idx)[1], model(idx, idx)[1], "loss computed inside the model")
+    loss = next(n for n in plan.graph_module.graph.nodes
+                if n.target == torch.ops.aten.cross_entropy_loss.default)
+    assert all(a.meta.get(COMM) is None for a in loss.all_input_nodes)
+    logits, loss_value = plan.simulate(idx, idx)
+    ref_logits, ref_loss = model(idx, idx)
+    assert_close(loss_value, ref_loss, "loss computed inside the model")
+    assert_close(logits, ref_logits, "logits returned with the loss")
 
 
 def test_views_sized_by_a_symbolic_sequence_on_a_tensor_split_by_heads():

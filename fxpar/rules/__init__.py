@@ -31,7 +31,7 @@ def localizer_for(node: Node):
 
 
 # importing the rule modules registers them
-from . import attention, embedding, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
+from . import attention, embedding, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
 
 aten = torch.ops.aten
 # ops through which a weight is still "just the weight": its user may choose how it is stored

@@ -38,6 +38,14 @@ class Communicator:
         self._count("all_reduce", t.numel(), t.element_size(), 2)
         return self._all_reduce(t.contiguous())
 
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Elementwise maximum over ranks, returned as a new tensor."""
+        self._count("all_reduce", t.numel(), t.element_size(), 2)
+        return self._all_reduce_max(t.contiguous())
+
+    def _all_reduce_max(self, t):
+        return torch.stack(self._all_gather(t)).amax(0)
+
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor (all of the same shape), in rank order."""
         self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
@@ -77,6 +85,11 @@ class DistComm(Communicator):
     def _all_reduce(self, t):
         out = t.clone()
         self._wait(dist.all_reduce(out, group=self.group, async_op=True), "all_reduce", t)
+        return out
+
+    def _all_reduce_max(self, t):
+        out = t.clone()
+        self._wait(dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group, async_op=True), "all_reduce(max)", t)
         return out
 
     def _all_gather(self, t):

@@ -18,7 +18,7 @@ import torch.nn as nn
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from ..capture import capture, meta_skeleton
+from ..capture import TARGET, capture, meta_skeleton
 from ..codegen import get_path
 from ..errors import FxparError
 from ..mesh import DEFAULT_TIMEOUT, DIM_ORDER, Mesh, as_mesh
@@ -56,6 +56,7 @@ class ParallelModule(nn.Module):
         example_kwargs=None,
         *,
         loss_fn=None,
+        example_target=None,
         dynamic_shapes=None,
         overrides=None,
         rng: str = "megatron",
@@ -111,7 +112,10 @@ class ParallelModule(nn.Module):
             _dynamic=None,
             _held=None,
         )
-        if example_args is not None or example_kwargs:
+        if example_target is not None and loss_fn is not None and dynamic_shapes is None:
+            # the training graph decides how the weights are split (it knows what the loss reads)
+            self._program(_as_tuple(example_args), {**(example_kwargs or {}), TARGET: example_target}, loss=True)
+        elif example_args is not None or example_kwargs:
             self._program(_as_tuple(example_args), dict(example_kwargs or {}))
 
     @property
@@ -135,7 +139,7 @@ class ParallelModule(nn.Module):
                     f"with {self._mesh} train with pm.train_step(*args, target=...): it runs the pipeline "
                     "schedule and synchronizes gradients; pm(...) is for inference (use torch.no_grad() or pm.eval())"
                 )
-            mbs = split_microbatches(self._flat(args, kwargs), self._microbatches)
+            mbs = split_microbatches(self._flat(prog, args, kwargs), self._microbatches)
             self.__dict__["_last"] = prog
             return self._everywhere(prog, mbs)
 
@@ -149,29 +153,38 @@ class ParallelModule(nn.Module):
         gradients are the mean over microbatches, which equals the whole batch's mean."""
         if self._loss_fn is None:
             raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
-        prog = self._program(args, kwargs)
         m = self._microbatches
-        mbs = split_microbatches(self._flat(args, kwargs), m)
-        targets = None if target is None else [t[0] for t in split_microbatches([target], m)]
+        if self._options["dynamic_shapes"] is None:
+            # the loss is captured with the model: a cross-entropy over logits split by vocabulary
+            # then runs split, and nothing the loss does not read (the logits) is gathered
+            kwargs = {**kwargs, TARGET: target}
+            prog = self._program(args, kwargs, loss=True)
+            mbs = split_microbatches(self._flat(prog, args, kwargs), m)
+            targets, loss_fn = None, None
+        else:
+            prog = self._program(args, kwargs)
+            mbs = split_microbatches(self._flat(prog, args, kwargs), m)
+            targets = None if target is None else [t[0] for t in split_microbatches([target], m)]
+            loss_fn = self._loss_fn
         self.__dict__["_last"] = prog
         with running(self._ctx):
-            return prog.runner.train_step(mbs, targets, self._loss_fn, prog.params)
+            return prog.runner.train_step(mbs, targets, loss_fn, prog.params)
 
-    def _flat(self, args, kwargs) -> list:
-        return list(fx_pytree.tree_flatten_spec((args, kwargs), self._captured.gm._in_spec))
+    def _flat(self, prog, args, kwargs) -> list:
+        return list(fx_pytree.tree_flatten_spec((args, kwargs), prog.captured.gm._in_spec))
 
     def _everywhere(self, prog, mbs):
         """Pipelined inference, the output given to every rank of the pipeline."""
         outs = prog.runner.forward(mbs)
         comm = self._comms["pp"]
         last = prog.schedule.stage_rank[-1] == self._pp_rank
-        output = next(n for n in self._captured.gm.graph.nodes if n.op == "output")
+        output = next(n for n in prog.captured.gm.graph.nodes if n.op == "output")
         leaves = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
         results = []
         for i in range(len(mbs)):
             mine = outs[i] if last else [self._zeros_like(x, prog) for x in leaves]
             shared = [comm.all_reduce(t) if isinstance(t, torch.Tensor) and comm.world > 1 else t for t in mine]
-            results.append(pytree.tree_unflatten(shared, self._captured.gm._out_spec))
+            results.append(pytree.tree_unflatten(shared, prog.captured.gm._out_spec))
         return join_microbatches(results, microbatch_size(mbs))
 
     def _zeros_like(self, leaf, prog):
@@ -182,12 +195,12 @@ class ParallelModule(nn.Module):
         shape = [d if isinstance(d, int) else int(expr(d).subs(prog.runner.sizes)) for d in val.shape]
         return torch.zeros(shape, dtype=val.dtype, device=self._device)
 
-    def _program(self, args, kwargs):
-        prog = self._programs.get(self._key(args, kwargs))
+    def _program(self, args, kwargs, loss: bool = False):
+        prog = self._programs.get((loss, self._key(args, kwargs)))
         if prog is None:
-            prog = self._build(args, kwargs)
+            prog = self._build(args, kwargs, loss)
             # keyed after building: the first capture tells which dims are symbolic
-            self._programs[self._key(args, kwargs)] = prog
+            self._programs[(loss, self._key(args, kwargs))] = prog
         return prog
 
     def _key(self, args, kwargs):
@@ -203,15 +216,18 @@ class ParallelModule(nn.Module):
                 parts.append(x)
         return (self.training, str(spec), tuple(parts))
 
-    def _build(self, args, kwargs) -> RankProgram:
+    def _build(self, args, kwargs, loss: bool = False) -> RankProgram:
         self._skeleton.train(self.training)
         options = dict(self._options)
         mb_args, mb_kwargs = first_microbatch(args, kwargs, self._microbatches)
-        cap = capture(self._skeleton, mb_args, mb_kwargs, dynamic_shapes=options.pop("dynamic_shapes"))
+        cap = capture(self._skeleton, mb_args, mb_kwargs, dynamic_shapes=options.pop("dynamic_shapes"),
+                      loss_fn=self._loss_fn if loss else None)
         first = self._placements is None
-        if not first and self._mesh.pp > 1:  # the parameters stay in the stages they are in
-            spec = self._plans[0][1].pipeline
-            options["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
+        if not first:  # the parameters stay as they are: split the same way, in the same stages
+            options["fixed_weights"] = dict(self._placements)
+            if self._mesh.pp > 1:
+                spec = self._plans[0][1].pipeline
+                options["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
         gm, ctx = plan_graph(cap, self._mesh, device_type=self._device.type, **options)
         if first:
             self._check_same_model(cap)

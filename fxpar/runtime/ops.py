@@ -67,3 +67,53 @@ class _MaskedScale(torch.autograd.Function):
     def backward(ctx, g):
         mask, scale = ctx.saved_tensors
         return g * torch.where(mask, scale, torch.zeros((), dtype=g.dtype, device=g.device)), None, None
+
+
+def vocab_parallel_cross_entropy(x, target, start: int, stop: int, reduction: int = 1, ignore_index: int = -100,
+                                 group: str = "tp"):
+    """``F.cross_entropy`` of logits split over the ranks along the classes (this rank holds
+    classes ``[start, stop)``), without ever holding the whole logits: the maximum, the sum of
+    exponentials and the target's logit are each combined by one all-reduce of a value per sample.
+    ``reduction``: 0 none, 1 mean (over targets that are not ``ignore_index``), 2 sum."""
+    return _VocabParallelCE.apply(x, target, start, stop, reduction, ignore_index, current().comm(group))
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, target, start, stop, reduction, ignore_index, comm):
+        logits = x.movedim(1, -1) if x.dim() > 1 else x  # classes last
+        top = comm.all_reduce_max(logits.detach().amax(-1))
+        shifted = logits - top.unsqueeze(-1)
+        exp = shifted.exp()
+        total = comm.all_reduce(exp.sum(-1))
+        mine = (target >= start) & (target < stop)
+        local = torch.where(mine, target - start, torch.zeros_like(target))
+        picked = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1) * mine
+        picked = comm.all_reduce(picked)
+        valid = target != ignore_index
+        loss = (total.log() - picked) * valid
+        ctx.save_for_backward(exp / total.unsqueeze(-1), local, mine, valid)
+        ctx.reduction, ctx.classes_dim = reduction, x.dim() > 1
+        count = valid.sum()
+        ctx.count = count
+        if reduction == 0:
+            return loss
+        if reduction == 2:
+            return loss.sum()
+        return loss.sum() / count
+
+    @staticmethod
+    def backward(ctx, g):
+        softmax, local, mine, valid = ctx.saved_tensors
+        grad = softmax.clone()
+        grad.scatter_add_(-1, local.unsqueeze(-1), -mine.unsqueeze(-1).to(grad.dtype))
+        grad = grad * valid.unsqueeze(-1)
+        if ctx.reduction == 0:
+            grad = grad * g.unsqueeze(-1)
+        elif ctx.reduction == 1:
+            grad = grad * (g / ctx.count)
+        else:
+            grad = grad * g
+        if ctx.classes_dim:
+            grad = grad.movedim(-1, 1)
+        return grad, None, None, None, None, None, None

@@ -64,10 +64,12 @@ class PipelineRunner:
 
     # one training step ------------------------------------------------------------------------
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
+        """Forward, loss and backward of every microbatch; ``loss_fn=None`` when the stages' graph
+        computes the loss itself (its last stage's output)."""
         if not torch.is_grad_enabled():
             raise FxparError("train_step computes gradients: call it outside torch.no_grad()")
         m = len(microbatches)
-        st = _State(microbatches, targets, loss_fn, m)
+        st = _State(microbatches, targets, loss_fn, m, training=True)
         self._bind_sizes(microbatches[0])
         before = {n: params[n].grad.clone() for n in self.spec.tied if n in params and params[n].grad is not None}
         self._expect(lambda r: self.schedule.actions[r])
@@ -178,8 +180,11 @@ class PipelineRunner:
         k = len(s.outputs)
         st.out[(a.stage, a.mb)] = dict(zip(s.outputs, outs[:k]))
         if a.stage == self.last:
-            if st.loss_fn is None:
+            if not st.training:
                 st.outputs.append(list(outs[k:]))
+            elif st.loss_fn is None:  # the loss is the graph's output
+                st.loss[a.mb] = outs[k]
+                st.losses.append(outs[k].detach())
             else:
                 result = pytree.tree_unflatten(list(outs[k:]), self.out_spec)
                 target = st.targets[a.mb] if st.targets is not None else None
@@ -265,10 +270,11 @@ class PipelineRunner:
 class _State:
     """Everything one step keeps per (stage, microbatch)."""
 
-    def __init__(self, inputs, targets, loss_fn, m):
+    def __init__(self, inputs, targets, loss_fn, m, training=False):
         from collections import defaultdict
 
         self.inputs, self.targets, self.loss_fn, self.m = inputs, targets, loss_fn, m
+        self.training = training
         self.recv = defaultdict(dict)
         self.out: dict = {}
         self.grads = defaultdict(dict)

@@ -33,6 +33,7 @@ class RankProgram:
                  device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None):
         coord = mesh.coordinate(rank)
         self.dp, self.pp, self.tp = coord["dp"], coord["pp"], coord["tp"]
+        self.captured = cap
         spec = ctx.pipeline
         mine = [s for s in spec.stages if s.rank == self.pp]
         keep = {p for s in mine for p in s.params}
