@@ -6,6 +6,7 @@
 """
 
 from .capture import capture
+from .checkpoint import load, save
 from .errors import CaptureError, CollectiveError, DivergenceError, FxparError, MeshError, PlanError
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard
@@ -21,6 +22,8 @@ __all__ = [
     "ParallelModule",
     "Plan",
     "capture",
+    "save",
+    "load",
     "Shard",
     "Replicate",
     "Partial",

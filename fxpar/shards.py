@@ -96,21 +96,20 @@ def init_tensor(name, shape, dtype, placement: Placement, rank: int, seed: int, 
         needed = torch.as_tensor(placement.indices(rank))
     else:
         needed = torch.arange(rows)
-    out = []
+    cols = torch.as_tensor(placement.indices(rank)) if isinstance(placement, Shard) and placement.dim > 0 else None
+    # filled block by block: nothing bigger than one block of rows is allocated besides the output
+    out = torch.empty(loc, dtype=dtype, device=device)
     for block in sorted({int(r) // ROWS_PER_BLOCK for r in needed}):
         lo = block * ROWS_PER_BLOCK
         n = min(ROWS_PER_BLOCK, rows - lo)
         g = torch.Generator().manual_seed(_seed(seed, name, block))
         data = torch.randn([n, *shape[1:]], generator=g, dtype=torch.float32) * INIT_STD
-        sel = torch.sort(needed[(needed >= lo) & (needed < lo + n)]).values - lo
-        data = data.index_select(0, sel)
-        if isinstance(placement, Shard) and placement.dim > 0:
-            data = data.index_select(placement.dim, torch.as_tensor(placement.indices(rank)))
-        out.append(data)
-    # blocks come in row order; restore the local order of the owned rows
-    full_rows = torch.cat(out, 0)
-    order = torch.argsort(torch.argsort(needed))
-    return full_rows.index_select(0, order).to(dtype=dtype, device=device).contiguous()
+        where = torch.nonzero((needed >= lo) & (needed < lo + n)).flatten()  # local positions
+        data = data.index_select(0, needed[where] - lo)
+        if cols is not None:
+            data = data.index_select(placement.dim, cols)
+        out.index_copy_(0, where.to(device), data.to(dtype=dtype, device=device))
+    return out
 
 
 def init_state_dict(gm: GraphModule, seed: int, names=None) -> dict[str, torch.Tensor]:
