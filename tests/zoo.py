@@ -40,6 +40,46 @@ def hf_llama(kv_heads=1):
 
 HF = {"hf_gpt2": hf_gpt2, "hf_llama": hf_llama}
 
+_DECODER = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                max_position_embeddings=32)
+# Hugging Face families: (config class, model class, config fields), small, without dropout
+FAMILIES = {
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(n_layer=2, n_embd=64, n_head=4, n_positions=32)),
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_DECODER, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_DECODER, num_key_value_heads=2)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_DECODER, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_DECODER, num_key_value_heads=2, head_dim=16)),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", dict(_DECODER, num_key_value_heads=1, head_dim=16)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER, num_key_value_heads=4, pad_token_id=0)),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _DECODER),
+    "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                                max_position_embeddings=32, word_embed_proj_dim=64)),
+    "bert": ("BertConfig", "BertForMaskedLM", _DECODER),
+}
+_DROPOUTS = ("attention_dropout", "hidden_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
+             "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout", "classifier_dropout")
+
+
+def hf_family(name: str, seed: int = 0):
+    """A small ``name`` model with random weights, ``input_ids`` and ``labels`` for them."""
+    import transformers
+
+    config_cls, model_cls, fields = FAMILIES[name]
+    cfg = getattr(transformers, config_cls)(vocab_size=128, use_cache=False, bos_token_id=0, eos_token_id=0, **fields)
+    for k in _DROPOUTS:
+        if hasattr(cfg, k):
+            setattr(cfg, k, 0.0)
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(1, 128, (4, 8), generator=g)
+    return model, ids, torch.randint(0, 128, (4, 8), generator=g)
+
+
+def hf_loss(out):
+    """The loss a Hugging Face model computes inside ``forward`` when given ``labels``."""
+    return out.loss
+
 
 def build(name: str, seed: int = 0):
     torch.manual_seed(seed)
