@@ -7,6 +7,7 @@
 
 from .capture import capture
 from .checkpoint import load, save
+from .empty_weights import empty_weights
 from .errors import CaptureError, CollectiveError, DivergenceError, FxparError, MeshError, PlanError
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard
@@ -24,6 +25,7 @@ __all__ = [
     "capture",
     "save",
     "load",
+    "empty_weights",
     "Shard",
     "Replicate",
     "Partial",

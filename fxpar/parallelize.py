@@ -15,7 +15,11 @@ def parallelize(model: nn.Module, mesh, example_args=None, example_kwargs=None, 
     ``torch.export`` form or as names), ``overrides`` (``{"lm_head": "replicate", ...}`` by
     module or parameter name), ``rng`` (``"megatron"`` or ``"exact"``), ``device``, ``timeout``
     (a ``datetime.timedelta`` for every collective), ``seed`` and ``init_fn`` (to make the shards
-    of a model built on the meta device).
+    of a model built on the meta device; ``fxpar.load`` then fills them from weight files),
+    ``loss_fn`` (for ``pm.train_step``: captured with the model, so a cross-entropy over logits
+    split by vocabulary runs split), ``example_target`` (builds the training program first) and
+    ``compile`` (``True`` or a dict of ``torch.compile`` arguments: every program this rank runs
+    goes through ``torch.compile``).
 
     Example (under ``torchrun --nproc-per-node 2``)::
 

@@ -128,7 +128,7 @@ def init_state_dict(gm: GraphModule, seed: int, names=None) -> dict[str, torch.T
 
 def missing_buffer_error(names: list[str]) -> FxparError:
     return FxparError(
-        f"buffers {names} are on the meta device and fxpar cannot compute their values; build them on a "
-        "real device (only parameters need the meta device to save memory) or pass "
+        f"buffers {names} are on the meta device and fxpar cannot compute their values; build the model "
+        "under `with fxpar.empty_weights():` (parameters on the meta device, buffers made as usual) or pass "
         "init_fn=lambda name, shape, dtype, placement, rank: ... that returns them"
     )

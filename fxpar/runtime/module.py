@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import TARGET, capture, meta_skeleton
 from ..codegen import get_path
-from ..errors import FxparError
+from ..errors import CaptureError, FxparError
 from ..mesh import DEFAULT_TIMEOUT, DIM_ORDER, Mesh, as_mesh
 from ..placement import REPLICATE, Shard
 from ..plan import first_microbatch, plan_graph
@@ -64,6 +64,7 @@ class ParallelModule(nn.Module):
         timeout: datetime.timedelta = DEFAULT_TIMEOUT,
         seed: int = 0,
         init_fn=None,
+        compile=False,  # noqa: A002 - the option's name: parallelize(..., compile=True)
         **options,
     ):
         super().__init__()
@@ -105,6 +106,8 @@ class ParallelModule(nn.Module):
             _microbatches=options.get("microbatches", 1),
             _seed=seed,
             _init_fn=init_fn,
+            _compile=_compile_options(compile),
+            _loss_in_graph=dynamic_shapes is None,
             _programs={},
             _plans=[],
             _placements=None,
@@ -112,10 +115,11 @@ class ParallelModule(nn.Module):
             _dynamic=None,
             _held=None,
         )
-        if example_target is not None and loss_fn is not None and dynamic_shapes is None:
+        built = None
+        if example_target is not None and loss_fn is not None:
             # the training graph decides how the weights are split (it knows what the loss reads)
-            self._program(_as_tuple(example_args), {**(example_kwargs or {}), TARGET: example_target}, loss=True)
-        elif example_args is not None or example_kwargs:
+            built = self._loss_program(_as_tuple(example_args), {**(example_kwargs or {}), TARGET: example_target})
+        if built is None and (example_args is not None or example_kwargs):
             self._program(_as_tuple(example_args), dict(example_kwargs or {}))
 
     @property
@@ -154,12 +158,10 @@ class ParallelModule(nn.Module):
         if self._loss_fn is None:
             raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
         m = self._microbatches
-        if self._options["dynamic_shapes"] is None:
-            # the loss is captured with the model: a cross-entropy over logits split by vocabulary
-            # then runs split, and nothing the loss does not read (the logits) is gathered
-            kwargs = {**kwargs, TARGET: target}
-            prog = self._program(args, kwargs, loss=True)
-            mbs = split_microbatches(self._flat(prog, args, kwargs), m)
+        with_target = {**kwargs, TARGET: target}
+        prog = self._loss_program(args, with_target)
+        if prog is not None:
+            mbs = split_microbatches(self._flat(prog, args, with_target), m)
             targets, loss_fn = None, None
         else:
             prog = self._program(args, kwargs)
@@ -169,6 +171,25 @@ class ParallelModule(nn.Module):
         self.__dict__["_last"] = prog
         with running(self._ctx):
             return prog.runner.train_step(mbs, targets, loss_fn, prog.params)
+
+    def _loss_program(self, args, kwargs):
+        """The program computing model and loss as one graph, or None where the loss runs after
+        the model's program (dynamic shapes, or a loss_fn that does not capture).
+
+        Captured with the model, a cross-entropy over logits split by vocabulary runs split, and
+        nothing only the loss reads (the logits) is gathered."""
+        if not self._loss_in_graph:
+            return None
+        try:
+            return self._program(args, kwargs, loss=True)
+        except CaptureError as e:
+            self.__dict__["_loss_in_graph"] = False
+            warnings.warn(
+                "fxpar: loss_fn could not be captured with the model, so it runs on the gathered outputs "
+                f"instead (no vocabulary-parallel loss): {str(e).splitlines()[0]}",
+                stacklevel=3,
+            )
+            return None
 
     def _flat(self, prog, args, kwargs) -> list:
         return list(fx_pytree.tree_flatten_spec((args, kwargs), prog.captured.gm._in_spec))
@@ -243,6 +264,7 @@ class ParallelModule(nn.Module):
         prog = RankProgram(
             self, cap, gm, ctx, self._mesh, self._rank, self._device, self._p2p,
             source=self._source, seed=self._seed, init_fn=self._init_fn, populate=first, to_global=self._to_global,
+            compile_options=self._compile,
         )
         if first:
             self.__dict__.update(
@@ -447,6 +469,17 @@ def _training(pm) -> bool:
 
 def _persistent(cap, key) -> bool:
     return cap.persistent.get(key, True)
+
+
+def _compile_options(option) -> dict | None:
+    """``compile=True`` or a dict of ``torch.compile`` arguments -> those arguments."""
+    if option is False or option is None:
+        return None
+    if option is True:
+        return {}
+    if isinstance(option, dict):
+        return dict(option)
+    raise FxparError(f"compile= takes True, False or a dict of torch.compile arguments, not {option!r}")
 
 
 def _as_tuple(args):

@@ -30,7 +30,8 @@ class RankProgram:
     schedule (``train_step``, pipelined inference)."""
 
     def __init__(self, root: nn.Module, cap: Captured, gm: GraphModule, ctx: PlanContext, mesh: Mesh, rank: int,
-                 device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None):
+                 device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None,
+                 compile_options: dict | None = None):
         coord = mesh.coordinate(rank)
         self.dp, self.pp, self.tp = coord["dp"], coord["pp"], coord["tp"]
         self.captured = cap
@@ -53,6 +54,10 @@ class RankProgram:
             self.stages[s.index] = build_module(
                 root, rank_graph(GraphModule(gm, graph), self.tp, device), cap.gm, f"Stage{s.index}Rank{rank}", bodies
             )
+        if compile_options is not None:  # the same parameters, run through torch.compile
+            if self.full is not None:
+                self.full = torch.compile(self.full, **compile_options)
+            self.stages = {i: torch.compile(m, **compile_options) for i, m in self.stages.items()}
         schedule = sched.lower(sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual), spec.links())
         sched.check(schedule)
         self.schedule = schedule
