@@ -7,7 +7,8 @@ Prints, from one run on this machine:
 1. forward+backward step time of the same Llama-style model (written with ``-1`` in its head
    views and separate q/k/v projections, so that DTensor's ``parallelize_module`` can run it
    unmodified) at TP=2 with fxpar, at TP=2 with DTensor ``ColwiseParallel``/``RowwiseParallel``
-   (torchtitan's plan), and on one process, with the losses of all three;
+   (torchtitan's plan), with sequence parallelism on both (fxpar's ``sequence_parallel=True``,
+   torchtitan's ``SequenceParallel`` plan), and on one process, with the losses of all;
 2. the bytes each rank sends per step with fxpar against the Megatron bound (2 all-reduces of
    b*s*h per layer per pass, a ring all-reduce sending 2(t-1)/t of its input per rank);
 3. capture and compile time of a 32-layer, 4096-wide Llama (7B parameters) on the meta device.
@@ -109,6 +110,27 @@ def dtensor_plan(model):
     return plan
 
 
+def dtensor_sp_plan(model):
+    """torchtitan's sequence-parallel plan for this model: norms on sequence shards, each
+    column-parallel projection gathering its input, row-parallel outputs reduce-scattered."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
+
+    plan = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+    for i in range(len(model.layers)):
+        for name in ("attention_norm", "ffn_norm"):
+            plan[f"layers.{i}.{name}"] = SequenceParallel()
+        for name in ("wq", "wk", "wv", "w1", "w3"):
+            plan[f"layers.{i}.{name}"] = ColwiseParallel(input_layouts=Shard(1))
+        for name in ("wo", "w2"):
+            plan[f"layers.{i}.{name}"] = RowwiseParallel(output_layouts=Shard(1))
+    return plan
+
+
 # the same split for fxpar: embedding and output projection whole, as in the DTensor plan
 SAME_AS_DTENSOR = {"tok_embeddings": "replicate", "output": "replicate"}
 
@@ -124,9 +146,9 @@ def worker(rank, world, port, iters, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     results = {}
-    for label, overrides in (("fxpar", SAME_AS_DTENSOR), ("fxpar auto", None)):
+    for label, overrides, sp in (("fxpar", SAME_AS_DTENSOR, False), ("fxpar auto", None, False), ("fxpar sp", None, True)):
         model, tokens, targets = make()
-        pm = fxpar.parallelize(model, fxpar.Mesh(tp=world), example_args=(tokens,), overrides=overrides)
+        pm = fxpar.parallelize(model, fxpar.Mesh(tp=world), example_args=(tokens,), overrides=overrides, sequence_parallel=sp)
         pm.reset_comm_bytes()
         loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
         loss.backward()
@@ -138,6 +160,13 @@ def worker(rank, world, port, iters, out):
     parallelize_module(model, mesh, dtensor_plan(model))
     step, loss = timed_steps(model, tokens, targets, iters)
     results["DTensor"] = (step, loss, None)
+    model, tokens, targets = make()
+    parallelize_module(model, mesh, dtensor_sp_plan(model))
+    try:
+        step, loss = timed_steps(model, tokens, targets, iters)
+        results["DTensor sp"] = (step, loss, None)
+    except Exception as e:  # noqa: BLE001 - reported in the table instead of a time
+        results["DTensor sp"] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", None)
     if rank == 0:
         out.put(results)
     dist.destroy_process_group()
@@ -156,6 +185,13 @@ def run_tp(world, iters):
     for p in procs:
         p.join()
     return results
+
+
+def _dtensor_sp_row(tp, r):
+    step, loss, _ = r["DTensor sp"]
+    if step is None:
+        return [f"DTensor TP={tp} + SequenceParallel", "fails", "", loss]
+    return [f"DTensor TP={tp} + SequenceParallel", f"{1000 * step:.1f}", f"{r['DTensor'][0] / step:.2f}x", f"{loss:.6f}"]
 
 
 def megatron_bound(world):
@@ -207,6 +243,8 @@ def main(argv=None):
         [f"fxpar TP={tp}", f"{1000 * r['fxpar'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar'][0]:.2f}x", f"{r['fxpar'][1]:.6f}"],
         [f"DTensor parallelize_module TP={tp}", f"{1000 * r['DTensor'][0]:.1f}", "1.00x", f"{r['DTensor'][1]:.6f}"],
         [f"fxpar TP={tp}, automatic plan", f"{1000 * r['fxpar auto'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar auto'][0]:.2f}x", f"{r['fxpar auto'][1]:.6f}"],
+        [f"fxpar TP={tp} + sequence parallel", f"{1000 * r['fxpar sp'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar sp'][0]:.2f}x", f"{r['fxpar sp'][1]:.6f}"],
+        _dtensor_sp_row(tp, r),
         [f"1 process, {os.cpu_count()} threads", f"{1000 * single:.1f}", f"{r['DTensor'][0] / single:.2f}x", f"{single_loss:.6f}"],
         ["1 process, 1 thread", f"{1000 * single1:.1f}", f"{r['DTensor'][0] / single1:.2f}x", ""],
     ]
@@ -217,6 +255,7 @@ def main(argv=None):
     rows = [
         ["fxpar, embedding and output whole (as DTensor)", f"{r['fxpar'][2] / 2**20:.3f}", f"{r['fxpar'][2] / bound:.2f}"],
         ["fxpar, automatic plan (vocab-parallel embedding, split output)", f"{r['fxpar auto'][2] / 2**20:.3f}", f"{r['fxpar auto'][2] / bound:.2f}"],
+        ["fxpar, automatic plan + sequence parallel", f"{r['fxpar sp'][2] / 2**20:.3f}", f"{r['fxpar sp'][2] / bound:.2f}"],
         ["Megatron bound: 2 all-reduces of b*s*h per layer per pass", f"{bound / 2**20:.3f}", "1.00"],
     ]
     print(f"\nbytes one rank sends per step (forward + backward), TP={tp}")

@@ -5,6 +5,7 @@
     python -m fxpar plan llama --pp 4 --microbatches 8 --brief   # stages, their memory, the schedule
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
+    python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
 
 A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``) or ``package.module:function``
 returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
@@ -55,7 +56,8 @@ def _compile(a):
     copies = a.dp * a.microbatches  # the example batch, repeated for every replica and microbatch
     args = tuple(torch.cat([x] * copies) if isinstance(x, torch.Tensor) else x for x in args)
     mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, tp=a.tp)
-    plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches, virtual=a.virtual)
+    plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches,
+                         virtual=a.virtual, sequence_parallel=a.sp)
     return plan, args
 
 
@@ -117,6 +119,7 @@ def main(argv=None) -> int:
         sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")
+        sp.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations between TP blocks by sequence")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
         sp.add_argument("--override", action="append", metavar="NAME=STYLE", help="force colwise/rowwise/replicate/vocab")
         sp.add_argument("--seed", type=int, default=0)

@@ -14,7 +14,8 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 
 ``fxpar_placement`` : ``Placement | tuple[Placement | None, ...] | None``
     Layout of the node's output over the ``tp`` ranks (a tuple for ops returning several tensors,
-    ``None`` for non-tensors). Written by ``plan_sharding``. Example: ``S(2)``.
+    ``None`` for non-tensors). Written by ``plan_sharding``; ``sequence_parallel`` splits the values
+    between tensor-parallel blocks along their token dim. Example: ``S(2)``.
 ``fxpar_inputs`` : ``dict[str, Placement]``
     The placement in which this node consumes each tensor input, keyed by the input node's name.
     Where it differs from the producer's ``fxpar_placement``, ``insert_collectives`` converts.
@@ -71,7 +72,8 @@ STAGE = "fxpar_stage"
 
 @dataclass(frozen=True)
 class CommInfo:
-    """What a collective node moves: ``kind`` is all_reduce, all_gather, reduce_scatter,
+    """What a collective node moves: ``kind`` is all_reduce, all_gather, gather_to_tp (all-gather
+    forward, reduce-scatter backward), reduce_scatter,
     redistribute, copy_to_tp (all-reduce in backward only) or shard (a local slice whose backward
     all-gathers). ``elements`` is the number of elements of the global tensor; ``bytes`` is what
     one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends in backward."""

@@ -22,6 +22,7 @@ from passes.estimate_memory import estimate_memory
 from passes.insert_collectives import insert_collectives
 from passes.localize_shapes import localize_shapes
 from passes.plan_sharding import plan_sharding
+from passes.sequence_parallel import sequence_parallel
 
 from .errors import FxparError, PlanError
 from .plan_context import PlanContext
@@ -29,6 +30,7 @@ from .plan_context import PlanContext
 PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
     annotate_tensors,  # analysis: which values can carry a gradient
     plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow
+    sequence_parallel,  # analysis: with sequence_parallel, the activations between TP blocks split by sequence
     insert_collectives,  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
     assign_rng,  # rewrite: dropout draws from a replicated or a per-rank random stream
     localize_shapes,  # analysis: per-rank sizes for views, splits, slices, means and embeddings

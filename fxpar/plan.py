@@ -35,7 +35,7 @@ from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 # options of the pipeline passes, settable through compile/parallelize
 PLAN_OPTIONS = (
     "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "optimizer_dtype", "sizes",
-    "device_type", "param_stages", "fixed_weights",
+    "device_type", "param_stages", "fixed_weights", "sequence_parallel",
 )
 
 

@@ -43,9 +43,12 @@ class PlanContext:
     dim_names: dict = field(default_factory=dict)
     param_stages: dict = field(default_factory=dict)  # keep parameters in these stages (recapture)
     fixed_weights: dict = field(default_factory=dict)  # keep weights placed this way (recapture)
+    # split the activations between tensor-parallel blocks along the sequence (Megatron SP)
+    sequence_parallel: bool = False
     # written by passes
     decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
+    sequence_split: dict[str, Placement] = field(default_factory=dict)  # node name -> its sequence split
     warnings: list[str] = field(default_factory=list)
     pipeline: object = None  # fxpar.stages.PipelineSpec, written by cut_stages
 
@@ -53,6 +56,11 @@ class PlanContext:
         for pattern, style in self.overrides.items():
             if style not in STYLES:
                 raise ValueError(f"override {pattern!r}: {style!r} is not one of {STYLES}")
+        if self.sequence_parallel and self.mesh.tp == 1:
+            raise ValueError(
+                "sequence_parallel=True splits the activations between tensor-parallel blocks over the tp ranks, "
+                f"but {self.mesh} has tp=1: use a mesh with tp > 1 or drop sequence_parallel"
+            )
         if self.rng not in RNG_MODES:
             raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
         from .memory import OPTIMIZER_STATES

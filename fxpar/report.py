@@ -89,6 +89,9 @@ def summary(gm: GraphModule, ctx) -> str:
         key = text.split(":")[0]
         decisions[key] = decisions.get(key, 0) + 1
     lines = [f"mesh {ctx.mesh}; decisions: " + ", ".join(f"{k} x{v}" for k, v in sorted(decisions.items()))]
+    if ctx.sequence_split:
+        dims = sorted({repr(p) for p in ctx.sequence_split.values()})
+        lines.append(f"sequence parallel: {len(ctx.sequence_split)} values between TP blocks split by tokens ({', '.join(dims)})")
     rows = [[k, n, fmt_bytes(f), fmt_bytes(b)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
     if rows:
         lines.append(tabulate(rows, headers=["collective", "count", "fwd bytes/rank", "bwd bytes/rank"]))

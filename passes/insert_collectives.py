@@ -17,7 +17,9 @@ S          S' (other layout)  ``redistribute``
 
 (right before the first consumer) and, where a replicated value that can carry a gradient feeds
 an op whose output is sharded or partial, a ``copy_to_tp`` (identity forward, all-reduce backward: each rank's backward only sees
-its own shard's share of that gradient). Inserted nodes get ``fxpar_comm`` with their sizes,
+its own shard's share of that gradient). An ``all_gather`` whose only use is such a
+``copy_to_tp`` becomes one ``gather_to_tp`` (all-gather forward, reduce-scatter backward: the
+same gradient for half the bytes), the gather of sequence parallelism. Inserted nodes get ``fxpar_comm`` with their sizes,
 ``fxpar_placement`` of what they produce and ``fxpar_origin = None``; consumers' ``fxpar_inputs``
 are re-keyed to them. Every other node gets ``fxpar_origin`` = its own name.
 """
@@ -70,6 +72,7 @@ def comm_info(kind: str, val, world: int, src: Placement, dst: Placement) -> Com
         "all_reduce": (2 * ring, 0),
         "copy_to_tp": (0, 2 * ring),
         "all_gather": (ring, 0),
+        "gather_to_tp": (ring, ring),
         "shard": (0, ring),
         "reduce_scatter": (ring, ring),
         "redistribute": (ring, ring),
@@ -129,9 +132,37 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             del reqs[inp.name]
             reqs[new.name] = want
             node.meta[INPUTS] = reqs
+    _fuse_gathers(graph, world)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _fuse_gathers(graph, world: int) -> None:
+    """``copy_to_tp(all_gather(x))`` -> ``gather_to_tp(x)`` where the gather serves nothing else."""
+    for node in list(graph.nodes):
+        if node.target is not C.copy_to_tp:
+            continue
+        gather = node.args[0]
+        if gather.target is not C.all_gather or len(gather.users) != 1:
+            continue
+        (src,) = gather.meta[INPUTS].values()
+        if not src.is_partition:
+            continue
+        x = gather.args[0]
+        with graph.inserting_before(node):
+            fused = graph.call_function(C.gather_to_tp, gather.args, gather.kwargs)
+        fused.meta.update(gather.meta)
+        fused.meta[COMM] = comm_info("gather_to_tp", x.meta["val"], world, src, REPLICATE)
+        node.replace_all_uses_with(fused)
+        for user in fused.users:
+            reqs = user.meta.get(INPUTS)
+            if reqs and node.name in reqs:
+                reqs = dict(reqs)
+                reqs[fused.name] = reqs.pop(node.name)
+                user.meta[INPUTS] = reqs
+        graph.erase_node(node)
+        graph.erase_node(gather)
 
 
 def _makes_sharded(node: Node) -> bool:

@@ -45,24 +45,13 @@ from fxpar.errors import PlanError, describe_node, module_path
 from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.rules import FREE, WEIGHT_TRANSPARENT, rule_for
+from fxpar.rules import FREE, WEIGHT_TRANSPARENT, inverse_of, is_weight, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, tensor_args
 from fxpar.rules.matmul import DECIDABLE
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
-from fxpar.rules.pointwise import invert as invert_pointwise
-from fxpar.rules.views import INVERSES
 
 aten = torch.ops.aten
 EMBEDDINGS = {aten.embedding.default}
-
-
-def _inverse(node: Node):
-    if node.target in INVERSES:
-        return INVERSES[node.target]
-    tags = getattr(node.target, "tags", ())
-    if torch.Tag.pointwise in tags or node.target in EXTRA_ELEMENTWISE or node.target == aten.type_as.default:
-        return invert_pointwise
-    return None
 
 
 class _Decisions:
@@ -104,9 +93,7 @@ class _Round:
         return node in self.user_dep
 
     def is_weight(self, node: Node) -> bool:
-        while node.op == "call_function" and node.target in WEIGHT_TRANSPARENT:
-            node = node.args[0]
-        return node.op == "get_attr"
+        return is_weight(node)
 
     # propagation --------------------------------------------------------------------------
     def run(self) -> "_Round":
@@ -159,7 +146,7 @@ class _Round:
             self.place[node] = req if isinstance(req, Shard) else REPLICATE
             self.seeds[node] = frozenset([consumer]) if consumer.target in DECIDABLE | EMBEDDINGS else frozenset()
             return
-        inv = _inverse(node)
+        inv = inverse_of(node)
         wanted = inv(node, req) if inv is not None and isinstance(req, Placement) else None
         for inp in tensor_args(node):
             self._resolve_free(inp, (wanted or {}).get(inp, REPLICATE), consumer)
@@ -196,18 +183,6 @@ class _Round:
                 yield node, inp, self.place.get(inp), req
 
 
-def _user_dependent(gm: GraphModule) -> set[Node]:
-    """Nodes whose values (not just shapes) derive from the user's inputs."""
-    dep: set[Node] = set()
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            dep.add(node)
-        elif node.op == "call_function" and is_tensor_node(node):
-            if any(n in dep for n in tensor_args(node)):
-                dep.add(node)
-    return dep
-
-
 def _weight_name(node: Node) -> str:
     for a in node.args:
         n = a
@@ -228,7 +203,7 @@ def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Sh
         if wanted.dim != ndim(node) - 1 or wanted.has_duplicates:
             return None
         return {node: wanted}
-    inv = _inverse(node)
+    inv = inverse_of(node)
     if inv is None:
         return None
     needed = inv(node, wanted)
@@ -354,7 +329,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
                 d.mode[node] = style
                 d.forced.add(node)
                 d.why[node] = "user override"
-    user_dep = _user_dependent(gm)
+    user_dep = user_dependent(gm)
     if ctx.tp == 1:
         rnd = _Round(gm, 1, d, user_dep)
         for n in gm.graph.nodes:

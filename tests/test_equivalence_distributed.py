@@ -14,12 +14,12 @@ from tests.zoo import adamw, assert_close, build, loss_fn, reference_steps
 STEPS, LR = 3, 1e-3
 
 
-def train_and_compare(name: str, tp: int) -> int:
+def train_and_compare(name: str, tp: int, **options) -> int:
     rank = dist.get_rank()
     model, args = build(name)
     out_ref = model(*args)
     losses, grads, state = reference_steps(model, args, STEPS, LR)
-    pm = fxpar.parallelize(model, fxpar.Mesh(tp=tp), example_args=args, timeout=_timeout())
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=tp), example_args=args, timeout=_timeout(), **options)
     opt = adamw(pm.parameters(), lr=LR)
     params = dict(pm.named_parameters())
     for step in range(STEPS):

@@ -19,16 +19,17 @@ STEPS = 3
 # of zero (6e-8 next to 0.1 in one Qwen2 value projection), which a different summation order
 # moves by up to lr * noise / (|g| + eps) per step, single-device against single-device alike.
 WEIGHT_ATOL = 3e-5
-MESHES = [dict(tp=2), dict(pp=2)]
+MESHES = [dict(tp=2), dict(pp=2), dict(tp=2, sequence_parallel=True)]
 
 
 def train_family(name: str, mesh: dict) -> dict:
     model, ids, labels = hf_family(name)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters())
-    m = fxpar.Mesh(**mesh)
+    sp = mesh.get("sequence_parallel", False)
+    m = fxpar.Mesh(**{k: v for k, v in mesh.items() if k != "sequence_parallel"})
     tp = m.coordinate(dist.get_rank())["tp"]
-    pm = fxpar.parallelize(model, m, loss_fn=hf_loss, microbatches=2 if m.pp > 1 else 1)
+    pm = fxpar.parallelize(model, m, loss_fn=hf_loss, microbatches=2 if m.pp > 1 else 1, sequence_parallel=sp)
     opt = None
     for step in range(STEPS):
         ref_loss = ref(ids, labels=labels).loss
@@ -65,10 +66,11 @@ def _decisions(pm) -> dict:
     losses = [n for n in gm.graph.nodes if n.target == torch.ops.aten.cross_entropy_loss.default]
     counts["gathered logits"] = sum(a.meta.get(COMM) is not None for n in losses for a in n.all_input_nodes)
     counts["losses"] = len(losses)
+    counts["sequence split"] = len(ctx.sequence_split)
     return counts
 
 
-@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+@pytest.mark.parametrize("mesh", MESHES, ids=lambda m: ",".join(f"{k}={v}" if k != "sequence_parallel" else "sp" for k, v in m.items()))
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_family(pools, name, mesh):
     pytest.importorskip("transformers")
@@ -77,3 +79,4 @@ def test_family(pools, name, mesh):
     if "tp" in mesh:  # split, and the loss reads logits split by vocabulary: nothing gathers them
         assert decisions.get("colwise", 0) and decisions.get("rowwise", 0), decisions
         assert decisions["gathered logits"] == 0, decisions
+    assert bool(decisions["sequence split"]) == ("sequence_parallel" in mesh), decisions

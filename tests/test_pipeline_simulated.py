@@ -21,12 +21,17 @@ CASES = [(name, dp, pp, tp, schedule, 4 if pp == 4 else 2)
 
 @pytest.mark.parametrize("name, dp, pp, tp, schedule, m", CASES, ids=lambda x: str(x))
 def test_pipeline_training(name, dp, pp, tp, schedule, m):
+    check_pipeline(name, dp, pp, tp, schedule, m)
+
+
+def check_pipeline(name, dp, pp, tp, schedule, m, **options):
+    """Train ``name`` through the schedule and compare with the single-device model; the plan."""
     if name.startswith("hf"):
         pytest.importorskip("transformers")
     model, args, target = pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters(), lr=LR)
-    plan = fxpar.compile(model, fxpar.Mesh(dp=dp, pp=pp, tp=tp), args, schedule=schedule, microbatches=m)
+    plan = fxpar.compile(model, fxpar.Mesh(dp=dp, pp=pp, tp=tp), args, schedule=schedule, microbatches=m, **options)
     assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
     for step in range(STEPS):
@@ -46,6 +51,7 @@ def test_pipeline_training(name, dp, pp, tp, schedule, m):
         assert_close(final[key], value, f"{key} after {STEPS} steps")
     with torch.no_grad():
         assert_close(logits(plan.simulate(*args)), logits(ref(*args)), "inference output")
+    return plan
 
 
 def test_tied_embedding_gradients_are_combined_across_stages():

@@ -9,9 +9,9 @@ arguments for one rank (``view(x, [B, T, 4, 16])`` -> ``view(x, [B, T, 2, 16])``
 from __future__ import annotations
 
 import torch
-from torch.fx import Node
+from torch.fx import GraphModule, Node
 
-from .base import FREE, Rule, RuleContext, Sharding  # noqa: F401
+from .base import FREE, Rule, RuleContext, Sharding, is_tensor_node, tensor_args  # noqa: F401
 from .registry import LOCALIZERS, RULES, fallback
 
 
@@ -44,3 +44,38 @@ WEIGHT_TRANSPARENT = frozenset(views.INVERSES) | {
     aten.clone.default,
     aten.contiguous.default,
 }
+
+
+def is_weight(node: Node) -> bool:
+    """Whether ``node`` is a parameter or buffer, possibly viewed, cast or transposed on the way."""
+    while node.op == "call_function" and node.target in WEIGHT_TRANSPARENT:
+        node = node.args[0]
+    return node.op == "get_attr"
+
+
+def user_dependent(gm: GraphModule) -> set[Node]:
+    """Nodes whose values (not just shapes) derive from the user's inputs."""
+    dep: set[Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            dep.add(node)
+        elif node.op == "call_function" and _holds_tensors(node) and any(n in dep for n in node.all_input_nodes):
+            dep.add(node)
+    return dep
+
+
+def _holds_tensors(node: Node) -> bool:
+    """A tensor or a tuple of them (split, getitem of it); sizes (``sym_size``) are shapes, not values."""
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(x, torch.Tensor) for x in v))
+
+
+def inverse_of(node: Node):
+    """``fn(node, wanted) -> {input: placement} | None``: the input placements that make the
+    node's output come out as ``wanted``, for views and elementwise ops; None for other ops."""
+    if node.target in views.INVERSES:
+        return views.INVERSES[node.target]
+    tags = getattr(node.target, "tags", ())
+    if torch.Tag.pointwise in tags or node.target in pointwise.EXTRA_ELEMENTWISE or node.target == aten.type_as.default:
+        return pointwise.invert
+    return None

@@ -7,6 +7,7 @@ function            forward                       backward
 ``all_reduce``      P -> R: sum over ranks        identity (Megatron's ``g``)
 ``copy_to_tp``      identity                      all-reduce (Megatron's ``f``)
 ``all_gather``      S -> R                        keep own slice
+``gather_to_tp``    S -> R                        reduce-scatter (Megatron's SP gather)
 ``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
 ``reduce_scatter``  P -> S                        all-gather (sum over owners if shared)
 ``redistribute``    S -> S' (other layout)        S' -> S
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 
 from ..placement import Shard
@@ -126,6 +128,32 @@ class _AllGather(torch.autograd.Function):
         return local, None, None
 
 
+class _GatherToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        return _gather(x, layout, comm)
+
+    @staticmethod
+    def backward(ctx, g):
+        return _reduce_scatter(g.contiguous(), ctx.layout, ctx.comm), None, None
+
+
+def _reduce_scatter(x, layout, comm):
+    if layout.is_even:
+        return comm.reduce_scatter(x, layout.dim)
+    if layout.is_partition:
+        # every rank's elements, rank after rank: an even reduce-scatter of that permutation
+        order = torch.as_tensor(_rank_order(layout), device=x.device)
+        return comm.reduce_scatter(x.index_select(layout.dim, order), layout.dim)
+    return _take(comm.all_reduce(x), layout, comm.rank)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rank_order(layout: Shard):
+    return np.concatenate([layout.indices(r) for r in range(layout.world)])
+
+
 class _Shard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, comm):
@@ -141,9 +169,7 @@ class _ReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, comm):
         ctx.layout, ctx.comm = layout, comm
-        if layout.is_even:
-            return comm.reduce_scatter(x, layout.dim)
-        return _take(comm.all_reduce(x), layout, comm.rank)
+        return _reduce_scatter(x, layout, comm)
 
     @staticmethod
     def backward(ctx, g):
@@ -176,6 +202,16 @@ def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp
     """The whole tensor from every rank's shard along ``dim`` (global extent ``size``)."""
     comm = current().comm(group)
     return _AllGather.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+    """``all_gather`` of a value that a sharded computation consumes whole: each rank's backward
+    sees only its own shard's share of the gradient, so the gradient is summed over the ranks and
+    each keeps its slice (a reduce-scatter: half the bytes of ``copy_to_tp``'s all-reduce after
+    an ``all_gather``). The gather at the input of a column-parallel block under sequence
+    parallelism. Needs a layout in which every element has one owner."""
+    comm = current().comm(group)
+    return _GatherToTP.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
 def shard(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
