@@ -50,8 +50,8 @@ class Block(nn.Module):
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x):
-        b, s, _ = x.shape
         h = self.attention_norm(x)
+        b, s, _ = h.shape  # read after the norm: under DTensor's SequenceParallel x is a sequence shard
         q, k, v = (w(h).view(b, s, -1, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.wo(a.transpose(1, 2).reshape(b, s, -1))
@@ -250,6 +250,9 @@ def main(argv=None):
     ]
     print("\nforward+backward step (mean of", a.iters, "after 3 warm-up steps)")
     print(tabulate(rows, headers=["", "ms/step", "speed vs DTensor", "loss"], disable_numparse=True))
+    if r["DTensor sp"][0] is not None:
+        print(f"with sequence parallelism fxpar is {r['DTensor sp'][0] / r['fxpar sp'][0]:.2f}x the speed of DTensor's "
+              "SequenceParallel plan; on gloo a reduce-scatter runs as an all-reduce, so sequence parallelism costs time here")
 
     bound = megatron_bound(tp)
     rows = [
