@@ -122,6 +122,7 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
         raise CaptureError(_explain(e, skeleton)) from e
     gm = ep.module()
     _drop_export_guards(gm)
+    _portable(gm)
     aliases, persistent = _names(model)
     tensors = dict(skeleton.named_parameters())
     tensors.update(skeleton.named_buffers())
@@ -143,6 +144,33 @@ def _drop_export_guards(gm: GraphModule) -> None:
         delattr(gm, "_guards_fn")
     gm.graph.lint()
     gm.recompile()
+
+
+def _portable(gm: GraphModule) -> None:
+    """Make the graph run on every device: the meta device accepts what some kernels do not.
+
+    Model code that branches on the device type takes its non-CPU branch on meta (Hugging Face's
+    grouped experts count tokens with ``histc`` of integers, which CUDA has and the CPU lacks):
+    such integer inputs are counted as floats, exactly for any count below 2**24.
+    """
+    aten = torch.ops.aten
+    changed = False
+    for node in list(gm.graph.nodes):
+        if node.target is not aten.histc.default:
+            continue
+        x = node.args[0]
+        v = x.meta.get("val")
+        if not isinstance(v, torch.Tensor) or v.is_floating_point():
+            continue
+        with gm.graph.inserting_before(node):
+            cast = gm.graph.call_function(aten.to.dtype, (x, torch.float32))
+        cast.meta = {**x.meta, "val": v.to(torch.float32)}
+        node.replace_input_with(x, cast)
+        node.meta["val"] = node.meta["val"].to(torch.float32)
+        changed = True
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _names(model: nn.Module):

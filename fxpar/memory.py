@@ -108,9 +108,60 @@ def evaluate(e, sizes: dict | None = None, names: dict | None = None):
         key = (names or {}).get(str(sym), str(sym))
         if sizes is None or key not in sizes:
             raise KeyError(f"give a value for the symbolic size {key!r} ({sym})")
-        subs[sym] = sizes[key]
+        # a run-time size is estimated in terms of the others (tokens per expert of batch x seq)
+        subs[sym] = evaluate(sizes[key], {k: v for k, v in sizes.items() if k != key}, names)
     value = e.subs(subs)
     return int(value) if value.is_integer else float(value)
+
+
+def data_dependent_sizes(gm) -> dict:
+    """Values at which the memory model evaluates sizes only known at run time (``u0``: the
+    tokens ``torch.where`` hands one expert).
+
+    Such a size is at most the number of elements of what the op that makes it reads (every
+    routed slot going to one expert); the sizes made in one module with one bound (its experts)
+    share that bound evenly, which is the load a balanced router gives: 4 experts over 64 routed
+    slots count 16 each. With symbolic batch and sequence sizes the value is an expression in
+    them.
+    """
+    bounds: dict = {}
+    for node in gm.graph.nodes:
+        v = node.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            continue
+        for size in v.shape:
+            if not isinstance(size, torch.SymInt):
+                continue
+            for sym in size.node.expr.free_symbols:
+                if not str(sym).startswith("u") or str(sym) in bounds:
+                    continue
+                stack = node.meta.get("nn_module_stack") or {}
+                owner = list(stack.values())[-1][0] if stack else ""
+                bounds[str(sym)] = (owner, _read_elements(node))
+    groups: dict = {}
+    for key in bounds.values():
+        groups[key] = groups.get(key, 0) + 1
+    out = {}
+    for sym, (owner, bound) in bounds.items():
+        if bound is None:
+            continue
+        n = groups[(owner, bound)]
+        out[sym] = max(1, bound // n) if isinstance(bound, int) else bound / n
+    return out
+
+
+def _read_elements(node):
+    """Elements of the largest tensor the op making ``node``'s value reads (through getitem)."""
+    import operator
+
+    while node.target is operator.getitem:
+        node = node.args[0]
+    counts = [expr(a.meta["val"].numel()) for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+    counts = [c for c in counts if not any(str(x).startswith("u") for x in getattr(c, "free_symbols", ()))]
+    if not counts:
+        return None
+    numbers = [c for c in counts if isinstance(c, int)]
+    return max(numbers) if len(numbers) == len(counts) else counts[0]
 
 
 def node_memory(node) -> NodeMemory:

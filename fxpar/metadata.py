@@ -74,7 +74,8 @@ STAGE = "fxpar_stage"
 class CommInfo:
     """What a collective node moves: ``kind`` is all_reduce, all_gather, gather_to_tp (all-gather
     forward, reduce-scatter backward), reduce_scatter,
-    redistribute, copy_to_tp (all-reduce in backward only) or shard (a local slice whose backward
+    redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial (no
+    communication) or shard (a local slice whose backward
     all-gathers). ``elements`` is the number of elements of the global tensor; ``bytes`` is what
     one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends in backward."""
 

@@ -9,6 +9,7 @@ from tabulate import tabulate
 from torch.fx import GraphModule
 
 from .errors import module_path, user_frame
+from .memory import data_dependent_sizes
 from .metadata import COMM, DECISION, FALLBACK, PLACEMENT
 from .placement import Shard
 
@@ -70,6 +71,16 @@ def plan_table(gm: GraphModule, ctx) -> str:
     return f"plan for {ctx.mesh} (placements on tp)\n" + tabulate(rows, headers=headers)
 
 
+def _balanced(n, routed: dict) -> str:
+    """Bytes, with sizes known only at run time (tokens per expert) at a balanced router's
+    load, marked ``~``."""
+    free = {str(s) for s in getattr(n, "free_symbols", ())}
+    if free & set(routed):
+        value = n.subs({s: routed[str(s)] for s in n.free_symbols if str(s) in routed})
+        return "~" + fmt_bytes(float(value) if value.is_number else value)
+    return fmt_bytes(n)
+
+
 def comm_totals(gm: GraphModule) -> dict[str, list]:
     totals: dict[str, list] = {}
     for node in gm.graph.nodes:
@@ -92,7 +103,8 @@ def summary(gm: GraphModule, ctx) -> str:
     if ctx.sequence_split:
         dims = sorted({repr(p) for p in ctx.sequence_split.values()})
         lines.append(f"sequence parallel: {len(ctx.sequence_split)} values between TP blocks split by tokens ({', '.join(dims)})")
-    rows = [[k, n, fmt_bytes(f), fmt_bytes(b)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
+    routed = data_dependent_sizes(gm)
+    rows = [[k, n, _balanced(f, routed), _balanced(b, routed)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
     if rows:
         lines.append(tabulate(rows, headers=["collective", "count", "fwd bytes/rank", "bwd bytes/rank"]))
     total, local = param_bytes(gm, ctx)

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch.fx import GraphModule, Node
 
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
-from fxpar.memory import evaluate, node_memory, optimizer_bytes, per_device, stage_memory
+from fxpar.memory import data_dependent_sizes, evaluate, node_memory, optimizer_bytes, per_device, stage_memory
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
 from fxpar.stages import PipelineSpec, build_stages, compute_nodes, owner_of, replicable
@@ -85,12 +86,18 @@ class _Costs:
             uses = [self.index.get(owner_of(u), n) if u.op != "output" else n for u in node.users]
             last = max(uses, default=p)
             if last > p:
-                diff[p + 1] += self.value_bytes[node.name]
-                diff[last + 1] -= self.value_bytes[node.name]
-        out, acc = [], 0.0
+                # a size known only at run time (tokens one expert got) cannot be sent: the
+                # receiver must know what to receive; no cut falls where one crosses
+                sent = float("inf") if _run_time_sized(node) else self.value_bytes[node.name]
+                diff[p + 1] += sent
+                diff[last + 1] -= sent
+        out, acc, blocked = [], 0.0, 0
         for g in range(n + 1):
-            acc += diff[g]
-            out.append(acc)
+            if diff[g] in (float("inf"), float("-inf")):
+                blocked += 1 if diff[g] > 0 else -1
+            else:
+                acc += diff[g]
+            out.append(float("inf") if blocked else acc)
         return out
 
     def cost(self, a: int, b: int, factor: int) -> float:
@@ -109,6 +116,13 @@ class _Costs:
         held_roots = {node_memory(self.all[v]).root or v for v in held}
         act = new + sum(self.value_bytes[v] for v in held) + sum(self.root_bytes.get(r, 0.0) for r in roots - held_roots)
         return sum(params.values()) + factor * act
+
+
+def _run_time_sized(node: Node) -> bool:
+    v = node.meta.get("val")
+    return isinstance(v, torch.Tensor) and any(
+        isinstance(d, torch.SymInt) and any(str(x).startswith("u") for x in d.node.expr.free_symbols) for d in v.shape
+    )
 
 
 def _reads(node: Node, free: set[Node]):
@@ -132,6 +146,8 @@ def _greedy(c: _Costs, factors: list[int], budget: float) -> list[int] | None:
         if c.cost(a, b + 1, factors[k]) <= budget:
             b += 1
             continue
+        while b > a and c.crossing[b] == float("inf"):
+            b -= 1
         if b == a or k + 1 >= len(factors):
             return None
         cuts.append(b)
@@ -161,7 +177,8 @@ def _best_cuts(c: _Costs, factors: list[int]) -> list[int]:
     while len(cuts) < stages - 1:  # fewer stages were enough: split the largest in two
         spans = _bounds(cuts, n)
         a, b = max(spans, key=lambda s: s[1] - s[0])
-        cuts = sorted(cuts + [(a + b) // 2])
+        mid = min(range(a + 1, b), key=lambda g: (c.crossing[g] == float("inf"), abs(g - (a + b) // 2)))
+        cuts = sorted(cuts + [mid])
     return _fewer_bytes(c, factors, cuts, hi * (1 + SLACK))
 
 
@@ -186,6 +203,9 @@ def _user_cuts(c: _Costs, points: list[str], stages: int) -> list[int]:
         idx = next((i for i, n in enumerate(c.seq) if _in_module(n, name)), None)
         if idx is None:
             raise PlanError(f"split point {name!r} names no module of the model; modules look like {module_path(c.seq[len(c.seq) // 2])!r}")
+        if c.crossing[idx] == float("inf"):
+            raise PlanError(f"cannot cut before {name!r}: a value whose size is known only at run time (the tokens "
+                            "routed to an expert) crosses there; cut before or after the block that makes it")
         cuts.append(idx)
     if len(cuts) != stages - 1 or sorted(cuts) != cuts or len(set(cuts)) != len(cuts):
         raise PlanError(f"{stages} stages need {stages - 1} split points in model order, got {points}")
@@ -258,7 +278,8 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
 
 
 def _sizes(gm: GraphModule, ctx: PlanContext):
-    """Values for the symbolic sizes: the user's, else the example inputs' (export's hints)."""
+    """Values for the symbolic sizes: the user's, else the example inputs' (export's hints), and
+    balanced loads for sizes only known at run time (tokens per expert)."""
     names = dict(ctx.dim_names)
     sizes = dict(ctx.sizes or {})
     for node in gm.graph.nodes:
@@ -270,6 +291,8 @@ def _sizes(gm: GraphModule, ctx: PlanContext):
                 key = names.get(str(sym), str(sym))
                 sizes.setdefault(key, int(val))
             break
+    for key, val in data_dependent_sizes(gm).items():
+        sizes.setdefault(key, val)
     return sizes, names
 
 

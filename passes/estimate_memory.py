@@ -13,6 +13,8 @@ so every size is a sympy expression in them.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import GraphModule
 from torch.fx.node import map_aggregate
@@ -72,6 +74,8 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     env: dict = {}
     owner: dict = {}  # storage -> name of the node that made it
     params: set[str] = set()
+    handed: dict = {}  # storages of multi-tensor outputs, owned by the getitem that takes each out
+    renames: dict = {}  # fresh run-time size symbols of this fake run -> the captured graph's
     with _fake_mode(gm), running(RankContext(rank=0, comms={"tp": _FakeComm(ctx.tp)})):
         for node in graph.nodes:
             g = global_nodes.get(node.name)
@@ -104,15 +108,27 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
                     out = fn(*args, **kwargs)
             env[node] = out
+            if g is not None:
+                _same_run_time_sizes(out, g.meta.get("val"), renames)
             root, out_bytes, value_bytes = node.name, 0, 0
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    value_bytes += expr(t.numel()) * t.element_size()
-                    ref = StorageWeakRef(t.untyped_storage())
-                    if ref in owner:
-                        root = owner[ref]
+            leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            kept_here = {StorageWeakRef(t.untyped_storage()) for t in saved}
+            for t in leaves:
+                value_bytes += expr(t.numel()) * t.element_size()
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref in handed and node.target is operator.getitem:
+                    # a tensor of a tuple of separate tensors belongs to the getitem taking it out,
+                    # so that a later op keeping it keeps it alone, not the whole tuple
+                    del handed[ref]
+                    owner[ref] = node.name
+                    out_bytes += _bytes(t)
+                elif ref in owner:
+                    root = owner[ref]
+                else:
+                    owner[ref] = node.name
+                    if len(leaves) > 1 and ref not in kept_here and node.op == "call_function":
+                        handed[ref] = node.name
                     else:
-                        owner[ref] = node.name
                         out_bytes += _bytes(t) if node.op != "get_attr" else 0
             saved_new, roots, seen = 0, set(), set()
             for t in saved:
@@ -127,12 +143,30 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                     saved_new += _bytes(t)
             if g is not None:
                 g.meta[MEMORY] = NodeMemory(
-                    out_bytes=out_bytes,
-                    value_bytes=value_bytes,
+                    out_bytes=_renamed(out_bytes, renames),
+                    value_bytes=_renamed(value_bytes, renames),
                     root=root,
-                    saved_new=saved_new,
+                    saved_new=_renamed(saved_new, renames),
                     saved_roots=tuple(sorted(roots)),
                     **info,
                 )
     return gm
+
+
+def _same_run_time_sizes(local, global_val, renames: dict) -> None:
+    """Sizes known only at run time (``u0``, the tokens one expert gets) are made afresh by every
+    fake run of the op that makes them; name them as the captured graph does."""
+    pairs = zip(pytree.tree_leaves(local), pytree.tree_leaves(global_val))
+    for a, b in pairs:
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dim() == b.dim()):
+            continue
+        for x, y in zip(a.shape, b.shape):
+            if isinstance(x, torch.SymInt) and isinstance(y, torch.SymInt):
+                ex, ey = x.node.expr, y.node.expr
+                if ex.is_Symbol and ey.is_Symbol and ex != ey and str(ex).startswith("u"):
+                    renames[ex] = ey
+
+
+def _renamed(e, renames: dict):
+    return e.subs(renames) if renames and hasattr(e, "subs") else e
 

@@ -12,6 +12,7 @@ P          S                  ``reduce_scatter``
 S          R                  ``all_gather``
 R          S                  ``shard`` (local slice; all-gathers in backward)
 R          P                  ``to_partial`` (the bias of a row-parallel matmul)
+S          P                  ``shard_to_partial`` (own slice, zeros elsewhere)
 S          S' (other layout)  ``redistribute``
 =========  =================  ==================================================
 
@@ -53,6 +54,8 @@ def _call(src: Placement, dst: Placement):
         return C.shard, (dst.dim, dst.size, _runs(dst)), "shard"
     if src is REPLICATE and dst is PARTIAL:
         return C.to_partial, (), "to_partial"
+    if isinstance(src, Shard) and dst is PARTIAL:
+        return C.shard_to_partial, (src.dim, src.size, _runs(src)), "shard_to_partial"
     if isinstance(src, Shard) and isinstance(dst, Shard):
         return (C.redistribute, (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst)), "redistribute")
     raise ValueError(f"no conversion from {src} to {dst}")
@@ -77,6 +80,7 @@ def comm_info(kind: str, val, world: int, src: Placement, dst: Placement) -> Com
         "reduce_scatter": (ring, ring),
         "redistribute": (ring, ring),
         "to_partial": (0, 0),
+        "shard_to_partial": (0, 0),
     }[kind]
     return CommInfo(kind, "tp", n, fwd * n * e, bwd * n * e, repr(src), repr(dst))
 

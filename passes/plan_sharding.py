@@ -46,8 +46,8 @@ from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, WEIGHT_TRANSPARENT, inverse_of, is_weight, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, tensor_args
-from fxpar.rules.matmul import DECIDABLE
+from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static_numel, tensor_args
+from fxpar.rules.matmul import decidable_ops
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
 
 aten = torch.ops.aten
@@ -63,6 +63,8 @@ class _Decisions:
         self.forced: set[Node] = set()
         self.why: dict[Node, str] = {}
         self.reduce_early: set[Node] = set()  # partial sums all-reduced where they are made
+        self.matmuls = decidable_ops()  # matmuls with a weight: column/row decisions
+        self.seed_ops = self.matmuls | EMBEDDINGS  # where sharded regions start
 
 
 class _Round:
@@ -144,7 +146,7 @@ class _Round:
         if node.op == "get_attr":
             # weights are stored whole or split; one consumed as a partial sum is stored whole
             self.place[node] = req if isinstance(req, Shard) else REPLICATE
-            self.seeds[node] = frozenset([consumer]) if consumer.target in DECIDABLE | EMBEDDINGS else frozenset()
+            self.seeds[node] = frozenset([consumer]) if consumer.target in self.d.seed_ops else frozenset()
             return
         inv = inverse_of(node)
         wanted = inv(node, req) if inv is not None and isinstance(req, Placement) else None
@@ -172,7 +174,7 @@ class _Round:
         if node.target is operator.getitem:
             seeds |= self.seeds.get(node.args[0], frozenset())
             grew = True
-        if not grew and node.target in DECIDABLE | EMBEDDINGS:
+        if not grew and node.target in self.d.seed_ops:
             seeds = frozenset([node])
         self.seeds[node] = seeds
 
@@ -199,7 +201,7 @@ def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Sh
     if node in seen:
         return None
     seen.add(node)
-    if node.target in DECIDABLE and rnd.seeds.get(node) == frozenset([node]):
+    if node.target in rnd.d.matmuls and rnd.seeds.get(node) == frozenset([node]):
         if wanted.dim != ndim(node) - 1 or wanted.has_duplicates:
             return None
         return {node: wanted}
@@ -229,15 +231,23 @@ def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Sh
 
 
 def _reduce_point(rnd: _Round, node: Node) -> Node:
-    """Where a partial sum that must be reduced is best reduced: at the op that made it partial,
-    walking back through ops that only carried it along (casts, scaling); an op that adds several
-    partial sums is kept so that one all-reduce serves them all (parallel attention + MLP)."""
+    """Where a partial sum that must be reduced is best reduced: the smallest value on the way
+    back to the op that made it partial, through ops that only carry it along (casts, scaling,
+    picking rows, summing the top-k experts' outputs of a token), the earliest of equal ones; an
+    op that adds several partial sums is kept so that one all-reduce serves them all (parallel
+    attention + MLP)."""
+    chain = [node]
     while True:
         # partial inputs that were partial already (not a bias made partial for the op)
         carried = [i for i, q in rnd.inputs.get(node, {}).items() if q is PARTIAL and rnd.place.get(i) is PARTIAL]
         if len(carried) != 1:
-            return node
+            break
         node = carried[0]
+        chain.append(node)
+    sizes = [static_numel(n) if is_tensor_node(n) else None for n in chain]
+    if any(n is None for n in sizes):
+        return chain[-1]
+    return min(reversed(chain), key=lambda n: sizes[chain.index(n)])
 
 
 def _resolve(rnd: _Round, d: _Decisions) -> bool:
@@ -321,7 +331,7 @@ def _swallows(rnd: _Round, node: Node, inp: Node) -> bool:
 def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) -> GraphModule:
     d = _Decisions()
     for node in gm.graph.nodes:
-        if node.target in DECIDABLE | EMBEDDINGS:
+        if node.target in d.seed_ops:
             style = ctx.override_for(module_path(node), _weight_name(node))
             if style is not None:
                 if node.target in EMBEDDINGS and style == "rowwise":
@@ -333,7 +343,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
     if ctx.tp == 1:
         rnd = _Round(gm, 1, d, user_dep)
         for n in gm.graph.nodes:
-            if n.target in DECIDABLE | EMBEDDINGS:
+            if n.target in d.seed_ops:
                 d.mode[n] = "replicate"
                 d.why[n] = "tp=1"
         rnd.run()
@@ -357,7 +367,7 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
             node.meta[INPUTS] = {inp.name: (REPLICATE if q is FREE else q) for inp, q in rnd.inputs[node].items()}
         if node.op == "get_attr" and isinstance(node.meta[PLACEMENT], Placement):
             ctx.param_placements[node.target] = node.meta[PLACEMENT]
-        if node.target in DECIDABLE | EMBEDDINGS:
+        if node.target in d.seed_ops:
             text = _decision_text(node, node.meta[PLACEMENT], d)
             node.meta[DECISION] = text
             key = module_path(node) or node.name

@@ -22,13 +22,15 @@ reduce-scatter + all-gather in place of each all-reduce: the same bytes, with th
 activations divided by tp. Every conversion is explicit, so any stream the rules accept
 computes the single-device function.
 
+The gathered input of a column-parallel block is kept whole for backward unless
+``recompute_gathers`` asks ``passes/recompute_gathers.py`` to keep its shard instead.
+
 A token dim that is symbolic or not divisible by tp cannot be split evenly: those values stay
 replicated, and a plan in which nothing could be split is an error that says why.
 """
 
 from __future__ import annotations
 
-import torch
 from torch.fx import GraphModule, Node
 
 from fxpar.errors import PlanError
@@ -36,7 +38,8 @@ from fxpar.metadata import DECISION, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import inverse_of, is_weight, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
+from fxpar.rules.base import is_tensor_node, ndim, shape, static, static_numel, tensor_args
+from fxpar.rules.matmul import decidable_ops
 
 
 class _StreamContext:
@@ -46,9 +49,9 @@ class _StreamContext:
     def __init__(self, world: int, user_dep: set[Node]):
         self.world = world
         self.user_dep = user_dep
-        self.stream: dict[Node, Placement] = {}
         self.node: Node | None = None
         self.given: dict[Node, Placement] = {}
+        self.split_ok = False  # may the node's replicated weight run on the stream's tokens
 
     def placement(self, node):
         if not isinstance(node, Node):
@@ -64,7 +67,7 @@ class _StreamContext:
         if text.startswith("replicate"):
             # a replicated weight may run on the stream's slice of the tokens, unless its input
             # is gathered for another op anyway (keys beside the column-parallel queries)
-            return "auto" if node is self.node and _split_pays(node, self.given) else "replicate"
+            return "auto" if node is self.node and self.split_ok else "replicate"
         return text if text in ("colwise", "rowwise", "vocab") else "auto"
 
     def seed_layout(self, node: Node):
@@ -77,31 +80,30 @@ class _StreamContext:
         return is_weight(node)
 
 
-def _split_pays(matmul: Node, given: dict[Node, Placement]) -> bool:
+def _split_pays(matmul: Node, given: dict[Node, Placement], world: int, user_dep: set[Node]) -> bool:
     """Whether a matmul with a replicated weight should run on the stream's slice of the tokens.
 
     Its weight gradient then becomes a sum over the ranks (an all-reduce of the weight's size in
     backward) in place of gathering its input (one all-gather of the input's size): it pays when
-    the input is more than twice the weight, and no other reader gathers the input anyway (the
-    keys of a replicated key projection beside column-parallel queries)."""
-    for inp in given:
+    the input is more than twice the weight, and no other reader needs the input whole anyway
+    (the keys of a replicated key projection beside column-parallel queries, a router's input
+    that the experts index)."""
+    probe = _StreamContext(world, user_dep)
+    for inp, place in given.items():
         for user in inp.users:
-            consumed = (user.meta.get(INPUTS) or {}).get(inp.name)
-            if user is not matmul and user.meta.get(PLACEMENT) is not REPLICATE and consumed is REPLICATE:
+            if user is matmul or user.op != "call_function":
+                continue
+            probe.node, probe.given = user, {inp: place}
+            s = rule_for(user)(user, probe)
+            if s.inputs.get(inp, place) != place:
                 return False
-    weight = sum(_numel(a) or 0 for a in tensor_args(matmul) if is_weight(a))
-    inputs = [_numel(a) for a in given]
+    weight = sum(static_numel(a) or 0 for a in tensor_args(matmul) if is_weight(a))
+    inputs = [static_numel(a) for a in given]
     return all(n is not None for n in inputs) and 2 * weight < sum(inputs)
 
 
-def _numel(node: Node) -> int | None:
-    n = 1
-    for size in shape(node):
-        size = static(size)
-        if size is None:
-            return None
-        n *= size
-    return n
+def _weight_matmul(node: Node) -> bool:
+    return node.target in decidable_ops() and any(is_weight(a) for a in tensor_args(node))
 
 
 def _activation(node: Node, user_dep: set[Node]) -> bool:
@@ -151,11 +153,8 @@ def _accepts(s, given: dict[Node, Placement]) -> bool:
     return all(s.inputs.get(inp, p) == p for inp, p in given.items())
 
 
-def _drop_unpaid(stream: dict[Node, Placement], new_inputs: dict) -> None:
-    """Drop the connected parts of the stream that no partial sum enters. Where a partial sum
-    enters, its reduce-scatter and the all-gather at the exit cost what the all-reduce did; a
-    part entered only by replicated values (keys after a replicated projection) would add an
-    all-gather and save little."""
+def _components(stream) -> dict[Node, list[Node]]:
+    """The connected parts of the stream (joined where one stream value feeds another)."""
     parent = {n: n for n in stream}
 
     def root(n):
@@ -168,9 +167,63 @@ def _drop_unpaid(stream: dict[Node, Placement], new_inputs: dict) -> None:
         for inp in tensor_args(node):
             if inp in stream:
                 parent[root(inp)] = root(node)
-    paid = {root(n) for n in stream for inp in tensor_args(n) if inp.meta.get(PLACEMENT) is PARTIAL}
-    for node in [n for n in stream if root(n) not in paid]:
-        del stream[node], new_inputs[node]
+    parts: dict[Node, list[Node]] = {}
+    for n in stream:
+        parts.setdefault(root(n), []).append(n)
+    return parts
+
+
+def _drop_costly(stream: dict, new_inputs: dict, readers: dict) -> bool:
+    """Drop the parts of the stream that would move more than plain TP does; True if any.
+
+    A partial sum entering a part is reduce-scattered (the bytes of the all-reduce it replaces);
+    the gather where a part meets a column-parallel block costs what that block's backward
+    all-reduce did. What is extra: the backward all-gather of a replicated activation entering a
+    part, and the gather of a value leaving a part for an op that is not split (the model's
+    output, an index, keys a replicated projection makes). A part that no partial sum enters,
+    or whose split values hold less than twice its extra elements (a single op between a
+    reduce-scatter and an all-gather), stays replicated: it would move more and save little."""
+    dropped = False
+    for part in _components(stream).values():
+        paid = extra = 0
+        for node in part:
+            for inp in tensor_args(node):
+                if inp in stream or not isinstance(new_inputs[node].get(inp.name), Shard):
+                    continue
+                if inp.meta.get(PLACEMENT) is PARTIAL:
+                    paid += 2 * (static_numel(inp) or 0)
+                elif inp.meta.get(REQUIRES_GRAD) and not is_weight(inp):
+                    extra += static_numel(inp) or 0
+            whole_for = [u for u in node.users if u not in stream
+                         and (readers.get(u) or u.meta.get(INPUTS) or {}).get(node.name) is REPLICATE]
+            if any(u.op == "output" or not _makes_split(u) for u in whole_for):
+                extra += static_numel(node) or 0
+        held = sum(static_numel(n) or 0 for n in part)
+        if paid == 0 or held < 2 * extra:
+            for node in part:
+                del stream[node], new_inputs[node]
+            dropped = True
+    return dropped
+
+
+def _makes_split(node: Node) -> bool:
+    p = node.meta.get(PLACEMENT)
+    ps = p if isinstance(p, tuple) else (p,)
+    return any(isinstance(x, Shard) or x is PARTIAL for x in ps)
+
+
+def _readers(gm: GraphModule, stream: dict, rctx: _StreamContext) -> dict[Node, dict[str, Placement]]:
+    """Ops outside the stream that take stream values (or partial sums the stream takes) as
+    they are: their new input placements."""
+    fed = dict(stream)
+    fed.update({i: PARTIAL for n in stream for i in tensor_args(n) if i.meta.get(PLACEMENT) is PARTIAL})
+    out = {}
+    for node in gm.graph.nodes:
+        if node not in stream and node.op == "call_function" and any(i in fed for i in node.all_input_nodes):
+            adopted = _consumer_inputs(node, fed, rctx)
+            if adopted is not None:
+                out[node] = adopted
+    return out
 
 
 def _consumer_inputs(node: Node, stream: dict[Node, Placement], rctx: _StreamContext) -> dict[str, Placement] | None:
@@ -208,12 +261,15 @@ def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             if not given:
                 continue
         rctx.node, rctx.given = node, given
+        rctx.split_ok = _weight_matmul(node) and _split_pays(node, given, world, user_dep)
         s = rule_for(node)(node, rctx)
         if not _accepts(s, given):
             continue
         stream[node] = by_shape[tuple(shape(node))] = s.output
         new_inputs[node] = {inp.name: s.inputs.get(inp, rctx.placement(inp)) for inp in tensor_args(node)}
-    _drop_unpaid(stream, new_inputs)
+    readers = _readers(gm, stream, rctx)
+    if _drop_costly(stream, new_inputs, readers):
+        readers = _readers(gm, stream, rctx)
     if not stream:
         reason = "; ".join(dict.fromkeys(why)) or "no replicated activation lies between tensor-parallel blocks"
         raise PlanError(
@@ -221,14 +277,7 @@ def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             "Use a sequence length divisible by tp (a static one: sequence parallelism needs even splits), "
             "or drop sequence_parallel."
         )
-    # partial sums reduce-scattered for the stream: other readers may take them as they are
-    fed = dict(stream)
-    fed.update({i: PARTIAL for n in stream for i in tensor_args(n) if i.meta.get(PLACEMENT) is PARTIAL})
-    for node in gm.graph.nodes:
-        if node not in stream and node.op == "call_function" and any(i in fed for i in node.all_input_nodes):
-            adopted = _consumer_inputs(node, fed, rctx)
-            if adopted is not None:
-                new_inputs[node] = adopted
+    new_inputs.update(readers)
     for node, reqs in new_inputs.items():
         node.meta[INPUTS] = reqs
     for node, place in stream.items():

@@ -60,3 +60,16 @@ def test_mlp_capture_and_plan_with_kwargs():
     model, (x,) = mlp.build()
     plan = fxpar.compile(model, fxpar.Mesh(tp=2), example_kwargs={"x": x})
     assert_close(plan.simulate(x=x), model(x), "output called with a keyword")
+
+
+def test_integer_histograms_run_on_the_cpu():
+    """Captured on meta, code that branches on the device takes its CUDA branch (histc of ints)."""
+
+    class Counts(torch.nn.Module):
+        def forward(self, idx):
+            data = idx.int() if idx.device.type != "cpu" else idx.float()
+            return torch.histc(data, bins=4, min=0, max=3).cumsum(0)
+
+    idx = torch.tensor([0, 1, 1, 3, 3, 3])
+    plan = fxpar.compile(Counts(), fxpar.Mesh(tp=1), (idx,))
+    assert torch.equal(plan.simulate(idx), Counts()(idx))

@@ -7,13 +7,14 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from models import gpt, llama, mlp
+from models import gpt, llama, mlp, moe
 
 REFERENCE = {
     "gpt": lambda: gpt.build(),
     "gpt_matmul": lambda: gpt.build(flash=False),
     "llama": lambda: llama.build(),
     "mlp": lambda: mlp.build(),
+    "moe": lambda: moe.build(),
 }
 
 
@@ -55,6 +56,10 @@ FAMILIES = {
     "opt": ("OPTConfig", "OPTForCausalLM", dict(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
                                                 max_position_embeddings=32, word_embed_proj_dim=64)),
     "bert": ("BertConfig", "BertForMaskedLM", _DECODER),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_DECODER, num_key_value_heads=2, num_local_experts=4,
+                                                          num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_DECODER, num_key_value_heads=2, head_dim=16, num_experts=4,
+                                                               num_experts_per_tok=2, moe_intermediate_size=64)),
 }
 _DROPOUTS = ("attention_dropout", "hidden_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
              "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout", "classifier_dropout")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from .base import FREE, Rule, RuleContext, Sharding, is_tensor_node, tensor_args  # noqa: F401
+from .base import FREE, Rule, RuleContext, Sharding  # noqa: F401
 from .registry import LOCALIZERS, RULES, fallback
 
 
@@ -19,6 +19,8 @@ def rule_for(node: Node) -> Rule:
     target = node.target
     if target in RULES:
         return RULES[target]
+    if isinstance(target, torch._ops.OpOverload) and target.name() in matmul.NAMED_RULES:
+        return matmul.NAMED_RULES[target.name()]
     if isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags:
         from .pointwise import pointwise
 
@@ -31,7 +33,7 @@ def localizer_for(node: Node):
 
 
 # importing the rule modules registers them
-from . import attention, embedding, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
+from . import attention, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
 
 aten = torch.ops.aten
 # ops through which a weight is still "just the weight": its user may choose how it is stored

@@ -99,6 +99,17 @@ def static(size) -> int | None:
     return token if isinstance(token, int) else None
 
 
+def static_numel(node: Node) -> int | None:
+    """The number of elements of a tensor node whose sizes are all static."""
+    n = 1
+    for size in shape(node):
+        size = static(size)
+        if size is None:
+            return None
+        n *= size
+    return n
+
+
 def tensor_args(node: Node) -> list[Node]:
     """Tensor-valued input nodes in argument order (lists flattened), without repeats."""
     out: list[Node] = []

@@ -137,5 +137,31 @@ def matmul(node: Node, ctx: RuleContext) -> Sharding:
     return activation_matmul(node, ctx, a, b)
 
 
+def grouped(node: Node, ctx: RuleContext) -> Sharding:
+    """``grouped_mm(x, W, offs)``: the rows of ``x`` (tokens sorted by expert) times their
+    expert's slice of ``W`` (experts, in, out); a weighted matmul for every expert at once, split
+    by output or input features inside each expert like any other."""
+    x, w = node.args[0], node.args[1]
+    if ctx.is_weight(w) and ndim(w) == 3 and ndim(x) == 2:
+        return weighted(node, ctx, x, w, None, w_in=1, w_out=2)
+    return Sharding(REPLICATE, {n: REPLICATE for n in node.args[:3] if isinstance(n, Node)}, fallback="grouped_mm of activations")
+
+
+register(aten._grouped_mm.default)(grouped)
+# Hugging Face's CPU fallback of grouped_mm, registered when transformers is imported
+NAMED_RULES = {"transformers::grouped_mm_fallback": grouped}
+
 # ops the planner treats as decisions (seeds of sharded regions) and may revert to replicate
-DECIDABLE = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+DECIDABLE = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten._grouped_mm.default}
+
+
+def decidable_ops() -> frozenset:
+    """``DECIDABLE`` and the grouped matmuls of libraries imported by now."""
+    ops = set(DECIDABLE)
+    for name in NAMED_RULES:
+        ns, op = name.split("::")
+        try:
+            ops.add(getattr(getattr(torch.ops, ns), op).default)
+        except (AttributeError, RuntimeError):
+            pass
+    return frozenset(ops)

@@ -8,10 +8,12 @@ function            forward                       backward
 ``copy_to_tp``      identity                      all-reduce (Megatron's ``f``)
 ``all_gather``      S -> R                        keep own slice
 ``gather_to_tp``    S -> R                        reduce-scatter (Megatron's SP gather)
+``gathered_linears`` S -> linear(R, W_i) for all i  gather again, reduce-scatter
 ``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
 ``reduce_scatter``  P -> S                        all-gather (sum over owners if shared)
 ``redistribute``    S -> S' (other layout)        S' -> S
 ``to_partial``      R -> P: x on rank 0, else 0   identity
+``shard_to_partial`` S -> P: own slice, 0 elsewhere  keep own slice
 ==================  ============================  =====================================
 
 ``dim`` is the sharded dimension; ``runs`` the layout of every rank as ``(start, stop)``
@@ -109,6 +111,26 @@ class _ToPartial(torch.autograd.Function):
         return g, None
 
 
+class _ShardToPartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        full = x.new_zeros(_full_shape(x, layout.dim, layout.size))
+        idx = torch.as_tensor(layout.indices(comm.rank), device=x.device)
+        part = x
+        if layout.has_duplicates:  # an element several ranks hold goes into the sum once
+            keep = torch.as_tensor(layout.primary(comm.rank), device=x.device)
+            shape = [1] * x.dim()
+            shape[layout.dim] = -1
+            part = x * keep.view(shape).to(x.dtype)
+        return full.index_copy_(layout.dim, idx, part)
+
+    @staticmethod
+    def backward(ctx, g):
+        # the gradient of a partial sum is whole on every rank: each keeps its slice
+        return _take(g, ctx.layout, ctx.comm.rank), None, None
+
+
 class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, comm):
@@ -152,6 +174,28 @@ def _reduce_scatter(x, layout, comm):
 @functools.lru_cache(maxsize=1024)
 def _rank_order(layout: Shard):
     return np.concatenate([layout.indices(r) for r in range(layout.world)])
+
+
+class _GatheredLinears(torch.autograd.Function):
+    """``linear(gather(x), W_i, b_i)`` for every i, keeping only the shard ``x`` for backward."""
+
+    @staticmethod
+    def forward(ctx, x, layout, comm, n, *wb):
+        ws, bs = wb[:n], wb[n:]
+        full = _gather(x, layout, comm)
+        ctx.layout, ctx.comm, ctx.n, ctx.has_bias = layout, comm, n, [b is not None for b in bs]
+        ctx.save_for_backward(x, *ws)
+        return tuple(torch.nn.functional.linear(full, w, b) for w, b in zip(ws, bs))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        x, *ws = ctx.saved_tensors
+        full = _gather(x, ctx.layout, ctx.comm)  # again: it was not kept
+        flat = full.reshape(-1, full.shape[-1])
+        gx = sum(g @ w for g, w in zip(gs, ws))
+        gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]
+        gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
+        return (_reduce_scatter(gx.contiguous(), ctx.layout, ctx.comm), None, None, None, *gws, *gbs)
 
 
 class _Shard(torch.autograd.Function):
@@ -198,6 +242,13 @@ def to_partial(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
     return _ToPartial.apply(x, current().comm(group))
 
 
+def shard_to_partial(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+    """A shard as this rank's part of a partial sum: the whole shape, zeros outside the shard
+    (no communication; an accumulator split like its input meeting a partial sum)."""
+    comm = current().comm(group)
+    return _ShardToPartial.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
 def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
     """The whole tensor from every rank's shard along ``dim`` (global extent ``size``)."""
     comm = current().comm(group)
@@ -212,6 +263,15 @@ def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "
     parallelism. Needs a layout in which every element has one owner."""
     comm = current().comm(group)
     return _GatherToTP.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, group: str = "tp"):
+    """``linear(gather_to_tp(x), w, b)`` for each weight and bias, as a tuple, keeping only this
+    rank's shard of the input for backward and gathering it again there (Megatron's
+    sequence-parallel linear): the activation memory of the gathered input divided by tp, for
+    one more all-gather in backward."""
+    comm = current().comm(group)
+    return _GatheredLinears.apply(x, _layout(dim, size, runs, comm.world), comm, len(weights), *weights, *biases)
 
 
 def shard(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
