@@ -146,9 +146,11 @@ def worker(rank, world, port, iters, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     results = {}
-    for label, overrides, sp in (("fxpar", SAME_AS_DTENSOR, False), ("fxpar auto", None, False), ("fxpar sp", None, True)):
+    runs = (("fxpar", SAME_AS_DTENSOR, {}), ("fxpar auto", None, {}), ("fxpar sp", None, {"sequence_parallel": True}),
+            ("fxpar sp recompute", None, {"sequence_parallel": True, "recompute_gathers": True}))
+    for label, overrides, options in runs:
         model, tokens, targets = make()
-        pm = fxpar.parallelize(model, fxpar.Mesh(tp=world), example_args=(tokens,), overrides=overrides, sequence_parallel=sp)
+        pm = fxpar.parallelize(model, fxpar.Mesh(tp=world), example_args=(tokens,), overrides=overrides, **options)
         pm.reset_comm_bytes()
         loss = F.cross_entropy(pm(tokens).flatten(0, 1), targets.flatten())
         loss.backward()
@@ -244,6 +246,8 @@ def main(argv=None):
         [f"DTensor parallelize_module TP={tp}", f"{1000 * r['DTensor'][0]:.1f}", "1.00x", f"{r['DTensor'][1]:.6f}"],
         [f"fxpar TP={tp}, automatic plan", f"{1000 * r['fxpar auto'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar auto'][0]:.2f}x", f"{r['fxpar auto'][1]:.6f}"],
         [f"fxpar TP={tp} + sequence parallel", f"{1000 * r['fxpar sp'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar sp'][0]:.2f}x", f"{r['fxpar sp'][1]:.6f}"],
+        [f"fxpar TP={tp} + SP, recompute_gathers", f"{1000 * r['fxpar sp recompute'][0]:.1f}",
+         f"{r['DTensor'][0] / r['fxpar sp recompute'][0]:.2f}x", f"{r['fxpar sp recompute'][1]:.6f}"],
         _dtensor_sp_row(tp, r),
         [f"1 process, {os.cpu_count()} threads", f"{1000 * single:.1f}", f"{r['DTensor'][0] / single:.2f}x", f"{single_loss:.6f}"],
         ["1 process, 1 thread", f"{1000 * single1:.1f}", f"{r['DTensor'][0] / single1:.2f}x", ""],
@@ -259,6 +263,7 @@ def main(argv=None):
         ["fxpar, embedding and output whole (as DTensor)", f"{r['fxpar'][2] / 2**20:.3f}", f"{r['fxpar'][2] / bound:.2f}"],
         ["fxpar, automatic plan (vocab-parallel embedding, split output)", f"{r['fxpar auto'][2] / 2**20:.3f}", f"{r['fxpar auto'][2] / bound:.2f}"],
         ["fxpar, automatic plan + sequence parallel", f"{r['fxpar sp'][2] / 2**20:.3f}", f"{r['fxpar sp'][2] / bound:.2f}"],
+        ["fxpar, automatic plan + SP, recompute_gathers", f"{r['fxpar sp recompute'][2] / 2**20:.3f}", f"{r['fxpar sp recompute'][2] / bound:.2f}"],
         ["Megatron bound: 2 all-reduces of b*s*h per layer per pass", f"{bound / 2**20:.3f}", "1.00"],
     ]
     print(f"\nbytes one rank sends per step (forward + backward), TP={tp}")

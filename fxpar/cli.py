@@ -57,7 +57,7 @@ def _compile(a):
     args = tuple(torch.cat([x] * copies) if isinstance(x, torch.Tensor) else x for x in args)
     mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, tp=a.tp)
     plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches,
-                         virtual=a.virtual, sequence_parallel=a.sp)
+                         virtual=a.virtual, sequence_parallel=a.sp, recompute_gathers=a.recompute_gathers)
     return plan, args
 
 
@@ -120,6 +120,7 @@ def main(argv=None) -> int:
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")
         sp.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations between TP blocks by sequence")
+        sp.add_argument("--recompute-gathers", action="store_true", help="keep shards of gathered inputs, gather again in backward")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
         sp.add_argument("--override", action="append", metavar="NAME=STYLE", help="force colwise/rowwise/replicate/vocab")
         sp.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ from passes.estimate_memory import estimate_memory
 from passes.insert_collectives import insert_collectives
 from passes.localize_shapes import localize_shapes
 from passes.plan_sharding import plan_sharding
+from passes.recompute_gathers import recompute_gathers
 from passes.sequence_parallel import sequence_parallel
 
 from .errors import FxparError, PlanError
@@ -32,6 +33,7 @@ PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
     plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow
     sequence_parallel,  # analysis: with sequence_parallel, the activations between TP blocks split by sequence
     insert_collectives,  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
+    recompute_gathers,  # rewrite: with recompute_gathers, column-parallel inputs kept as shards for backward
     assign_rng,  # rewrite: dropout draws from a replicated or a per-rank random stream
     localize_shapes,  # analysis: per-rank sizes for views, splits, slices, means and embeddings
     estimate_memory,  # analysis: parameter and saved-activation bytes per node, on fake tensors

@@ -36,6 +36,7 @@ from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 PLAN_OPTIONS = (
     "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "optimizer_dtype", "sizes",
     "device_type", "param_stages", "fixed_weights", "sequence_parallel",
+    "recompute_gathers",
 )
 
 

@@ -45,6 +45,8 @@ class PlanContext:
     fixed_weights: dict = field(default_factory=dict)  # keep weights placed this way (recapture)
     # split the activations between tensor-parallel blocks along the sequence (Megatron SP)
     sequence_parallel: bool = False
+    # keep the shard of each all-gathered column-parallel input for backward, gather it again there
+    recompute_gathers: bool = False
     # written by passes
     decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
