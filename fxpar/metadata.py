@@ -111,3 +111,14 @@ def copy_meta(src: Node, dst: Node, **updates) -> None:
         if key in src.meta:
             dst.meta[key] = src.meta[key]
     dst.meta.update(updates)
+
+
+def replace_uses(old: Node, new: Node) -> None:
+    """Point every user of ``old`` at ``new``, keeping ``fxpar_inputs`` keyed by the new name."""
+    old.replace_all_uses_with(new)
+    for user in new.users:
+        reqs = user.meta.get(INPUTS)
+        if reqs and old.name in reqs:
+            reqs = dict(reqs)
+            reqs[new.name] = reqs.pop(old.name)
+            user.meta[INPUTS] = reqs

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.llama import Attention, ModelArgs, RMSNorm, precompute_freqs_cis
+from models import llama
+from models.llama import Attention, ModelArgs, RMSNorm
 
 
 @dataclass
@@ -68,26 +69,12 @@ class Block(nn.Module):
         return h + self.moe(self.moe_norm(h))
 
 
-class Transformer(nn.Module):
-    def __init__(self, params: MoEArgs):
-        super().__init__()
-        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim)
-        self.layers = nn.ModuleList(Block(params) for _ in range(params.n_layers))
-        self.norm = RMSNorm(params.dim, eps=params.norm_eps)
-        self.output = nn.Linear(params.dim, params.vocab_size, bias=False)
-        self.register_buffer(
-            "freqs_cis",
-            precompute_freqs_cis(params.dim // params.n_heads, params.max_seq_len * 2, params.rope_theta),
-            persistent=False,
-        )
+class Transformer(llama.Transformer):
+    """The Llama, each block's feed-forward a mixture of experts."""
 
-    def forward(self, tokens: torch.Tensor):
-        _bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[:seqlen]
-        for layer in self.layers:
-            h = layer(h, freqs_cis)
-        return self.output(self.norm(h)).float()
+    def __init__(self, params: MoEArgs):
+        super().__init__(params)
+        self.layers = nn.ModuleList(Block(params) for _ in range(params.n_layers))
 
 
 def build(**overrides):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement
+from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.runtime import collectives as C
@@ -158,13 +158,7 @@ def _fuse_gathers(graph, world: int) -> None:
             fused = graph.call_function(C.gather_to_tp, gather.args, gather.kwargs)
         fused.meta.update(gather.meta)
         fused.meta[COMM] = comm_info("gather_to_tp", x.meta["val"], world, src, REPLICATE)
-        node.replace_all_uses_with(fused)
-        for user in fused.users:
-            reqs = user.meta.get(INPUTS)
-            if reqs and node.name in reqs:
-                reqs = dict(reqs)
-                reqs[fused.name] = reqs.pop(node.name)
-                user.meta[INPUTS] = reqs
+        replace_uses(node, fused)
         graph.erase_node(node)
         graph.erase_node(gather)
 

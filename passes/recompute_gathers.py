@@ -18,7 +18,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, copy_meta
+from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, copy_meta, replace_uses
 from fxpar.plan_context import PlanContext
 from fxpar.rules import is_weight
 from fxpar.runtime import collectives as C
@@ -66,13 +66,7 @@ def recompute_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 item = graph.call_function(operator.getitem, (fused, i))
             item.meta = dict(u.meta)
             item.meta[INPUTS] = {fused.name: u.meta.get(PLACEMENT)}
-            u.replace_all_uses_with(item)
-            for user in item.users:
-                reqs = user.meta.get(INPUTS)
-                if reqs and u.name in reqs:
-                    reqs = dict(reqs)
-                    reqs[item.name] = reqs.pop(u.name)
-                    user.meta[INPUTS] = reqs
+            replace_uses(u, item)
             graph.erase_node(u)
         graph.erase_node(gather)
     graph.lint()

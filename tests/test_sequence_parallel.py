@@ -17,7 +17,7 @@ from fxpar.placement import Shard
 from tests.test_equivalence_distributed import train_and_compare
 from tests.test_equivalence_simulated import check_training
 from tests.test_pipeline_simulated import check_pipeline
-from tests.test_memory import estimated_activations, measured_activations
+from tests.test_memory import KORTHIKANTI, estimated_activations, gpt_layer_activations, measured_activations
 from tests.zoo import build
 
 
@@ -132,19 +132,8 @@ def test_recomputed_gathers_train_alike_and_keep_shards(name):
 @pytest.mark.parametrize("tp", [2, 4])
 def test_recomputed_gathers_match_korthikanti(tp):
     """A GPT layer with sequence parallelism keeps s*b*h/t*(34 + 5*a*s/h) bytes (16-bit, dropout on)."""
-    from fxpar.errors import module_path
-    from fxpar.memory import stage_memory
-    from models import gpt
-
-    h, a, s, b = 256, 4, 256, 2
-    with torch.device("meta"):
-        model, _ = gpt.build(n_embd=h, n_head=a, block_size=s, n_layer=2, flash=False, dropout=0.1)
-    model = model.to(torch.bfloat16)
-    plan = fxpar.compile(model, fxpar.Mesh(tp=tp), (torch.randint(0, 256, (b, s)),),
-                         sequence_parallel=True, recompute_gathers=True)
-    nodes = {n.name: n for n in plan.graph_module.graph.nodes}
-    layer = [n for n in nodes.values() if module_path(n).startswith("transformer.h.0")]
-    estimate = stage_memory(layer, nodes).activations_per_microbatch
+    h, a, s, b = (KORTHIKANTI[k] for k in "hasb")
+    estimate = gpt_layer_activations(tp, sequence_parallel=True, recompute_gathers=True)
     formula = s * b * h / tp * (34 + 5 * a * s / h)
     assert abs(estimate - formula) <= 0.05 * formula, (estimate, formula)
 

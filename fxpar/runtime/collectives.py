@@ -111,18 +111,22 @@ class _ToPartial(torch.autograd.Function):
         return g, None
 
 
+def _primary_only(x, layout, rank):
+    """``x`` (this rank's slice) with zeros where a lower rank holds the same element."""
+    keep = torch.as_tensor(layout.primary(rank), device=x.device)
+    shape = [1] * x.dim()
+    shape[layout.dim] = -1
+    return x * keep.view(shape).to(x.dtype)
+
+
 class _ShardToPartial(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, comm):
         ctx.layout, ctx.comm = layout, comm
         full = x.new_zeros(_full_shape(x, layout.dim, layout.size))
         idx = torch.as_tensor(layout.indices(comm.rank), device=x.device)
-        part = x
-        if layout.has_duplicates:  # an element several ranks hold goes into the sum once
-            keep = torch.as_tensor(layout.primary(comm.rank), device=x.device)
-            shape = [1] * x.dim()
-            shape[layout.dim] = -1
-            part = x * keep.view(shape).to(x.dtype)
+        # an element several ranks hold goes into the sum once
+        part = _primary_only(x, layout, comm.rank) if layout.has_duplicates else x
         return full.index_copy_(layout.dim, idx, part)
 
     @staticmethod
@@ -143,10 +147,7 @@ class _AllGather(torch.autograd.Function):
         if ctx.layout.has_duplicates:
             # an element several ranks hold went into the whole tensor once: one of them gets its
             # gradient (the gradients of shared elements are summed over their owners upstream)
-            keep = torch.as_tensor(ctx.layout.primary(ctx.comm.rank), device=g.device)
-            shape = [1] * g.dim()
-            shape[ctx.layout.dim] = -1
-            local = local * keep.view(shape).to(local.dtype)
+            local = _primary_only(local, ctx.layout, ctx.comm.rank)
         return local, None, None
 
 
