@@ -105,6 +105,12 @@ def out_placement(node: Node, index: int | None = None) -> Placement | None:
     return p
 
 
+def splits_output(node: Node) -> bool:
+    """Whether the node's output (any of its outputs) is sharded or a partial sum."""
+    p = node.meta.get(PLACEMENT)
+    return any(x is not None and (x.is_shard() or x.is_partial()) for x in (p if isinstance(p, tuple) else (p,)))
+
+
 def copy_meta(src: Node, dst: Node, **updates) -> None:
     """Give a node created by a pass the metadata of the node it replaces or serves."""
     for key in ("stack_trace", "nn_module_stack"):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses
+from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.runtime import collectives as C
@@ -127,7 +127,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             # whole on every rank but used by a sharded op: each rank's backward sees only its
             # own share of the gradient, whatever made the value whole (nothing, an all-reduce,
             # an all-gather), so sum it over the ranks on the way back
-            if want is REPLICATE and _makes_sharded(node) and inp.meta.get(REQUIRES_GRAD):
+            if want is REPLICATE and splits_output(node) and inp.meta.get(REQUIRES_GRAD):
                 new = convert(node, new, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
             if new is inp:
                 continue
@@ -162,9 +162,3 @@ def _fuse_gathers(graph, world: int) -> None:
         graph.erase_node(node)
         graph.erase_node(gather)
 
-
-def _makes_sharded(node: Node) -> bool:
-    p = node.meta.get(PLACEMENT)
-    if isinstance(p, tuple):
-        return any(isinstance(x, Shard) or x is PARTIAL for x in p)
-    return isinstance(p, Shard) or p is PARTIAL

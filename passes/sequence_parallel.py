@@ -31,14 +31,15 @@ replicated, and a plan in which nothing could be split is an error that says why
 
 from __future__ import annotations
 
+import torch
 from torch.fx import GraphModule, Node
 
 from fxpar.errors import PlanError
-from fxpar.metadata import DECISION, INPUTS, PLACEMENT, REQUIRES_GRAD
+from fxpar.metadata import DECISION, INPUTS, PLACEMENT, REQUIRES_GRAD, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import inverse_of, is_weight, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, shape, static, static_numel, tensor_args
+from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
 from fxpar.rules.matmul import decidable_ops
 
 
@@ -97,9 +98,25 @@ def _split_pays(matmul: Node, given: dict[Node, Placement], world: int, user_dep
             s = rule_for(user)(user, probe)
             if s.inputs.get(inp, place) != place:
                 return False
-    weight = sum(static_numel(a) or 0 for a in tensor_args(matmul) if is_weight(a))
-    inputs = [static_numel(a) for a in given]
+    weight = sum(_elements(a) or 0 for a in tensor_args(matmul) if is_weight(a))
+    inputs = [_elements(a) for a in given]
     return all(n is not None for n in inputs) and 2 * weight < sum(inputs)
+
+
+def _elements(node: Node) -> int | None:
+    """Elements of a tensor node, symbolic sizes at the example's values (costs only compare)."""
+    n = 1
+    for d in shape(node):
+        if isinstance(d, torch.SymInt):
+            d = d.node.hint if d.node.has_hint() else None
+        if d is None:
+            return None
+        n *= int(d)
+    return n
+
+
+def _shape_key(node: Node) -> tuple:
+    return tuple(str(d) for d in shape(node))
 
 
 def _weight_matmul(node: Node) -> bool:
@@ -129,7 +146,7 @@ def _starts(node: Node, world: int, user_dep: set[Node], why: list[str], by_shap
     dim (through a view: ``(B*T, C) -> (B, T, C)`` takes every batch's slice of the sequence),
     or in the layout the stream already gives values of this shape, so that the two meet
     without a conversion (a residual flattened to ``(B*T, C)`` added to this node)."""
-    split = by_shape.get(tuple(shape(node))) or _token_split(node, world)
+    split = by_shape.get(_shape_key(node)) or _token_split(node, world)
     if split is None:
         why.append(f"{node.name}: token dim {ndim(node) - 2} of size {shape(node)[ndim(node) - 2]} does not split over {world} ranks")
         return {}
@@ -191,25 +208,19 @@ def _drop_costly(stream: dict, new_inputs: dict, readers: dict) -> bool:
                 if inp in stream or not isinstance(new_inputs[node].get(inp.name), Shard):
                     continue
                 if inp.meta.get(PLACEMENT) is PARTIAL:
-                    paid += 2 * (static_numel(inp) or 0)
+                    paid += 2 * (_elements(inp) or 0)
                 elif inp.meta.get(REQUIRES_GRAD) and not is_weight(inp):
-                    extra += static_numel(inp) or 0
+                    extra += _elements(inp) or 0
             whole_for = [u for u in node.users if u not in stream
                          and (readers.get(u) or u.meta.get(INPUTS) or {}).get(node.name) is REPLICATE]
-            if any(u.op == "output" or not _makes_split(u) for u in whole_for):
-                extra += static_numel(node) or 0
-        held = sum(static_numel(n) or 0 for n in part)
+            if any(u.op == "output" or not splits_output(u) for u in whole_for):
+                extra += _elements(node) or 0
+        held = sum(_elements(n) or 0 for n in part)
         if paid == 0 or held < 2 * extra:
             for node in part:
                 del stream[node], new_inputs[node]
             dropped = True
     return dropped
-
-
-def _makes_split(node: Node) -> bool:
-    p = node.meta.get(PLACEMENT)
-    ps = p if isinstance(p, tuple) else (p,)
-    return any(isinstance(x, Shard) or x is PARTIAL for x in ps)
 
 
 def _readers(gm: GraphModule, stream: dict, rctx: _StreamContext) -> dict[Node, dict[str, Placement]]:
@@ -243,7 +254,7 @@ def _consumer_inputs(node: Node, stream: dict[Node, Placement], rctx: _StreamCon
 
 
 def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if not getattr(ctx, "sequence_parallel", False) or ctx.tp == 1:
+    if not ctx.sequence_parallel or ctx.tp == 1:
         return gm
     world = ctx.tp
     user_dep = user_dependent(gm)
@@ -265,7 +276,7 @@ def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         s = rule_for(node)(node, rctx)
         if not _accepts(s, given):
             continue
-        stream[node] = by_shape[tuple(shape(node))] = s.output
+        stream[node] = by_shape[_shape_key(node)] = s.output
         new_inputs[node] = {inp.name: s.inputs.get(inp, rctx.placement(inp)) for inp in tensor_args(node)}
     readers = _readers(gm, stream, rctx)
     if _drop_costly(stream, new_inputs, readers):

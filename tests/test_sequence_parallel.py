@@ -140,3 +140,14 @@ def test_recomputed_gathers_match_korthikanti(tp):
 
 def test_recomputed_gathers_over_processes(pools):
     pools(2).run(train_and_compare, "llama", 2, sequence_parallel=True, recompute_gathers=True)
+
+
+def test_symbolic_batch_static_sequence():
+    model, (idx,) = build("gpt")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx,), dynamic_shapes={"idx": {0: "batch"}}, sequence_parallel=True)
+    assert plan.ctx.sequence_split
+    for b in (1, 3):
+        x = torch.randint(0, 256, (b, 16))
+        assert torch.allclose(plan.simulate(x), model(x), atol=1e-5)
+    with pytest.raises(fxpar.FxparError, match="static"):
+        fxpar.compile(model, fxpar.Mesh(tp=2), (idx,), dynamic_shapes={"idx": {1: "seq"}}, sequence_parallel=True)
