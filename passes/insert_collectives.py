@@ -18,7 +18,9 @@ S          S' (other layout)  ``redistribute``
 
 (right before the first consumer) and, where a replicated value that can carry a gradient feeds
 an op whose output is sharded or partial, a ``copy_to_tp`` (identity forward, all-reduce backward: each rank's backward only sees
-its own shard's share of that gradient). An ``all_gather`` whose only use is such a
+its own shard's share of that gradient). Where the value is rows picked out of another
+(``x[idx]``: the tokens an expert got, each token's top-k rows) the ``copy_to_tp`` goes on ``x``
+instead, once for every pick, when that is no larger. An ``all_gather`` whose only use is such a
 ``copy_to_tp`` becomes one ``gather_to_tp`` (all-gather forward, reduce-scatter backward: the
 same gradient for half the bytes), the gather of sequence parallelism. Inserted nodes get ``fxpar_comm`` with their sizes,
 ``fxpar_placement`` of what they produce and ``fxpar_origin = None``; consumers' ``fxpar_inputs``
@@ -33,6 +35,7 @@ from torch.fx import GraphModule, Node
 from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
+from fxpar.rules.base import static_numel
 from fxpar.runtime import collectives as C
 
 
@@ -128,6 +131,19 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             # own share of the gradient, whatever made the value whole (nothing, an all-reduce,
             # an all-gather), so sum it over the ranks on the way back
             if want is REPLICATE and splits_output(node) and inp.meta.get(REQUIRES_GRAD):
+                picked = _picked_rows(inp) if new is inp else None
+                if picked is not None:
+                    # rows picked out of one value several times (the tokens each expert got):
+                    # one all-reduce of the value's gradient serves every pick
+                    index, source = picked
+                    if source.target is C.copy_to_tp:
+                        continue
+                    copy = convert(index, source, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
+                    index.replace_input_with(source, copy)
+                    ireqs = dict(index.meta.get(INPUTS) or {})
+                    ireqs[copy.name] = ireqs.pop(source.name, REPLICATE)
+                    index.meta[INPUTS] = ireqs
+                    continue
                 new = convert(node, new, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
             if new is inp:
                 continue
@@ -140,6 +156,37 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+# ops that carry a value along unchanged in size: a gradient all-reduce may move past them
+_CARRY = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.aten.view.default,
+          torch.ops.aten.reshape.default, torch.ops.aten.contiguous.default}
+
+
+def _picked_rows(node: Node):
+    """``(index, source)`` when ``node`` is rows picked out of ``source`` (``source[idx]``, then
+    casts or views, each read by split ops only) and the picks are worth one all-reduce of
+    ``source``'s gradient: ``source`` is picked from more than once (one pick per expert) or this
+    pick is at least as large (each token's top-k rows); None otherwise."""
+    def feeds_split_only(n):  # readers of values (metadata checks read none)
+        readers = [u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]
+        return len(readers) == 1 or all(splits_output(u) for u in readers)
+
+    while node.target in _CARRY and feeds_split_only(node) and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if node.target is not torch.ops.aten.index.Tensor or not feeds_split_only(node):
+        return None
+    source = node.args[0]
+    if source.target is C.copy_to_tp:  # hoisted already, for another reader of the same rows
+        return node, source
+    whole = out_placement(source) is REPLICATE and (node.meta.get(INPUTS) or {}).get(source.name) is REPLICATE
+    if not whole or not source.meta.get(REQUIRES_GRAD):
+        return None
+    picks = [u for u in source.users if u.target is torch.ops.aten.index.Tensor and u.args[0] is source]
+    rows, total = static_numel(node), static_numel(source)
+    if len(picks) >= 2 or (rows is not None and total is not None and rows >= total):
+        return node, source
+    return None
 
 
 def _fuse_gathers(graph, world: int) -> None:

@@ -57,6 +57,11 @@ def test_grouped_experts_are_split_inside(name):
         want = 1 if k.endswith("gate_up_proj") else 2
         assert isinstance(p, Shard) and p.dim == want and p.is_partition, (k, p)
     assert kinds(plan)["all_reduce"] == 1 + 2 * 2, kinds(plan)
+    # the experts' input gradient is summed over the ranks once per token, not once per routed
+    # slot: no backward all-reduce is larger than the hidden states
+    hidden = ids.numel() * model.config.hidden_size
+    copies = [n.meta[COMM] for n in plan.graph_module.graph.nodes if COMM in n.meta and n.meta[COMM].kind == "copy_to_tp"]
+    assert copies and max(c.elements for c in copies) <= hidden, [c.elements for c in copies]
     loss, grads = plan.simulate_train(None, ids, labels=labels)
     ref = model(ids, labels=labels)
     ref.loss.backward()
