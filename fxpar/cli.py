@@ -7,7 +7,7 @@
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
     python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
 
-A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``) or ``package.module:function``
+A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``, ``moe``) or ``package.module:function``
 returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
 """
 
@@ -31,7 +31,7 @@ def load_model(spec: str, settings: list[str]):
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise SystemExit(f"fxpar: cannot load model {spec!r}: {e}. Use a name in models/ (gpt, llama, mlp) or module:function")
+        raise SystemExit(f"fxpar: cannot load model {spec!r}: {e}. Use a name in models/ (gpt, llama, mlp, moe) or module:function")
     model, args = fn(**kwargs)
     return model, args if isinstance(args, tuple) else (args,)
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def model_args(sp):
-        sp.add_argument("model", help="models/ name (gpt, llama, mlp) or module:function")
+        sp.add_argument("model", help="models/ name (gpt, llama, mlp, moe) or module:function")
         sp.add_argument("--tp", type=int, default=2)
         sp.add_argument("--pp", type=int, default=1)
         sp.add_argument("--dp", type=int, default=1)
