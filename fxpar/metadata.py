@@ -43,6 +43,10 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
     keeps for backward (new tensors, references to other nodes' outputs); sympy expressions with
     symbolic sizes. Written by ``estimate_memory``. Example:
     ``NodeMemory(out_bytes=8192, value_bytes=8192, root='linear', saved_new=0, saved_roots=('mul_1',))``.
+``fxpar_grad_partial`` : ``bool``
+    Set on replicated values whose gradient each rank holds only its part of, summed by a
+    backward all-reduce further up (rows an expert picked, when the all-reduce moved to the
+    tokens they were picked from). Written by ``insert_collectives``; ``Plan.check`` sums them.
 ``fxpar_stage`` : ``int``
     The pipeline stage a compute node runs in (nodes every stage recomputes have none). Written by
     ``cut_stages``.
@@ -68,6 +72,7 @@ LOCAL = "fxpar_local"
 RNG = "fxpar_rng"
 MEMORY = "fxpar_memory"
 STAGE = "fxpar_stage"
+GRAD_PARTIAL = "fxpar_grad_partial"
 
 
 @dataclass(frozen=True)

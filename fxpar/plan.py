@@ -22,9 +22,9 @@ from .errors import DivergenceError, FxparError, describe_node
 from .holder import populate, retarget_submodules
 from .memory import per_device
 from .mesh import Mesh, as_mesh
-from .metadata import ORIGIN, PLACEMENT
+from .metadata import GRAD_PARTIAL, ORIGIN, PLACEMENT
 from .pipeline import debug_level, run_pipeline
-from .placement import REPLICATE, Shard
+from .placement import PARTIAL, REPLICATE, Shard
 from .plan_context import PlanContext
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
@@ -299,6 +299,9 @@ class Plan:
             parts = [v.get(node.name) for v in per_rank]
             if any(p is None for p in parts):
                 raise DivergenceError(f"some ranks have no {what} for {describe_node(node)}")
+            if grad and node.meta.get(GRAD_PARTIAL):
+                place = PARTIAL  # each rank's part of the gradient, until the all-reduce above it
+                grad = False  # summed as a value is
             whole = place == REPLICATE or (grad and not isinstance(place, Shard))
             if whole and any(not torch.equal(p, parts[0]) for p in parts[1:]):
                 raise DivergenceError(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
+from fxpar.metadata import COMM, GRAD_PARTIAL, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import static_numel
@@ -135,7 +135,10 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 if picked is not None:
                     # rows picked out of one value several times (the tokens each expert got):
                     # one all-reduce of the value's gradient serves every pick
-                    index, source = picked
+                    chain, source = picked
+                    index = chain[-1]
+                    for n in chain:  # their gradients are each rank's part until the all-reduce
+                        n.meta[GRAD_PARTIAL] = True
                     if source.target is C.copy_to_tp:
                         continue
                     copy = convert(index, source, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
@@ -164,28 +167,31 @@ _CARRY = {torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default, torch.ops.at
 
 
 def _picked_rows(node: Node):
-    """``(index, source)`` when ``node`` is rows picked out of ``source`` (``source[idx]``, then
-    casts or views, each read by split ops only) and the picks are worth one all-reduce of
+    """``(chain, source)`` when ``node`` is rows picked out of ``source`` (``source[idx]``, then
+    casts or views, each read by split ops only; ``chain`` runs from ``node`` back to the pick)
+    and the picks are worth one all-reduce of
     ``source``'s gradient: ``source`` is picked from more than once (one pick per expert) or this
     pick is at least as large (each token's top-k rows); None otherwise."""
     def feeds_split_only(n):  # readers of values (metadata checks read none)
         readers = [u for u in n.users if isinstance(u.meta.get("val"), torch.Tensor)]
         return len(readers) == 1 or all(splits_output(u) for u in readers)
 
+    chain = [node]
     while node.target in _CARRY and feeds_split_only(node) and isinstance(node.args[0], Node):
         node = node.args[0]
+        chain.append(node)
     if node.target is not torch.ops.aten.index.Tensor or not feeds_split_only(node):
         return None
     source = node.args[0]
     if source.target is C.copy_to_tp:  # hoisted already, for another reader of the same rows
-        return node, source
+        return chain, source
     whole = out_placement(source) is REPLICATE and (node.meta.get(INPUTS) or {}).get(source.name) is REPLICATE
     if not whole or not source.meta.get(REQUIRES_GRAD):
         return None
     picks = [u for u in source.users if u.target is torch.ops.aten.index.Tensor and u.args[0] is source]
     rows, total = static_numel(node), static_numel(source)
     if len(picks) >= 2 or (rows is not None and total is not None and rows >= total):
-        return node, source
+        return chain, source
     return None
 
 

@@ -92,3 +92,12 @@ def test_pipeline_cuts_never_send_a_value_sized_at_run_time():
     model, args = build("moe")
     with pytest.raises(fxpar.FxparError, match="known only at run time"):
         fxpar.compile(model, fxpar.Mesh(pp=2), args, split_points=["layers.0.moe.experts.1"])
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_every_value_and_gradient_checks_out_node_by_node(sp):
+    model, args = build("moe")
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), args, sequence_parallel=sp)
+    # rows the experts picked carry each rank's part of their gradient until the all-reduce
+    assert any(n.meta.get("fxpar_grad_partial") for n in plan.graph_module.graph.nodes)
+    assert plan.check(*args, loss_fn=lambda out: out.float().pow(2).mean()) > 400
