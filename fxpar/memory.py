@@ -14,6 +14,8 @@ From that, for any set of nodes (a pipeline stage):
 
 from __future__ import annotations
 
+import operator
+
 from dataclasses import dataclass, field
 
 import torch
@@ -152,8 +154,6 @@ def data_dependent_sizes(gm) -> dict:
 
 def _read_elements(node):
     """Elements of the largest tensor the op making ``node``'s value reads (through getitem)."""
-    import operator
-
     while node.target is operator.getitem:
         node = node.args[0]
     counts = [expr(a.meta["val"].numel()) for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]

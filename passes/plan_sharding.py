@@ -247,7 +247,7 @@ def _reduce_point(rnd: _Round, node: Node) -> Node:
     sizes = [static_numel(n) if is_tensor_node(n) else None for n in chain]
     if any(n is None for n in sizes):
         return chain[-1]
-    return min(reversed(chain), key=lambda n: sizes[chain.index(n)])
+    return chain[min(range(len(chain)), key=lambda i: (sizes[i], -i))]  # ties: the earliest op
 
 
 def _resolve(rnd: _Round, d: _Decisions) -> bool:

@@ -151,11 +151,8 @@ class _AllGather(torch.autograd.Function):
         return local, None, None
 
 
-class _GatherToTP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, layout, comm):
-        ctx.layout, ctx.comm = layout, comm
-        return _gather(x, layout, comm)
+class _GatherToTP(_AllGather):
+    """``_AllGather`` whose backward sums each rank's share of the gradient before slicing."""
 
     @staticmethod
     def backward(ctx, g):
