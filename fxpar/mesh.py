@@ -1,4 +1,4 @@
-"""The process grid: named dimensions, tensor parallelism innermost.
+"""The process grid: named dimensions, tensor parallelism innermost, context parallelism next to it.
 
 A ``Mesh`` is a plain description (``Mesh(dp=2, tp=4)``) that planning and simulation use with no
 process group at all. ``Mesh.bind()`` turns it into torch's own ``DeviceMesh`` over the current
@@ -17,8 +17,9 @@ import torch.distributed as dist
 
 from .errors import MeshError
 
-# Outermost first. tp is innermost because it communicates most (CONTEXT: 3D meshes).
-DIM_ORDER = ("dp", "pp", "tp")
+# Outermost first. tp is innermost because it communicates most (CONTEXT: 3D meshes); cp next,
+# its all-to-alls around every attention being the next most frequent.
+DIM_ORDER = ("dp", "pp", "cp", "tp")
 
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT", "300")))
 _BOUND: dict = {}
@@ -26,16 +27,18 @@ _BOUND: dict = {}
 
 @dataclass(frozen=True)
 class Mesh:
-    """A grid of ``dp * pp * tp`` ranks described by named dimensions.
+    """A grid of ``dp * pp * cp * tp`` ranks described by named dimensions: data, pipeline,
+    context (the sequence split over ranks for every layer) and tensor parallelism.
 
     >>> Mesh(tp=2).size
     2
     >>> Mesh(dp=2, tp=2).coordinate(3)
-    {'dp': 1, 'pp': 0, 'tp': 1}
+    {'dp': 1, 'pp': 0, 'cp': 0, 'tp': 1}
     """
 
     dp: int = 1
     pp: int = 1
+    cp: int = 1
     tp: int = 1
 
     def __post_init__(self):
@@ -73,7 +76,7 @@ class Mesh:
         return r
 
     def __repr__(self) -> str:
-        return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER) + ")"
+        return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER if n != "cp" or self.cp > 1) + ")"
 
     # binding ----------------------------------------------------------------------------
     def bind(self, device_type: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
@@ -88,7 +91,7 @@ class Mesh:
         if world != self.size:
             raise MeshError(
                 f"{self} has {self.size} ranks but the torch.distributed world has {world}; "
-                f"launch {self.size} processes or change the mesh so that dp*pp*tp == {world}"
+                f"launch {self.size} processes or change the mesh so that dp*pp*cp*tp == {world}"
             )
         from torch.distributed.device_mesh import init_device_mesh
 

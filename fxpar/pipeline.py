@@ -17,6 +17,7 @@ from torch.fx import GraphModule
 
 from passes.annotate_tensors import annotate_tensors
 from passes.assign_rng import assign_rng
+from passes.context_parallel import context_parallel
 from passes.cut_stages import cut_stages
 from passes.estimate_memory import estimate_memory
 from passes.insert_collectives import insert_collectives
@@ -29,6 +30,7 @@ from .errors import FxparError, PlanError
 from .plan_context import PlanContext
 
 PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
+    context_parallel,  # rewrite: with cp > 1, one cp rank's program: the sequence split, Ulysses attention
     annotate_tensors,  # analysis: which values can carry a gradient
     plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow
     sequence_parallel,  # analysis: with sequence_parallel, the activations between TP blocks split by sequence

@@ -261,6 +261,11 @@ class Plan:
         Returns the number of values compared."""
         if self.mesh.pp > 1 or self.mesh.dp > 1:
             raise FxparError("check compares tensor-parallel plans node by node; for pipelines compare simulate_train's loss and gradients")
+        if self.mesh.cp > 1:
+            raise FxparError(
+                "check compares tensor-parallel plans node by node, but with cp > 1 the graph is one cp rank's program "
+                "(a slice of the sequence): compare simulate / simulate_train with the model instead"
+            )
         flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
         grads = loss_fn is not None
         rng_state = torch.default_generator.get_state()

@@ -27,6 +27,9 @@ class PlanContext:
     """
 
     mesh: Mesh
+    # the mesh dimension the placements of this plan are over: "tp", or "cp" while
+    # passes/context_parallel.py splits the sequence before tensor parallelism is planned
+    group: str = "tp"
     overrides: dict[str, str] = field(default_factory=dict)
     rng: str = "megatron"
     device_type: str = "cpu"  # where the programs will run: memory estimates use its kernels
@@ -80,7 +83,8 @@ class PlanContext:
 
     @property
     def tp(self) -> int:
-        return self.mesh.tp
+        """Ranks of the dimension placements are over (``group``)."""
+        return getattr(self.mesh, self.group)
 
     def override_for(self, *names: str) -> str | None:
         """The style the user forced for a module/parameter known by any of ``names``."""

@@ -63,12 +63,18 @@ def plan_table(gm: GraphModule, ctx) -> str:
                 _shape(node.meta.get("val")),
                 "" if place is None else repr(place),
                 local_shape(node.meta.get("val"), place),
-                "" if comm is None else f"{comm.kind} {fmt_bytes(comm.bytes)} / {fmt_bytes(comm.bwd_bytes)}",
+                "" if comm is None else f"{comm_kind(comm)} {fmt_bytes(comm.bytes)} / {fmt_bytes(comm.bwd_bytes)}",
                 node.meta.get(DECISION, "") or node.meta.get(FALLBACK, ""),
             ]
         )
     headers = ["node", "op", "module", "global shape", "placement", "local shape", "comm fwd / bwd per rank", "decision"]
-    return f"plan for {ctx.mesh} (placements on tp)\n" + tabulate(rows, headers=headers)
+    where = "placements on tp" if ctx.mesh.cp == 1 else f"placements on tp; shapes of one cp rank's 1/{ctx.mesh.cp} of the sequence"
+    return f"plan for {ctx.mesh} ({where})\n" + tabulate(rows, headers=headers)
+
+
+def comm_kind(info) -> str:
+    """A collective's kind, with its mesh dimension unless it is tp (as the runtime counters say)."""
+    return info.kind if info.group == "tp" else f"{info.group} {info.kind}"
 
 
 def _balanced(n, routed: dict) -> str:
@@ -87,7 +93,7 @@ def comm_totals(gm: GraphModule) -> dict[str, list]:
         c = node.meta.get(COMM)
         if c is None:
             continue
-        t = totals.setdefault(c.kind, [0, 0, 0])
+        t = totals.setdefault(comm_kind(c), [0, 0, 0])
         t[0] += 1
         t[1] += c.bytes
         t[2] += c.bwd_bytes
@@ -103,6 +109,10 @@ def summary(gm: GraphModule, ctx) -> str:
     if ctx.sequence_split:
         dims = sorted({repr(p) for p in ctx.sequence_split.values()})
         lines.append(f"sequence parallel: {len(ctx.sequence_split)} values between TP blocks split by tokens ({', '.join(dims)})")
+    if ctx.mesh.cp > 1:
+        a2a = sum(1 for n in gm.graph.nodes if n.meta.get(COMM) and comm_kind(n.meta[COMM]) == "cp all_to_all")
+        lines.append(f"context parallel: each of cp={ctx.mesh.cp} ranks holds 1/{ctx.mesh.cp} of the sequence in every layer; "
+                     f"{a2a} all-to-alls switch attention to heads and back (Ulysses)")
     routed = data_dependent_sizes(gm)
     rows = [[k, n, _balanced(f, routed), _balanced(b, routed)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
     if rows:

@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Interpreter
 from torch.utils import _pytree as pytree
 
 from .errors import FxparError
-from .mesh import Mesh
+from .mesh import DIM_ORDER, Mesh
 from .placement import PARTIAL, Shard
 from .runtime.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
@@ -26,7 +26,7 @@ def rank_contexts(world: int, seed: int, exact: bool, timeout: float = 120.0) ->
 
 
 def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple[list[RankContext], ThreadP2P]:
-    """A context for every rank of ``mesh`` (communicators for its tp, pp and dp groups) and the
+    """A context for every rank of ``mesh`` (communicators for each of its groups) and the
     mailboxes pipeline stages send through. Every rank's replicated random stream starts from
     torch's default generator, as the single-device run would."""
     worlds: dict = {}
@@ -35,7 +35,7 @@ def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple
     for r in range(mesh.size):
         coord = mesh.coordinate(r)
         comms = {}
-        for dim in ("tp", "pp", "dp"):
+        for dim in DIM_ORDER:
             key = (dim,) + tuple(v for k, v in coord.items() if k != dim)
             if key not in worlds:
                 worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)

@@ -27,31 +27,11 @@ from fxpar.memory import NodeMemory, expr
 from fxpar.metadata import MEMORY
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.runtime.comm import Communicator
+from fxpar.runtime.comm import shape_comms
 from fxpar.runtime.context import RankContext, running
 
 
-class _FakeComm(Communicator):
-    """Collectives of the right shapes on fake tensors (nothing is sent, nothing is counted)."""
-
-    def __init__(self, world: int):
-        super().__init__()
-        self.rank, self.world = 0, world
-
-    def all_reduce(self, t):
-        return t.clone()
-
-    def all_reduce_max(self, t):
-        return t.clone()
-
-    def all_gather(self, t):
-        return [t.clone() for _ in range(self.world)]
-
-    def reduce_scatter(self, t, dim):
-        return t.chunk(self.world, dim)[0].clone()
-
-
-def _fake_mode(gm: GraphModule):
+def fake_mode(gm: GraphModule):
     for node in gm.graph.nodes:
         v = node.meta.get("val")
         if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
@@ -76,7 +56,7 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     params: set[str] = set()
     handed: dict = {}  # storages of multi-tensor outputs, owned by the getitem that takes each out
     renames: dict = {}  # fresh run-time size symbols of this fake run -> the captured graph's
-    with _fake_mode(gm), running(RankContext(rank=0, comms={"tp": _FakeComm(ctx.tp)})):
+    with fake_mode(gm), running(RankContext(rank=0, comms=shape_comms(ctx.mesh))):
         for node in graph.nodes:
             g = global_nodes.get(node.name)
             if node.op == "output":

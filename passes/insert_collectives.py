@@ -29,6 +29,8 @@ are re-keyed to them. Every other node gets ``fxpar_origin`` = its own name.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.fx import GraphModule, Node
 
@@ -60,7 +62,9 @@ def _call(src: Placement, dst: Placement):
     if isinstance(src, Shard) and dst is PARTIAL:
         return C.shard_to_partial, (src.dim, src.size, _runs(src)), "shard_to_partial"
     if isinstance(src, Shard) and isinstance(dst, Shard):
-        return (C.redistribute, (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst)), "redistribute")
+        extra = (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst))
+        a2a = src.is_even and dst.is_even and src.dim != dst.dim
+        return C.redistribute, extra, "all_to_all" if a2a else "redistribute"
     raise ValueError(f"no conversion from {src} to {dst}")
 
 
@@ -69,8 +73,8 @@ def _numel(val) -> object:
     return int(n) if not isinstance(n, torch.SymInt) else n.node.expr
 
 
-def comm_info(kind: str, val, world: int, src: Placement, dst: Placement) -> CommInfo:
-    """Bytes one rank sends with a ring algorithm (forward, backward)."""
+def comm_info(kind: str, val, world: int, src: Placement, dst: Placement, group: str = "tp") -> CommInfo:
+    """Bytes one rank sends with a ring algorithm (forward, backward); ``val`` is the global value."""
     n = _numel(val)
     e = val.element_size()
     ring = (world - 1) / world
@@ -82,15 +86,16 @@ def comm_info(kind: str, val, world: int, src: Placement, dst: Placement) -> Com
         "shard": (0, ring),
         "reduce_scatter": (ring, ring),
         "redistribute": (ring, ring),
+        "all_to_all": (ring / world, ring / world),  # of its own 1/world of the value
         "to_partial": (0, 0),
         "shard_to_partial": (0, 0),
     }[kind]
-    return CommInfo(kind, "tp", n, fwd * n * e, bwd * n * e, repr(src), repr(dst))
+    return CommInfo(kind, group, n, fwd * n * e, bwd * n * e, repr(src), repr(dst))
 
 
 def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     graph = gm.graph
-    world = ctx.tp
+    world, group = ctx.tp, ctx.group
     for node in graph.nodes:
         node.meta[ORIGIN] = node.name
     cache: dict[tuple, Node] = {}
@@ -99,7 +104,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         key = (inp, kind, extra)
         if key not in cache:
             with graph.inserting_before(node):
-                new = graph.call_function(fn, (inp, *extra), {"group": "tp"})
+                new = graph.call_function(fn, (inp, *extra), {"group": group})
             copy_meta(inp, new)
             new.meta.update(
                 {
@@ -108,7 +113,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                     INPUTS: {inp.name: have},
                     REQUIRES_GRAD: inp.meta.get(REQUIRES_GRAD, False),
                     ORIGIN: None,
-                    COMM: comm_info(kind, inp.meta["val"], world, have, want),
+                    COMM: comm_info(kind, inp.meta["val"], world, have, want, group),
                 }
             )
             cache[key] = new
@@ -116,7 +121,10 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
 
     for node in list(graph.nodes) if world > 1 else []:
         reqs = node.meta.get(INPUTS)
-        if not reqs or node.meta.get(COMM):
+        if COMM in node.meta and node.meta[COMM].group != group:
+            # another dimension's collective (context parallelism's) moves this rank's part only
+            node.meta[COMM] = _share(node.meta[COMM], out_placement(node))
+        if not reqs or (COMM in node.meta and node.meta[COMM].group == group):
             continue
         for inp in list(node.all_input_nodes):
             if inp.name not in reqs:
@@ -139,7 +147,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                     index = chain[-1]
                     for n in chain:  # their gradients are each rank's part until the all-reduce
                         n.meta[GRAD_PARTIAL] = True
-                    if source.target is C.copy_to_tp:
+                    if _in_group(source, C.copy_to_tp, group):
                         continue
                     copy = convert(index, source, C.copy_to_tp, (), "copy_to_tp", REPLICATE, REPLICATE)
                     index.replace_input_with(source, copy)
@@ -155,7 +163,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             del reqs[inp.name]
             reqs[new.name] = want
             node.meta[INPUTS] = reqs
-    _fuse_gathers(graph, world)
+    _fuse_gathers(graph, world, group)
     graph.lint()
     gm.recompile()
     return gm
@@ -195,13 +203,26 @@ def _picked_rows(node: Node):
     return None
 
 
-def _fuse_gathers(graph, world: int) -> None:
+def _share(info: CommInfo, place) -> CommInfo:
+    """``info`` for one rank's part of the value under ``place`` (bytes of a shard, not the whole)."""
+    if not isinstance(place, Shard):
+        return info
+    frac = place.local_size / place.size
+    return dataclasses.replace(info, bytes=int(info.bytes * frac), bwd_bytes=int(info.bwd_bytes * frac))
+
+
+def _in_group(node: Node, fn, group: str) -> bool:
+    """Whether ``node`` calls collective ``fn`` over mesh dimension ``group``."""
+    return node.target is fn and node.kwargs.get("group", "tp") == group
+
+
+def _fuse_gathers(graph, world: int, group: str) -> None:
     """``copy_to_tp(all_gather(x))`` -> ``gather_to_tp(x)`` where the gather serves nothing else."""
     for node in list(graph.nodes):
-        if node.target is not C.copy_to_tp:
+        if not _in_group(node, C.copy_to_tp, group):
             continue
         gather = node.args[0]
-        if gather.target is not C.all_gather or len(gather.users) != 1:
+        if not _in_group(gather, C.all_gather, group) or len(gather.users) != 1:
             continue
         (src,) = gather.meta[INPUTS].values()
         if not src.is_partition:
@@ -210,7 +231,7 @@ def _fuse_gathers(graph, world: int) -> None:
         with graph.inserting_before(node):
             fused = graph.call_function(C.gather_to_tp, gather.args, gather.kwargs)
         fused.meta.update(gather.meta)
-        fused.meta[COMM] = comm_info("gather_to_tp", x.meta["val"], world, src, REPLICATE)
+        fused.meta[COMM] = comm_info("gather_to_tp", x.meta["val"], world, src, REPLICATE, group)
         replace_uses(node, fused)
         graph.erase_node(node)
         graph.erase_node(gather)

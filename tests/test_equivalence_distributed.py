@@ -14,12 +14,15 @@ from tests.zoo import adamw, assert_close, build, loss_fn, reference_steps
 STEPS, LR = 3, 1e-3
 
 
-def train_and_compare(name: str, tp: int, **options) -> int:
-    rank = dist.get_rank()
+def train_and_compare(name: str, tp: int, mesh=None, **options) -> int:
+    """Train ``name`` on ``mesh`` (default ``Mesh(tp=tp)``) for a few steps on this rank; outputs,
+    this rank's gradient shards and the final weights must be the single-device model's."""
+    mesh = mesh or fxpar.Mesh(tp=tp)
+    rank = mesh.coordinate(dist.get_rank())["tp"]
     model, args = build(name)
     out_ref = model(*args)
     losses, grads, state = reference_steps(model, args, STEPS, LR)
-    pm = fxpar.parallelize(model, fxpar.Mesh(tp=tp), example_args=args, timeout=_timeout(), **options)
+    pm = fxpar.parallelize(model, mesh, example_args=args, timeout=_timeout(), **options)
     opt = adamw(pm.parameters(), lr=LR)
     params = dict(pm.named_parameters())
     for step in range(STEPS):

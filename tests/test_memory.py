@@ -19,7 +19,7 @@ def estimated_activations(plan) -> int:
 
 def measured_activations(plan, args) -> list[int]:
     """Bytes of every storage autograd keeps for backward on each rank, parameters excluded."""
-    mods = [plan.rank_module(r) for r in range(plan.tp)]
+    mods = [plan.rank_module(r) for r in range(plan.mesh.size)]
 
     def measure(r):
         weights = {t.untyped_storage().data_ptr() for t in list(mods[r].parameters()) + list(mods[r].buffers())}

@@ -24,14 +24,14 @@ def test_pipeline_training(name, dp, pp, tp, schedule, m):
     check_pipeline(name, dp, pp, tp, schedule, m)
 
 
-def check_pipeline(name, dp, pp, tp, schedule, m, **options):
+def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, **options):
     """Train ``name`` through the schedule and compare with the single-device model; the plan."""
     if name.startswith("hf"):
         pytest.importorskip("transformers")
     model, args, target = pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters(), lr=LR)
-    plan = fxpar.compile(model, fxpar.Mesh(dp=dp, pp=pp, tp=tp), args, schedule=schedule, microbatches=m, **options)
+    plan = fxpar.compile(model, fxpar.Mesh(dp=dp, pp=pp, cp=cp, tp=tp), args, schedule=schedule, microbatches=m, **options)
     assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
     for step in range(STEPS):

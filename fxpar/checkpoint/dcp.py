@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 
 from ..errors import FxparError
+from ..mesh import DIM_ORDER
 from .layout import full_names, local_tensors, pieces_of
 
 MANIFEST = "fxpar.json"
@@ -272,7 +273,7 @@ def save(pm, path: str, optimizer=None) -> None:
         merged: dict = {}
         for part in parts:
             merged.update(part)
-        manifest = {"format": FORMAT, "mesh": dict(zip(("dp", "pp", "tp"), (pm.mesh.dp, pm.mesh.pp, pm.mesh.tp))),
+        manifest = {"format": FORMAT, "mesh": {d: getattr(pm.mesh, d) for d in DIM_ORDER},
                     "optimizer": optimizer is not None, "checksums": merged}
         _write_synced(os.path.join(tmp, MANIFEST), json.dumps(manifest))
         _commit(tmp, path)

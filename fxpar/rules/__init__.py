@@ -33,7 +33,7 @@ def localizer_for(node: Node):
 
 
 # importing the rule modules registers them
-from . import attention, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
+from . import attention, collectives, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
 
 aten = torch.ops.aten
 # ops through which a weight is still "just the weight": its user may choose how it is stored
@@ -45,6 +45,8 @@ WEIGHT_TRANSPARENT = frozenset(views.INVERSES) | {
     aten.detach.default,
     aten.clone.default,
     aten.contiguous.default,
+    # context parallelism's all-reduce of a replicated weight's gradient over the cp ranks
+    collectives.C.copy_to_tp,
 }
 
 
@@ -78,6 +80,8 @@ def inverse_of(node: Node):
     if node.target in views.INVERSES:
         return views.INVERSES[node.target]
     tags = getattr(node.target, "tags", ())
+    if node.target in (collectives.C.copy_to_tp, collectives.C.all_reduce):
+        return pointwise.invert
     if torch.Tag.pointwise in tags or node.target in pointwise.EXTRA_ELEMENTWISE or node.target == aten.type_as.default:
         return pointwise.invert
     return None

@@ -42,6 +42,10 @@ def embedding(node: Node, ctx: RuleContext) -> Sharding:
         return Sharding(PARTIAL, {w: pw, idx: REPLICATE})
     if isinstance(pw, Shard) and pw.dim == 1:
         return Sharding(pw.with_dim(ndim(node) - 1), {w: pw, idx: REPLICATE})
+    pi = ctx.placement(idx)
+    if pw is REPLICATE and isinstance(pi, Shard):
+        # a whole table looks up each rank's own ids (the sequence split of context parallelism)
+        return Sharding(pi, {w: REPLICATE, idx: pi})
     return Sharding(REPLICATE, {w: REPLICATE, idx: REPLICATE})
 
 

@@ -11,7 +11,8 @@ function            forward                       backward
 ``gathered_linears`` S -> linear(R, W_i) for all i  gather again, reduce-scatter
 ``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
 ``reduce_scatter``  P -> S                        all-gather (sum over owners if shared)
-``redistribute``    S -> S' (other layout)        S' -> S
+``redistribute``    S -> S' (other layout; an      S' -> S
+                    all-to-all between even splits)
 ``to_partial``      R -> P: x on rank 0, else 0   identity
 ``shard_to_partial`` S -> P: own slice, 0 elsewhere  keep own slice
 ==================  ============================  =====================================
@@ -285,6 +286,29 @@ def reduce_scatter(x: torch.Tensor, dim: int, size: int, runs=None, group: str =
 
 
 def redistribute(x, src_dim: int, src_size: int, src_runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):
-    """Move from one shard layout to another (all-gather, then keep the new slice)."""
+    """Move from one shard layout to another: one all-to-all between even splits of two different
+    dims (Ulysses' switch from sequence- to head-sharded), else all-gather and keep the new slice."""
+    if src_runs is None and dst_runs is None and src_dim != dst_dim:
+        return _AllToAll.apply(x, src_dim, dst_dim, current().comm(group))
     full = all_gather(x, src_dim, src_size, src_runs, group)
     return shard(full, dst_dim, dst_size, dst_runs, group)
+
+
+def _all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, comm) -> torch.Tensor:
+    """``x`` holds this rank's even slice of ``src_dim`` and all of ``dst_dim``; returns all of
+    ``src_dim`` and this rank's even slice of ``dst_dim``."""
+    chunks = torch.stack(x.chunk(comm.world, dst_dim))  # chunk i goes to rank i
+    got = comm.all_to_all(chunks)  # chunk i came from rank i: its slice of src_dim
+    return torch.cat(got.unbind(0), src_dim)
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, src_dim, dst_dim, comm):
+        ctx.dims, ctx.comm = (src_dim, dst_dim), comm
+        return _all_to_all(x, src_dim, dst_dim, comm)
+
+    @staticmethod
+    def backward(ctx, g):
+        src_dim, dst_dim = ctx.dims
+        return _all_to_all(g.contiguous(), dst_dim, src_dim, ctx.comm), None, None, None

@@ -1,4 +1,4 @@
-"""Communicators: the three collectives fxpar needs, over a real process group or over threads.
+"""Communicators: the collectives fxpar needs, over a real process group or over threads.
 
 ``DistComm`` runs on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU) and waits on
 every collective with a timeout, so a rank whose peer died raises instead of hanging.
@@ -6,7 +6,7 @@ every collective with a timeout, so a rank whose peer died raises instead of han
 are taken in rank order on every rank, so all ranks get bit-identical results.
 
 Every communicator counts what it sends (ring algorithm: an all-reduce of N elements sends
-``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``), for the reports.
+``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``, an all-to-all of a local ``N`` ``(t-1)/t * N``), for the reports.
 """
 
 from __future__ import annotations
@@ -55,6 +55,17 @@ class Communicator:
         """Sum over ranks, keeping this rank's even chunk along ``dim``."""
         self._count("reduce_scatter", t.numel(), t.element_size(), 1)
         return self._reduce_scatter(t.contiguous(), dim)
+
+    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
+        """Chunk ``i`` of ``t`` (its dim 0 split evenly) goes to rank ``i``; returns the chunks
+        received, in rank order, stacked the same way."""
+        self._count("all_to_all", t.numel(), t.element_size(), 1)
+        return self._all_to_all(t.contiguous())
+
+    def _all_to_all(self, t):
+        # any communicator can do it with an all-gather; the real ones send only what is needed
+        mine = [p.chunk(self.world)[self.rank] for p in self._all_gather(t)]
+        return torch.cat(mine)
 
     def reset_counters(self) -> None:
         self.sent_bytes.clear()
@@ -109,6 +120,11 @@ class DistComm(Communicator):
         # gloo has no reduce_scatter: all-reduce and keep the chunk
         return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
 
+    def _all_to_all(self, t):
+        out = torch.empty_like(t)
+        self._wait(dist.all_to_all_single(out, t, group=self.group, async_op=True), "all_to_all", t)
+        return out
+
 
 class ThreadWorld:
     """Meeting point of the simulated ranks of one group."""
@@ -155,6 +171,37 @@ class ThreadComm(Communicator):
         return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
 
 
+class ShapeComm(Communicator):
+    """Collectives of the right shapes on fake tensors, as rank 0 of ``world`` (nothing is sent,
+    nothing is counted): for running a rank's program to learn its sizes and memory."""
+
+    def __init__(self, world: int):
+        super().__init__()
+        self.rank, self.world = 0, world
+
+    def all_reduce(self, t):
+        return t.clone()
+
+    def all_reduce_max(self, t):
+        return t.clone()
+
+    def all_gather(self, t):
+        return [t.clone() for _ in range(self.world)]
+
+    def reduce_scatter(self, t, dim):
+        return t.chunk(self.world, dim)[0].clone()
+
+    def all_to_all(self, t):
+        return t.clone()
+
+
+def shape_comms(mesh) -> dict:
+    """A ``ShapeComm`` for every dimension of ``mesh``."""
+    from ..mesh import DIM_ORDER
+
+    return {d: ShapeComm(getattr(mesh, d)) for d in DIM_ORDER}
+
+
 class LocalComm(Communicator):
     """A group of one rank (tp=1): every collective is the identity."""
 
@@ -167,6 +214,9 @@ class LocalComm(Communicator):
 
     def _all_gather(self, t):
         return [t.clone()]
+
+    def _all_to_all(self, t):
+        return t.clone()
 
     def _reduce_scatter(self, t, dim):
         return t.clone()

@@ -33,7 +33,7 @@ class RankProgram:
                  device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None,
                  compile_options: dict | None = None):
         coord = mesh.coordinate(rank)
-        self.dp, self.pp, self.tp = coord["dp"], coord["pp"], coord["tp"]
+        self.dp, self.pp, self.cp, self.tp = coord["dp"], coord["pp"], coord["cp"], coord["tp"]
         self.captured = cap
         spec = ctx.pipeline
         mine = [s for s in spec.stages if s.rank == self.pp]
@@ -63,8 +63,8 @@ class RankProgram:
         self.schedule = schedule
         to_global = to_global or (lambda r: r)
 
-        def peer(stage):  # the rank holding ``stage`` for this rank's data-parallel and tp position
-            return to_global(mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], tp=self.tp))
+        def peer(stage):  # the rank holding ``stage`` for this rank's dp, cp and tp position
+            return to_global(mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], cp=self.cp, tp=self.tp))
 
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,

@@ -1,0 +1,140 @@
+"""Context parallelism: the sequence split over the cp ranks for every layer, Ulysses attention.
+
+The core test as everywhere: outputs, every gradient and the weights after three AdamW steps
+equal the single-device model's, in one process and over gloo, alone and with tensor
+parallelism; then what it moves, what it stores per rank, and the errors.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+
+import fxpar
+from fxpar.errors import FxparError, PlanError
+from fxpar.metadata import COMM
+from tests.test_equivalence_distributed import train_and_compare
+from tests.test_memory import estimated_activations, measured_activations
+from tests.test_pipeline_simulated import check_pipeline
+from tests.test_pipeline_simulated import LR, STEPS
+from tests.zoo import adamw, logits, assert_close, build, loss_fn, reference_steps
+
+
+def check_mesh(name: str, mesh: fxpar.Mesh, **options):
+    """Simulate training ``name`` on ``mesh``; compare with the single-device model; the plan."""
+    model, args = build(name)
+    out_ref = model(*args)
+    losses, grads, state = reference_steps(model, args, STEPS, LR)
+    plan = fxpar.compile(model, mesh, args, **options)
+    assert_close(logits(plan.simulate(*args)), logits(out_ref), f"{name} {mesh} output")
+    opts = [adamw(plan.rank_module(r).parameters(), lr=LR) for r in range(mesh.size)]
+    for step in range(STEPS):
+        loss, full = plan.simulate_train(loss_fn, *args)
+        assert_close(loss, losses[step], f"{name} {mesh} loss at step {step}")
+        assert set(full) == set(grads[step])
+        for pname, g in grads[step].items():
+            assert_close(full[pname], g, f"{name} {mesh} step {step} gradient of {pname}")
+        for o in opts:
+            o.step()
+            o.zero_grad()
+    final = plan.full_state_dict()
+    for key, value in state.items():
+        assert_close(final[key], value, f"{name} {mesh} {key} after {STEPS} AdamW steps")
+    return plan
+
+
+def kinds(plan) -> Counter:
+    return Counter((n.meta[COMM].kind, n.meta[COMM].group) for n in plan.graph_module.graph.nodes if COMM in n.meta)
+
+
+@pytest.mark.parametrize("mesh", [dict(cp=2), dict(cp=4), dict(cp=2, tp=2)], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_llama_with_causal_attention_and_rope(mesh):
+    plan = check_mesh("llama", fxpar.Mesh(**mesh))
+    layers = 2
+    got = kinds(plan)
+    # Ulysses: q, k, v to head-split and the output back, per layer; nothing gathers a sequence
+    # but the logits the model returns
+    assert got[("all_to_all", "cp")] == 4 * layers
+    assert got[("all_gather", "cp")] == 1
+    assert not plan.ctx.warnings
+
+
+@pytest.mark.parametrize("mesh", [dict(cp=2), dict(cp=2, tp=2)], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items()))
+def test_gpt_with_learned_positions(mesh):
+    check_mesh("gpt", fxpar.Mesh(**mesh))
+
+
+@pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2"])
+def test_hugging_face(name):
+    """Their own masks, position ids and attention paths, unchanged."""
+    pytest.importorskip("transformers")
+    plan = check_mesh(name, fxpar.Mesh(cp=2))
+    assert kinds(plan)[("all_to_all", "cp")] == 8
+
+
+def test_written_out_attention_gathers_keys_and_values():
+    """``softmax(q @ k.T) @ v`` is not one attention op: each rank keeps its queries' rows and
+    gathers the keys and values (all-gather context parallelism), still exact."""
+    plan = check_mesh("gpt_matmul", fxpar.Mesh(cp=2))
+    assert kinds(plan)[("all_to_all", "cp")] == 0
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_over_gloo(pools, tp):
+    mesh = fxpar.Mesh(cp=2, tp=tp)
+    counts = pools(mesh.size).run(train_and_compare, "llama", tp, mesh)
+    assert len(set(counts)) == 1
+
+
+def test_with_pipeline_and_replicas():
+    check_pipeline("llama", 2, 2, 1, "1f1b", 2, cp=2)
+
+
+def test_all_to_all_bytes():
+    """Each all-to-all sends ``(cp-1)/cp`` of the rank's own ``1/cp`` of q, k, v or the output."""
+    model, args = build("llama")
+    plan = fxpar.compile(model, fxpar.Mesh(cp=2), args)
+    for node in plan.graph_module.graph.nodes:
+        info = node.meta.get(COMM)
+        if info is not None and info.kind == "all_to_all":
+            local = node.meta["val"].numel() * node.meta["val"].element_size()
+            assert info.bytes == info.bwd_bytes == local // 2
+    text = plan.summary()
+    assert "cp all_to_all" in text and "cp copy_to_tp" in text and "Ulysses" in text
+
+
+def test_activations_per_rank_drop_with_cp():
+    model, args = build("llama")
+    args = (torch.randint(0, 256, (2, 64)),)
+    one = fxpar.compile(model, fxpar.Mesh(tp=1), args)
+    two = fxpar.compile(model, fxpar.Mesh(cp=2), args)
+    a1, a2 = estimated_activations(one), estimated_activations(two)
+    assert a2 < 0.6 * a1, (a1, a2)
+    assert set(measured_activations(two, args)) == {a2}
+
+
+def test_sequence_not_divisible():
+    model, _ = build("llama")
+    with pytest.raises(PlanError, match="divisible by 4"):
+        fxpar.compile(model, fxpar.Mesh(cp=4), (torch.randint(0, 256, (2, 6)),))
+
+
+def test_symbolic_sequence():
+    model, args = build("llama")
+    with pytest.raises(PlanError, match="fixed sequence length"):
+        fxpar.compile(model, fxpar.Mesh(cp=2), args, dynamic_shapes={"tokens": {1: "seq"}})
+
+
+def test_no_sequence_to_split():
+    model, args = build("mlp")
+    with pytest.raises(PlanError, match="no input has two dims|sequence"):
+        fxpar.compile(model, fxpar.Mesh(cp=2), args)
+
+
+def test_check_refuses_cp():
+    model, args = build("llama")
+    plan = fxpar.compile(model, fxpar.Mesh(cp=2), args)
+    with pytest.raises(FxparError, match="cp"):
+        plan.check(*args)
