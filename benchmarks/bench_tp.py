@@ -8,7 +8,9 @@ Prints, from one run on this machine:
    views and separate q/k/v projections, so that DTensor's ``parallelize_module`` can run it
    unmodified) at TP=2 with fxpar, at TP=2 with DTensor ``ColwiseParallel``/``RowwiseParallel``
    (torchtitan's plan), with sequence parallelism on both (fxpar's ``sequence_parallel=True``,
-   torchtitan's ``SequenceParallel`` plan), and on one process, with the losses of all;
+   torchtitan's ``SequenceParallel`` plan), with context parallelism over the same two processes
+   (fxpar's ``Mesh(cp=2)``, PyTorch's experimental ``context_parallel``), and on one process,
+   with the losses of all;
 2. the bytes each rank sends per step with fxpar against the Megatron bound (2 all-reduces of
    b*s*h per layer per pass, a ring all-reduce sending 2(t-1)/t of its input per rank);
 3. capture and compile time of a 32-layer, 4096-wide Llama (7B parameters) on the meta device.
@@ -169,9 +171,46 @@ def worker(rank, world, port, iters, out):
         results["DTensor sp"] = (step, loss, None)
     except Exception as e:  # noqa: BLE001 - reported in the table instead of a time
         results["DTensor sp"] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", None)
+    model, tokens, targets = make()
+    pm = fxpar.parallelize(model, fxpar.Mesh(cp=world), example_args=(tokens,))
+    step, loss = timed_steps(pm, tokens, targets, iters)
+    results["fxpar cp"] = (step, loss, None)
+    try:
+        results["torch cp"] = (*torch_context_parallel(world, iters), None)
+    except Exception as e:  # noqa: BLE001 - reported in the table instead of a time
+        results["torch cp"] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", None)
     if rank == 0:
         out.put(results)
     dist.destroy_process_group()
+
+
+def torch_context_parallel(world, iters):
+    """PyTorch's own context parallelism (``torch.distributed.tensor.experimental.context_parallel``:
+    ring attention inside SDPA, the inputs sharded in place), weight gradients summed over the cp
+    ranks as fxpar's are."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.experimental import context_parallel
+
+    model, tokens, targets = make()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+
+    tokens, targets = tokens.clone(), targets.clone()
+    with context_parallel(mesh, buffers=[tokens, targets], buffer_seq_dims=[1, 1]):
+        def step():
+            loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+            loss.backward()
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+                p.grad = None
+            return loss.item()
+
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            loss = step()
+    return (time.perf_counter() - t0) / iters, loss
 
 
 def run_tp(world, iters):
@@ -194,6 +233,14 @@ def _dtensor_sp_row(tp, r):
     if step is None:
         return [f"DTensor TP={tp} + SequenceParallel", "fails", "", loss]
     return [f"DTensor TP={tp} + SequenceParallel", f"{1000 * step:.1f}", f"{r['DTensor'][0] / step:.2f}x", f"{loss:.6f}"]
+
+
+def _torch_cp_row(cp, r):
+    step, loss, _ = r["torch cp"]
+    label = f"torch context_parallel CP={cp} (ring), loss of rank 0's shard"
+    if step is None:
+        return [label, "fails", "", loss]
+    return [label, f"{1000 * step:.1f}", f"{r['DTensor'][0] / step:.2f}x", f"{loss:.6f}"]
 
 
 def megatron_bound(world):
@@ -249,6 +296,8 @@ def main(argv=None):
         [f"fxpar TP={tp} + SP, recompute_gathers", f"{1000 * r['fxpar sp recompute'][0]:.1f}",
          f"{r['DTensor'][0] / r['fxpar sp recompute'][0]:.2f}x", f"{r['fxpar sp recompute'][1]:.6f}"],
         _dtensor_sp_row(tp, r),
+        [f"fxpar CP={tp} (Ulysses all-to-all)", f"{1000 * r['fxpar cp'][0]:.1f}", f"{r['DTensor'][0] / r['fxpar cp'][0]:.2f}x", f"{r['fxpar cp'][1]:.6f}"],
+        _torch_cp_row(tp, r),
         [f"1 process, {os.cpu_count()} threads", f"{1000 * single:.1f}", f"{r['DTensor'][0] / single:.2f}x", f"{single_loss:.6f}"],
         ["1 process, 1 thread", f"{1000 * single1:.1f}", f"{r['DTensor'][0] / single1:.2f}x", ""],
     ]

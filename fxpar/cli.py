@@ -3,6 +3,7 @@
     python -m fxpar demo --tp 2                 # train a GPT over 2 local CPU processes
     python -m fxpar plan gpt --tp 4             # every value's placement, every collective
     python -m fxpar plan llama --pp 4 --microbatches 8 --brief   # stages, their memory, the schedule
+    python -m fxpar plan llama --cp 2 --tp 2 --brief             # the sequence split over 2 ranks, heads over 2
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
     python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
@@ -55,7 +56,7 @@ def _compile(a):
     overrides = dict(o.split("=", 1) for o in a.override or [])
     copies = a.dp * a.microbatches  # the example batch, repeated for every replica and microbatch
     args = tuple(torch.cat([x] * copies) if isinstance(x, torch.Tensor) else x for x in args)
-    mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, tp=a.tp)
+    mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, cp=a.cp, tp=a.tp)
     plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches,
                          virtual=a.virtual, sequence_parallel=a.sp, recompute_gathers=a.recompute_gathers)
     return plan, args
@@ -116,6 +117,7 @@ def main(argv=None) -> int:
         sp.add_argument("--tp", type=int, default=2)
         sp.add_argument("--pp", type=int, default=1)
         sp.add_argument("--dp", type=int, default=1)
+        sp.add_argument("--cp", type=int, default=1, help="context parallelism: split the sequence over this many ranks")
         sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")

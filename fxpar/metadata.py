@@ -27,7 +27,9 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 ``fxpar_requires_grad`` : ``bool``
     Whether the value can carry a gradient (depends on a parameter or a floating input).
 ``fxpar_comm`` : ``CommInfo``
-    On collective nodes: kind, elements and bytes each rank sends per call.
+    On collective nodes: kind, mesh dimension (``"tp"``, or ``"cp"`` for the collectives of
+    ``passes/context_parallel.py``, which stay on the nodes of the cp rank's program), elements
+    and bytes each rank sends per call (for a cp collective on a tp-split value, the tp rank's part).
 ``fxpar_origin`` : ``str | None``
     Name of the captured node whose value this node computes (``None`` for inserted nodes); ties
     every per-rank node back to the single-device graph for divergence checks.
@@ -78,8 +80,8 @@ GRAD_PARTIAL = "fxpar_grad_partial"
 @dataclass(frozen=True)
 class CommInfo:
     """What a collective node moves: ``kind`` is all_reduce, all_gather, gather_to_tp (all-gather
-    forward, reduce-scatter backward), reduce_scatter,
-    redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial (no
+    forward, reduce-scatter backward), reduce_scatter, all_to_all (between even splits of two
+    dims), redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial (no
     communication) or shard (a local slice whose backward
     all-gathers). ``elements`` is the number of elements of the global tensor; ``bytes`` is what
     one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends in backward."""

@@ -40,14 +40,15 @@ def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple
             if key not in worlds:
                 worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)
             comms[dim] = ThreadComm(worlds[key], coord[dim])
-        rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"])
+        rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"], coord["cp"])
         rep = torch.Generator()
-        if mesh.pp == 1:  # one stage: the single-device model's stream, so exact mode can match it
+        mirrors = mesh.pp == 1 and mesh.cp == 1
+        if mirrors:  # one stage, whole sequence: the single-device model's stream, so exact mode can match it
             rep.set_state(state)
         else:
             rep.manual_seed(rep_seed)
         shard_gen = torch.Generator().manual_seed(tp_seed)
-        rng = RNGStreams(rep, shard_gen, exact, mirrors_default=mesh.pp == 1)
+        rng = RNGStreams(rep, shard_gen, exact, mirrors_default=mirrors)
         contexts.append(RankContext(rank=coord["tp"], comms=comms, rng=rng))
     return contexts, ThreadP2P(timeout)
 

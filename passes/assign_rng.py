@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule
 
-from fxpar.errors import describe_node
+from fxpar.errors import PlanError, describe_node
 from fxpar.metadata import PLACEMENT, RNG
 from fxpar.placement import Shard
 from fxpar.plan_context import PlanContext
@@ -35,6 +35,11 @@ def assign_rng(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         p = node.meta.get(PLACEMENT)
         if node.target == aten.dropout.default:
             x, prob, train = node.args
+            if ctx.mesh.cp > 1 and ctx.rng == "exact" and prob:
+                raise PlanError(
+                    "rng='exact' draws the single-device dropout masks, but with cp > 1 each rank holds other "
+                    f"positions and draws its own: use rng='megatron' (the default) or a mesh without cp\n  {describe_node(node)}"
+                )
             if isinstance(p, Shard):
                 node.meta[RNG] = "sharded"
                 node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs)

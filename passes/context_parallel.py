@@ -38,11 +38,11 @@ from torch.fx.node import map_aggregate
 
 from fxpar.codegen import copy_graph, get_path
 from fxpar.errors import PlanError, describe_node
-from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT
+from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, copy_meta
 from fxpar.placement import REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, is_weight, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
+from fxpar.rules.base import arg, is_tensor_node, ndim, shape, static, tensor_args
 from fxpar.runtime.comm import shape_comms
 from fxpar.runtime.context import RankContext, running
 
@@ -87,12 +87,46 @@ def context_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         ctx, group="cp", sequence_parallel=False, recompute_gathers=False,
         decisions={}, param_placements={}, sequence_split={}, warnings=[],
     )
+    _mean_losses_as_sums(gm)
     annotate_tensors(gm, cctx)
     _plan(gm, cctx)
     insert_collectives(gm, cctx)
     localize_shapes(gm, cctx)
     ctx.warnings.extend(cctx.warnings)
     return _rank_program(gm, cctx)
+
+
+def _mean_losses_as_sums(gm: GraphModule) -> None:
+    """``cross_entropy(x, t)`` (a mean over the targets that are not ``ignore_index``) as
+    ``cross_entropy(x, t, reduction="sum") / (t != ignore_index).sum()``: the same value, in
+    which each cp rank's tokens give a partial sum and the count is summed over the ranks,
+    instead of gathering the logits."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.target is not aten.cross_entropy_loss.default or arg(node, 3, "reduction", 1) != 1:
+            continue
+        if arg(node, 2, "weight") is not None or ndim(node.args[1]) == ndim(node.args[0]):
+            continue  # class weights, or probabilities as targets: a weighted mean, left whole
+        x, t = node.args[0], node.args[1]
+        ignore = arg(node, 4, "ignore_index", -100)
+        smoothing = arg(node, 5, "label_smoothing", 0.0)
+        with graph.inserting_after(node):
+            total = graph.call_function(aten.cross_entropy_loss.default, (x, t, None, 2, ignore, smoothing))
+            with graph.inserting_after(total):
+                valid = graph.call_function(aten.ne.Scalar, (t, ignore))
+                with graph.inserting_after(valid):
+                    count = graph.call_function(aten.sum.default, (valid,))
+                    with graph.inserting_after(count):
+                        mean = graph.call_function(aten.div.Tensor, (total, count))
+        with fake_mode(gm):
+            for new in (total, valid, count, mean):
+                vals = map_aggregate(new.args, lambda a: a.meta["val"] if isinstance(a, Node) else a)
+                new.meta["val"] = new.target(*vals)
+                copy_meta(node, new)
+        node.replace_all_uses_with(mean)
+        graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
 
 
 def _has_sequence(node: Node) -> bool:
@@ -151,7 +185,7 @@ def _plan(gm: GraphModule, ctx: PlanContext) -> None:
         for inp in tensor_args(node):
             req = s.inputs.get(inp)
             reqs[inp.name] = rc.placement(inp) if req is None or req is FREE else req
-            if isinstance(rc.placement(inp), Shard) and reqs[inp.name] is REPLICATE:
+            if isinstance(inp.meta.get(PLACEMENT), Shard) and reqs[inp.name] is REPLICATE:
                 ctx.warnings.append(
                     f"context parallelism gathers the whole sequence of {inp.name}: "
                     f"{s.fallback or 'the op needs all positions'}\n  {describe_node(node)}"

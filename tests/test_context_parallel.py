@@ -138,3 +138,25 @@ def test_check_refuses_cp():
     plan = fxpar.compile(model, fxpar.Mesh(cp=2), args)
     with pytest.raises(FxparError, match="cp"):
         plan.check(*args)
+
+
+class _Dropped(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(4, 64)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, ids):
+        return self.drop(self.emb(ids))
+
+
+def test_cp_ranks_draw_their_own_dropout_masks():
+    """Each cp rank holds other positions: the same stream would give them the same masks."""
+    model = _Dropped().train()
+    ids = torch.zeros(1, 8, dtype=torch.long)  # every position the same row: only the mask differs
+    plan = fxpar.compile(model, fxpar.Mesh(cp=2), (ids,))
+    out = plan.simulate(ids)
+    first, second = out[0, :4] != 0, out[0, 4:] != 0
+    assert not torch.equal(first, second)
+    with pytest.raises(PlanError, match="rng='exact'"):
+        fxpar.compile(model, fxpar.Mesh(cp=2), (ids,), rng="exact")

@@ -19,7 +19,7 @@ STEPS = 3
 # of zero (6e-8 next to 0.1 in one Qwen2 value projection), which a different summation order
 # moves by up to lr * noise / (|g| + eps) per step, single-device against single-device alike.
 WEIGHT_ATOL = 3e-5
-MESHES = [dict(tp=2), dict(pp=2), dict(tp=2, sequence_parallel=True)]
+MESHES = [dict(tp=2), dict(pp=2), dict(tp=2, sequence_parallel=True), dict(cp=2)]
 
 
 def train_family(name: str, mesh: dict) -> dict:
@@ -67,6 +67,8 @@ def _decisions(pm) -> dict:
     counts["gathered logits"] = sum(a.meta.get(COMM) is not None for n in losses for a in n.all_input_nodes)
     counts["losses"] = len(losses)
     counts["sequence split"] = len(ctx.sequence_split)
+    counts["cp all_to_all"] = sum(1 for n in gm.graph.nodes if COMM in n.meta and n.meta[COMM].group == "cp" and n.meta[COMM].kind == "all_to_all")
+    counts["cp gathers"] = sum("context parallelism gathers" in w for w in ctx.warnings)
     return counts
 
 
@@ -80,3 +82,8 @@ def test_family(pools, name, mesh):
         assert decisions.get("colwise", 0) and decisions.get("rowwise", 0), decisions
         assert decisions["gathered logits"] == 0, decisions
     assert bool(decisions["sequence split"]) == ("sequence_parallel" in mesh), decisions
+    if "cp" in mesh:  # Ulysses attention in every layer (2 layers: q, k, v and the output each)
+        assert decisions["cp all_to_all"] == 8, decisions
+        # nothing else needs the whole sequence, but the routing of sorted experts (a sort over
+        # all tokens) and the count of BERT's unshifted masked-LM labels
+        assert decisions["cp gathers"] == 0 or name in ("mixtral", "qwen3_moe", "bert"), decisions

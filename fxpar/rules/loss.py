@@ -3,7 +3,9 @@
 Cross-entropy over logits split along the classes (the output of a column-parallel projection
 onto the vocabulary) runs split: each rank holds its classes only, and three all-reduces of one
 value per sample (maximum, sum of exponentials, target logit) replace gathering the logits,
-which at a 128k vocabulary would be the largest tensor of the whole model.
+which at a 128k vocabulary would be the largest tensor of the whole model. Split by samples,
+the per-sample losses stay split and their sum is a partial sum (a mean is written as that sum
+over the count of targets where the split needs it: ``passes/context_parallel.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch
 from torch.fx import Node
 
 from ..metadata import LocalCall
-from ..placement import REPLICATE, Shard
+from ..placement import PARTIAL, REPLICATE, Shard
 from ..runtime.ops import vocab_parallel_cross_entropy
 from .base import RuleContext, Sharding, arg, ndim, replicated
 from .registry import localizer, register
@@ -38,6 +40,10 @@ def cross_entropy(node: Node, ctx: RuleContext) -> Sharding:
     p = ctx.placement(x)
     if _splittable(node, p):
         return Sharding(REPLICATE, {x: p, target: REPLICATE})
+    reduction = arg(node, 3, "reduction", 1)
+    if isinstance(p, Shard) and p.dim == 0 and ndim(x) > 1 and reduction in (0, 2) and arg(node, 2, "weight") is None:
+        # split by samples (the tokens of context parallelism): each rank's own losses, or their sum
+        return Sharding(p if reduction == 0 else PARTIAL, {x: p, target: p})
     reason = "cross_entropy with class weights or label smoothing over split logits" if isinstance(p, Shard) else None
     return replicated(node, ctx, reason=reason)
 

@@ -31,13 +31,14 @@ class RNGStreams:
 
 
 PIPELINE_SEED_OFFSET = 100  # Megatron's: each pipeline stage draws its own masks
+CONTEXT_SEED_OFFSET = 10007  # each cp rank's positions draw their own masks
 
 
-def stream_seeds(base: int, tp_rank: int, pp_rank: int) -> tuple[int, int]:
+def stream_seeds(base: int, tp_rank: int, pp_rank: int, cp_rank: int = 0) -> tuple[int, int]:
     """Seeds of the replicated and the tensor-parallel stream of a rank: different for every
-    pipeline rank (stages must not repeat each other's masks), the tensor-parallel one also for
-    every tp rank (Megatron's offset 2718)."""
-    replicated = base + PIPELINE_SEED_OFFSET * pp_rank
+    pipeline rank (stages must not repeat each other's masks) and every cp rank (each holds other
+    positions), the tensor-parallel one also for every tp rank (Megatron's offset 2718)."""
+    replicated = base + PIPELINE_SEED_OFFSET * pp_rank + CONTEXT_SEED_OFFSET * cp_rank
     return replicated, replicated + 2718 + tp_rank
 
 

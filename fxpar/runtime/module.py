@@ -83,11 +83,14 @@ class ParallelModule(nn.Module):
             c = plain.coordinate(r)
             return int(device_mesh.mesh[tuple(c[n] for n in names)])
 
-        pp_rank = plain.coordinate(rank)["pp"]
-        rep_seed, tp_seed = stream_seeds(torch.initial_seed(), comms["tp"].rank, pp_rank)
+        where = plain.coordinate(rank)
+        pp_rank = where["pp"]
+        rep_seed, tp_seed = stream_seeds(torch.initial_seed(), comms["tp"].rank, pp_rank, where["cp"])
         sharded = torch.Generator(device=device).manual_seed(tp_seed)
-        # one stage: torch's default generator, as the model would use; several: one per stage
-        replicated = None if plain.pp == 1 else torch.Generator(device=device).manual_seed(rep_seed)
+        # one stage and the whole sequence: torch's default generator, as the model would use;
+        # several stages or cp ranks: one stream each
+        mirrors = plain.pp == 1 and plain.cp == 1
+        replicated = None if mirrors else torch.Generator(device=device).manual_seed(rep_seed)
         self.training = model.training
         # plain attributes, not submodules: they must not show in parameters() or state_dict()
         self.__dict__.update(
