@@ -160,7 +160,7 @@ def rank_source(module: GraphModule, rank: int, global_gm: GraphModule) -> str:
             note.append(f"{place!r} {local_shape(node.meta.get('val'), place)}")
         c = node.meta.get(COMM)
         if c is not None:
-            note.append(f"{c.kind}: sends {fmt_bytes(c.bytes)} fwd, {fmt_bytes(c.bwd_bytes)} bwd")
+            note.append(f"{comm_kind(c)}: sends {fmt_bytes(c.bytes)} fwd, {fmt_bytes(c.bwd_bytes)} bwd")
         info[node.name] = "; ".join(note)
         frame = user_frame(node.meta.get("stack_trace"))
         if frame is not None:
