@@ -117,7 +117,8 @@ def main(argv=None) -> int:
         sp.add_argument("--tp", type=int, default=2)
         sp.add_argument("--pp", type=int, default=1)
         sp.add_argument("--dp", type=int, default=1)
-        sp.add_argument("--cp", type=int, default=1, help="context parallelism: split the sequence over this many ranks")
+        sp.add_argument("--cp", type=int, default=1,
+                        help="context parallelism: split the sequence over this many ranks")
         sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")

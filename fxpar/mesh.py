@@ -25,7 +25,7 @@ DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT
 _BOUND: dict = {}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # by name only: Mesh(2) would read as whichever dim comes first
 class Mesh:
     """A grid of ``dp * pp * cp * tp`` ranks described by named dimensions: data, pipeline,
     context (the sequence split over ranks for every layer) and tensor parallelism.

@@ -39,7 +39,8 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
     ``localize_shapes``, applied by codegen.
 ``fxpar_rng`` : ``str``
     On dropout nodes: ``"replicated"`` (same mask on every rank) or ``"sharded"`` (each rank its
-    own slice).
+    own slice), with ``" (cp split)"`` where the input is split over cp (each cp rank its own
+    masks); ``"context"`` on the cp rank's program, before ``assign_rng``.
 ``fxpar_memory`` : ``fxpar.memory.NodeMemory``
     What the node costs one rank: parameter bytes, the storage its output creates, what autograd
     keeps for backward (new tensors, references to other nodes' outputs); sympy expressions with

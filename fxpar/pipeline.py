@@ -25,11 +25,13 @@ from passes.localize_shapes import localize_shapes
 from passes.plan_sharding import plan_sharding
 from passes.recompute_gathers import recompute_gathers
 from passes.sequence_parallel import sequence_parallel
+from passes.split_loss_means import split_loss_means
 
 from .errors import FxparError, PlanError
 from .plan_context import PlanContext
 
 PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
+    split_loss_means,  # rewrite: with cp > 1, mean cross-entropies as sums over counts (partial sums over cp)
     context_parallel,  # rewrite: with cp > 1, one cp rank's program: the sequence split, Ulysses attention
     annotate_tensors,  # analysis: which values can carry a gradient
     plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow

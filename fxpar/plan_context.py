@@ -82,9 +82,13 @@ class PlanContext:
             raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_STATES)}")
 
     @property
-    def tp(self) -> int:
-        """Ranks of the dimension placements are over (``group``)."""
+    def world(self) -> int:
+        """Ranks of the mesh dimension the placements are over (``group``)."""
         return getattr(self.mesh, self.group)
+
+    @property
+    def tp(self) -> int:
+        return self.mesh.tp
 
     def override_for(self, *names: str) -> str | None:
         """The style the user forced for a module/parameter known by any of ``names``."""

@@ -68,7 +68,9 @@ def plan_table(gm: GraphModule, ctx) -> str:
             ]
         )
     headers = ["node", "op", "module", "global shape", "placement", "local shape", "comm fwd / bwd per rank", "decision"]
-    where = "placements on tp" if ctx.mesh.cp == 1 else f"placements on tp; shapes of one cp rank's 1/{ctx.mesh.cp} of the sequence"
+    where = "placements on tp"
+    if ctx.mesh.cp > 1:
+        where += f"; shapes of one cp rank's 1/{ctx.mesh.cp} of the sequence"
     return f"plan for {ctx.mesh} ({where})\n" + tabulate(rows, headers=headers)
 
 
@@ -111,7 +113,8 @@ def summary(gm: GraphModule, ctx) -> str:
         lines.append(f"sequence parallel: {len(ctx.sequence_split)} values between TP blocks split by tokens ({', '.join(dims)})")
     if ctx.mesh.cp > 1:
         a2a = sum(1 for n in gm.graph.nodes if n.meta.get(COMM) and comm_kind(n.meta[COMM]) == "cp all_to_all")
-        lines.append(f"context parallel: each of cp={ctx.mesh.cp} ranks holds 1/{ctx.mesh.cp} of the sequence in every layer; "
+        cp = ctx.mesh.cp
+        lines.append(f"context parallel: each of cp={cp} ranks holds 1/{cp} of the sequence in every layer; "
                      f"{a2a} all-to-alls switch attention to heads and back (Ulysses)")
     routed = data_dependent_sizes(gm)
     rows = [[k, n, _balanced(f, routed), _balanced(b, routed)] for k, (n, f, b) in sorted(comm_totals(gm).items())]

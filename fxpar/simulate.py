@@ -16,7 +16,7 @@ from .placement import PARTIAL, Shard
 from .runtime.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
 from .runtime.p2p import ThreadP2P
-from .runtime.context import RankContext, RNGStreams, running, stream_seeds
+from .runtime.context import RankContext, RNGStreams, context_streams, running, stream_seeds
 
 
 
@@ -40,15 +40,16 @@ def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple
             if key not in worlds:
                 worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)
             comms[dim] = ThreadComm(worlds[key], coord[dim])
-        rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"], coord["cp"])
+        rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"])
         rep = torch.Generator()
-        mirrors = mesh.pp == 1 and mesh.cp == 1
-        if mirrors:  # one stage, whole sequence: the single-device model's stream, so exact mode can match it
+        if mesh.pp == 1:  # one stage: the single-device model's stream, so exact mode can match it
             rep.set_state(state)
         else:
             rep.manual_seed(rep_seed)
         shard_gen = torch.Generator().manual_seed(tp_seed)
-        rng = RNGStreams(rep, shard_gen, exact, mirrors_default=mirrors)
+        rng = RNGStreams(rep, shard_gen, exact, mirrors_default=mesh.pp == 1)
+        if mesh.cp > 1:
+            rng.context, rng.context_sharded = context_streams(seed, coord["tp"], coord["pp"], coord["cp"])
         contexts.append(RankContext(rank=coord["tp"], comms=comms, rng=rng))
     return contexts, ThreadP2P(timeout)
 

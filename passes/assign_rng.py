@@ -8,6 +8,10 @@ target with ``fxpar.runtime.ops.dropout`` and writes ``fxpar_rng``:
   model-parallel RNG tracker), or, with ``ctx.rng == "exact"``, the full mask from the replicated
   stream and keeps its slice, which reproduces the single-device masks.
 
+A dropout whose input ``passes/context_parallel.py`` split over cp (``fxpar_rng == "context"``
+on entry) draws from the rank's cp streams instead, one per cp rank, and gets `` (cp split)``
+appended; values every cp rank holds whole draw the same masks on all of them.
+
 Attention with built-in dropout (``scaled_dot_product_attention(dropout_p > 0)``) on sharded heads
 draws inside the kernel, per rank; with ``rng="exact"`` that is reported as a warning, since those
 masks cannot equal the single-device ones.
@@ -35,17 +39,21 @@ def assign_rng(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         p = node.meta.get(PLACEMENT)
         if node.target == aten.dropout.default:
             x, prob, train = node.args
-            if ctx.mesh.cp > 1 and ctx.rng == "exact" and prob:
+            # split over cp by passes/context_parallel.py: each cp rank draws its own masks
+            context = node.meta.get(RNG) == "context"
+            if context and ctx.rng == "exact" and prob and train:
                 raise PlanError(
-                    "rng='exact' draws the single-device dropout masks, but with cp > 1 each rank holds other "
-                    f"positions and draws its own: use rng='megatron' (the default) or a mesh without cp\n  {describe_node(node)}"
+                    "rng='exact' draws the single-device dropout masks, but this dropout's input is split over "
+                    "the cp ranks, which draw their own: use rng='megatron' (the default) or a mesh without cp"
+                    f"\n  {describe_node(node)}"
                 )
             if isinstance(p, Shard):
                 node.meta[RNG] = "sharded"
-                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs)
+                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs, context)
             else:
                 node.meta[RNG] = "replicated"
-                node.args = (x, prob, train)
+                node.args = (x, prob, train, "replicated", 0, 0, None, context)
+            node.meta[RNG] += " (cp split)" if context else ""
             node.target = dropout
         elif node.target == aten.scaled_dot_product_attention.default:
             p_drop = arg(node, 4, "dropout_p", 0.0)

@@ -7,18 +7,21 @@ memory) plans that graph as it would a model written for the shorter sequence; i
 collectives are ops with rules of their own (``fxpar/rules/collectives.py``).
 
 How the split is found. User inputs with a sequence (token ids ``(B, T)``, embeddings
-``(B, T, C)``) whose dim 1 has the first one's length are split along it; everything else starts replicated. Each op's own sharding
-rule, given its inputs' splits, says what its output is and what it needs (the same rules as
-tensor parallelism, with every weight whole), so the split follows the data flow:
+``(B, T, C)``) whose dim 1 has the first one's length are split along it; everything else
+starts replicated. Each op's own sharding rule, given its inputs' splits, says what its output
+is and what it needs (the same rules as tensor parallelism, with every weight whole), so the
+split follows the data flow:
 
 * token-wise ops (embeddings, norms, linears, pointwise) keep it;
 * a replicated value meeting the split (RoPE's cos/sin table, learned position embeddings, a
   causal mask's rows) is sliced to the rank's positions — each rank sees its own offsets;
 * ``scaled_dot_product_attention`` on sequence-split q, k, v is Ulysses attention: an all-to-all
   makes them head-split with the whole sequence (so a causal mask is the single-device one),
-  and another switches the output back. Where the heads do not divide by cp, or attention is
-  written out (``softmax(q @ k.T) @ v``), the keys/values are all-gathered instead;
-* a mean over the sequence (the loss) is a partial sum, all-reduced where it is used whole;
+  and another switches the output back. Where the heads do not divide by cp, q, k and v are
+  gathered and every rank attends with all of them; attention written out
+  (``softmax(q @ k.T) @ v``) keeps each rank's queries and gathers the keys and values;
+* a sum over the sequence (the loss, as ``passes/split_loss_means.py`` writes a mean) is a
+  partial sum, all-reduced where it is used whole;
 * a weight used by split activations gets ``copy_to_tp(w, group="cp")``: its gradient is summed
   over the cp ranks in backward, as each rank only saw its own positions.
 
@@ -38,11 +41,11 @@ from torch.fx.node import map_aggregate
 
 from fxpar.codegen import copy_graph, get_path
 from fxpar.errors import PlanError, describe_node
-from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, copy_meta
+from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RNG
 from fxpar.placement import REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, is_weight, rule_for, user_dependent
-from fxpar.rules.base import arg, is_tensor_node, ndim, shape, static, tensor_args
+from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
 from fxpar.runtime.comm import shape_comms
 from fxpar.runtime.context import RankContext, running
 
@@ -81,52 +84,30 @@ class _Split:
 
 
 def context_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    """The program of one cp rank (a new ``GraphModule``), or ``gm`` itself when ``cp == 1``.
+
+    Reads ``val``. On the new graph every ``val`` has the rank's sizes and the only fxpar metadata
+    is ``fxpar_comm`` of the cp collectives (with ``group="cp"``) and ``fxpar_rng = "context"``
+    on dropouts of values split over cp; the passes after it write the rest.
+    """
     if ctx.mesh.cp == 1:
         return gm
     cctx = dataclasses.replace(
-        ctx, group="cp", sequence_parallel=False, recompute_gathers=False,
-        decisions={}, param_placements={}, sequence_split={}, warnings=[],
+        ctx,
+        group="cp",
+        sequence_parallel=False,
+        recompute_gathers=False,
+        decisions={},
+        param_placements={},
+        sequence_split={},
+        warnings=[],
     )
-    _mean_losses_as_sums(gm)
     annotate_tensors(gm, cctx)
     _plan(gm, cctx)
     insert_collectives(gm, cctx)
     localize_shapes(gm, cctx)
     ctx.warnings.extend(cctx.warnings)
     return _rank_program(gm, cctx)
-
-
-def _mean_losses_as_sums(gm: GraphModule) -> None:
-    """``cross_entropy(x, t)`` (a mean over the targets that are not ``ignore_index``) as
-    ``cross_entropy(x, t, reduction="sum") / (t != ignore_index).sum()``: the same value, in
-    which each cp rank's tokens give a partial sum and the count is summed over the ranks,
-    instead of gathering the logits."""
-    graph = gm.graph
-    for node in list(graph.nodes):
-        if node.target is not aten.cross_entropy_loss.default or arg(node, 3, "reduction", 1) != 1:
-            continue
-        if arg(node, 2, "weight") is not None or ndim(node.args[1]) == ndim(node.args[0]):
-            continue  # class weights, or probabilities as targets: a weighted mean, left whole
-        x, t = node.args[0], node.args[1]
-        ignore = arg(node, 4, "ignore_index", -100)
-        smoothing = arg(node, 5, "label_smoothing", 0.0)
-        with graph.inserting_after(node):
-            total = graph.call_function(aten.cross_entropy_loss.default, (x, t, None, 2, ignore, smoothing))
-            with graph.inserting_after(total):
-                valid = graph.call_function(aten.ne.Scalar, (t, ignore))
-                with graph.inserting_after(valid):
-                    count = graph.call_function(aten.sum.default, (valid,))
-                    with graph.inserting_after(count):
-                        mean = graph.call_function(aten.div.Tensor, (total, count))
-        with fake_mode(gm):
-            for new in (total, valid, count, mean):
-                vals = map_aggregate(new.args, lambda a: a.meta["val"] if isinstance(a, Node) else a)
-                new.meta["val"] = new.target(*vals)
-                copy_meta(node, new)
-        node.replace_all_uses_with(mean)
-        graph.erase_node(node)
-    graph.lint()
-    gm.recompile()
 
 
 def _has_sequence(node: Node) -> bool:
@@ -144,13 +125,15 @@ def _sequence(gm: GraphModule, world: int) -> int:
             size = static(shape(node)[1])
             if size is None:
                 raise PlanError(
-                    f"context parallelism splits the sequence (dim 1 of '{node.name}') over cp={world} ranks, "
-                    "but it was captured as symbolic: capture with a fixed sequence length"
+                    f"context parallelism splits the sequence (dim 1 of input '{node.name}', shape "
+                    f"{tuple(shape(node))}) over cp={world} ranks, but it was captured as symbolic: capture with a "
+                    "fixed sequence length (dynamic_shapes for the batch only)"
                 )
             if size % world:
                 raise PlanError(
-                    f"context parallelism splits the sequence (dim 1 of '{node.name}', {size} positions) evenly "
-                    f"over cp={world} ranks: use a sequence length divisible by {world} or another cp"
+                    f"context parallelism splits the sequence (dim 1 of input '{node.name}', shape "
+                    f"{tuple(shape(node))}) evenly over cp={world} ranks: use a sequence length divisible by {world} "
+                    "or another cp"
                 )
             return size
     raise PlanError(
@@ -160,7 +143,7 @@ def _sequence(gm: GraphModule, world: int) -> int:
 
 
 def _plan(gm: GraphModule, ctx: PlanContext) -> None:
-    world = ctx.tp
+    world = ctx.world
     seq = _sequence(gm, world)
     rc = _Split(world, user_dependent(gm))
     for node in gm.graph.nodes:
@@ -176,11 +159,16 @@ def _plan(gm: GraphModule, ctx: PlanContext) -> None:
             node.meta[INPUTS] = {n.name: REPLICATE for n in tensor_args(node)}
             continue
         if node.op != "call_function":
-            raise PlanError(f"context parallelism cannot split the sequence through {node.op} nodes yet\n  {describe_node(node)}")
+            raise PlanError(
+                f"context parallelism cannot split the sequence through {node.op} nodes (higher-order ops) yet: "
+                f"use a mesh without cp for this model\n  {describe_node(node)}"
+            )
         try:
-            s = _ulysses(node, rc) or rule_for(node)(node, rc)
+            s, back = _ulysses(node, rc) or (rule_for(node)(node, rc), None)
         except Exception as e:  # noqa: BLE001 - a rule bug must name the node
-            raise PlanError(f"sharding rule failed on {describe_node(node)}\n  {type(e).__name__}: {e}") from e
+            raise PlanError(
+                f"context parallelism: sharding rule failed on {describe_node(node)}\n  {type(e).__name__}: {e}"
+            ) from e
         reqs = {}
         for inp in tensor_args(node):
             req = s.inputs.get(inp)
@@ -193,14 +181,13 @@ def _plan(gm: GraphModule, ctx: PlanContext) -> None:
         node.meta[INPUTS] = reqs
         out = s.output
         node.meta[PLACEMENT] = out
-        rc.given[node] = out
-        if getattr(s, "back", None) is not None:
-            rc.given[node] = s.back
+        rc.given[node] = out if back is None else back
 
 
 def _ulysses(node: Node, rc: _Split):
-    """Attention on sequence-split q, k, v as Ulysses attention: head-split inputs with the whole
-    sequence (an all-to-all each), the output switched back to the sequence split."""
+    """``(sharding, given)`` of attention on sequence-split q, k, v as Ulysses attention:
+    head-split inputs with the whole sequence (an all-to-all each), and the output given to its
+    readers switched back to the sequence split; None where the heads do not divide."""
     if node.target is not aten.scaled_dot_product_attention.default:
         return None
     q, k, v = node.args[:3]
@@ -221,8 +208,7 @@ def _ulysses(node: Node, rc: _Split):
             rc.given[t] = p
     if not (isinstance(s.output, Shard) and s.output.dim == nd - 3):
         return None
-    s.back = seq_split[0]
-    return s
+    return s, seq_split[0]
 
 
 def _rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
@@ -231,14 +217,23 @@ def _rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for node in gm.graph.nodes:
         calls = node.meta.get(LOCAL)
         if calls and any(c != calls[0] for c in calls.values()):
-            raise PlanError(f"context parallelism needs the same program on every cp rank, but this op differs\n  {describe_node(node)}")
+            raise PlanError(
+                "context parallelism needs the same program on every cp rank, but this op's sizes differ between them "
+                f"(an uneven split): use a cp that divides the sequence and the heads\n  {describe_node(node)}"
+            )
     graph, val_map = copy_graph(gm.graph)
     for old, new in val_map.items():
         call = (old.meta.get(LOCAL) or {}).get(0)
         if call is not None:
             remap = lambda a: val_map.get(a, a) if isinstance(a, Node) else a  # noqa: E731
-            new.target, new.args, new.kwargs = call.target, map_aggregate(call.args, remap), map_aggregate(call.kwargs, remap)
+            new.target, new.args, new.kwargs = (
+                call.target,
+                map_aggregate(call.args, remap),
+                map_aggregate(call.kwargs, remap),
+            )
         new.meta = {k: v for k, v in old.meta.items() if not k.startswith("fxpar_") or k == COMM}
+        if old.target is aten.dropout.default and isinstance(old.meta.get(PLACEMENT), Shard):
+            new.meta[RNG] = "context"  # its own masks on every cp rank (passes/assign_rng.py)
     local = GraphModule(gm, graph)
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
@@ -256,7 +251,9 @@ def _propagate(local: GraphModule, gm: GraphModule, ctx: PlanContext) -> None:
                 continue
             if node.op == "get_attr":
                 obj = get_path(local, node.target)
-                out = torch.empty(obj.shape, dtype=obj.dtype, device=obj.device) if isinstance(obj, torch.Tensor) else obj
+                out = (
+                    torch.empty(obj.shape, dtype=obj.dtype, device=obj.device) if isinstance(obj, torch.Tensor) else obj
+                )
             elif node.op == "placeholder":
                 out = node.meta.get("val")
             else:

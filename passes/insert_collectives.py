@@ -95,7 +95,7 @@ def comm_info(kind: str, val, world: int, src: Placement, dst: Placement, group:
 
 def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     graph = gm.graph
-    world, group = ctx.tp, ctx.group
+    world, group = ctx.world, ctx.group
     for node in graph.nodes:
         node.meta[ORIGIN] = node.name
     cache: dict[tuple, Node] = {}

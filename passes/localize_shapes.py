@@ -35,7 +35,7 @@ def localize_shapes(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         if fn is None:
             continue
         try:
-            calls = {r: fn(node, r, lctx) for r in range(ctx.tp)}
+            calls = {r: fn(node, r, lctx) for r in range(ctx.world)}
         except Exception as e:  # noqa: BLE001
             raise PlanError(f"could not compute per-rank arguments of {describe_node(node)}: {e}") from e
         if any(c is not None for c in calls.values()):

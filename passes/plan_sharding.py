@@ -340,7 +340,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
                 d.forced.add(node)
                 d.why[node] = "user override"
     user_dep = user_dependent(gm)
-    if ctx.tp == 1:
+    if ctx.world == 1:
         rnd = _Round(gm, 1, d, user_dep)
         for n in gm.graph.nodes:
             if n.target in d.seed_ops:
@@ -349,7 +349,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
         rnd.run()
     else:
         for _ in range(max_rounds):
-            rnd = _Round(gm, ctx.tp, d, user_dep, ctx.fixed_weights).run()
+            rnd = _Round(gm, ctx.world, d, user_dep, ctx.fixed_weights).run()
             if not _resolve(rnd, d):
                 break
         else:

@@ -35,7 +35,7 @@ def _linear_users(gather: Node) -> list[Node] | None:
 
 
 def recompute_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if not ctx.recompute_gathers or ctx.tp == 1:
+    if not ctx.recompute_gathers or ctx.world == 1:
         return gm
     graph = gm.graph
     for gather in list(graph.nodes):

@@ -254,9 +254,9 @@ def _consumer_inputs(node: Node, stream: dict[Node, Placement], rctx: _StreamCon
 
 
 def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if not ctx.sequence_parallel or ctx.tp == 1:
+    if not ctx.sequence_parallel or ctx.world == 1:
         return gm
-    world = ctx.tp
+    world = ctx.world
     user_dep = user_dependent(gm)
     rctx = _StreamContext(world, user_dep)
     stream: dict[Node, Placement] = {}

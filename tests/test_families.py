@@ -67,7 +67,8 @@ def _decisions(pm) -> dict:
     counts["gathered logits"] = sum(a.meta.get(COMM) is not None for n in losses for a in n.all_input_nodes)
     counts["losses"] = len(losses)
     counts["sequence split"] = len(ctx.sequence_split)
-    counts["cp all_to_all"] = sum(1 for n in gm.graph.nodes if COMM in n.meta and n.meta[COMM].group == "cp" and n.meta[COMM].kind == "all_to_all")
+    comms = [n.meta[COMM] for n in gm.graph.nodes if COMM in n.meta]
+    counts["cp all_to_all"] = sum(1 for c in comms if c.group == "cp" and c.kind == "all_to_all")
     counts["cp gathers"] = sum("context parallelism gathers" in w for w in ctx.warnings)
     return counts
 

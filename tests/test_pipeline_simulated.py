@@ -31,7 +31,8 @@ def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, **options):
     model, args, target = pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters(), lr=LR)
-    plan = fxpar.compile(model, fxpar.Mesh(dp=dp, pp=pp, cp=cp, tp=tp), args, schedule=schedule, microbatches=m, **options)
+    mesh = fxpar.Mesh(dp=dp, pp=pp, cp=cp, tp=tp)
+    plan = fxpar.compile(model, mesh, args, schedule=schedule, microbatches=m, **options)
     assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
     for step in range(STEPS):

@@ -54,7 +54,7 @@ def test_debug_levels(monkeypatch, capsys, tmp_path):
     fxpar.compile(model, fxpar.Mesh(tp=2), args)
     err = capsys.readouterr().err
     n = len(PIPELINE)
-    assert f"pass 3/{n} plan_sharding" in err and "nodes" in err and "rank 1 code" in err
+    assert f"pass 4/{n} plan_sharding" in err and "nodes" in err and "rank 1 code" in err
     assert len(list(tmp_path.iterdir())) == n
 
 

@@ -33,7 +33,9 @@ def localizer_for(node: Node):
 
 
 # importing the rule modules registers them
-from . import attention, collectives, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    attention, collectives, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views,
+)
 
 aten = torch.ops.aten
 # ops through which a weight is still "just the weight": its user may choose how it is stored

@@ -8,9 +8,9 @@ any other. Over the tp ranks they are elementwise in every dim they do not move 
   sums is the tp shard or partial sum of the sum);
 * ``shard``, ``all_gather`` (and the others that slice or join one ``dim``) keep a tp split of any
   other dim and partial sums; a tp split of ``dim`` itself is gathered first;
-* ``redistribute`` between two even splits (Ulysses' all-to-all from sequence- to head-sharded)
-  keeps a tp split of the dim it splits further (each tp rank's heads are divided among the cp
-  ranks) when the tp rank's part divides evenly, and any split of an untouched dim.
+* ``redistribute`` between two even splits (Ulysses' all-to-all from sequence- to head-sharded
+  and back) keeps a tp split of the heads (each tp rank's heads are divided among the cp ranks)
+  when the parts divide evenly, and any split of an untouched dim.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.fx import Node
 
 from ..placement import REPLICATE, Shard
 from ..runtime import collectives as C
-from .base import FREE, RuleContext, Sharding, arg, shape, static
+from .base import FREE, RuleContext, Sharding, arg, ndim, shape, static
 from .registry import register
 
 
@@ -38,7 +38,9 @@ def carried(node: Node, ctx: RuleContext) -> Sharding:
 def along_dim(node: Node, ctx: RuleContext) -> Sharding:
     x, p = node.args[0], _given(node, ctx)
     if isinstance(p, Shard) and p.dim == arg(node, 1, "dim"):
-        return Sharding(REPLICATE, {x: REPLICATE}, fallback=f"tp split of the dim {node.kwargs.get('group')} moves along")
+        return Sharding(
+            REPLICATE, {x: REPLICATE}, fallback=f"tp split of the dim {node.kwargs.get('group')} moves along"
+        )
     return Sharding(p, {x: p})
 
 
@@ -49,7 +51,9 @@ def redistributed(node: Node, ctx: RuleContext) -> Sharding:
     if not isinstance(p, Shard) or p.dim not in (src, dst):
         return Sharding(p, {x: p})
     size = static(shape(node)[p.dim])
-    # heads split by tp, then each tp rank's heads by cp (and back): even splits of both suffice
-    if p.is_even and size and size % ctx.world == 0:
+    # heads split by tp, then each tp rank's heads by cp (and back): the cp ranks' heads are a
+    # relabelling that the second all-to-all undoes, which holds for independent heads only
+    # (the ``(B, H, T, D)`` of Ulysses attention), never for positions
+    if p.dim == ndim(x) - 3 and p.is_even and size and size % ctx.world == 0:
         return Sharding(Shard.even(p.dim, size, ctx.world), {x: p})
-    return Sharding(REPLICATE, {x: REPLICATE}, fallback="uneven tp split of a dim an all-to-all moves")
+    return Sharding(REPLICATE, {x: REPLICATE}, fallback="tp split of a dim an all-to-all moves, other than heads")

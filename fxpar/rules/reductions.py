@@ -78,7 +78,8 @@ def reduce(node: Node, ctx: RuleContext) -> Sharding:
     if p.dim not in dims:
         out_dim = p.dim if keep else p.dim - sum(d < p.dim for d in dims)
         return Sharding(output_like(node, p.with_dim(out_dim)), {x: p})
-    if node.target in _SUMS and node.meta["val"].is_floating_point() and p.is_partition:
+    if node.target in _SUMS and node.meta["val"].dtype != torch.bool and p.is_partition:
+        # integer sums too (a count of targets): summing them over the ranks is exact
         return Sharding(PARTIAL, {x: p})
     name = op_name(node)
     return Sharding(output_like(node, REPLICATE), {x: REPLICATE}, fallback=f"{name} over the sharded dim")

@@ -6,7 +6,8 @@ every collective with a timeout, so a rank whose peer died raises instead of han
 are taken in rank order on every rank, so all ranks get bit-identical results.
 
 Every communicator counts what it sends (ring algorithm: an all-reduce of N elements sends
-``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``, an all-to-all of a local ``N`` ``(t-1)/t * N``), for the reports.
+``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``, an all-to-all of
+a local ``N`` ``(t-1)/t * N``), for the reports.
 """
 
 from __future__ import annotations

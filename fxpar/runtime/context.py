@@ -19,27 +19,40 @@ from ..errors import FxparError
 
 @dataclass
 class RNGStreams:
-    """``replicated``: same state on every tp rank (``None``: torch's default generator).
+    """``replicated``: same state on every rank of a stage (``None``: torch's default generator).
     ``sharded``: a different stream per tp rank (Megatron's model-parallel RNG tracker).
     ``exact``: sharded dropout draws the full mask from the replicated stream and keeps its own
-    slice, so the masks equal the single-device model's (costs the full mask's memory)."""
+    slice, so the masks equal the single-device model's (costs the full mask's memory).
+    ``context`` / ``context_sharded``: the same two for values split over cp, a different stream
+    per cp rank (each holds other positions); values every cp rank holds whole draw from the
+    first two, so the cp ranks' copies of them stay identical."""
 
     replicated: torch.Generator | None = None
     sharded: torch.Generator | None = None
     exact: bool = False
     mirrors_default: bool = False  # the replicated stream is a copy of torch's default generator
+    context: torch.Generator | None = None
+    context_sharded: torch.Generator | None = None
 
 
 PIPELINE_SEED_OFFSET = 100  # Megatron's: each pipeline stage draws its own masks
 CONTEXT_SEED_OFFSET = 10007  # each cp rank's positions draw their own masks
 
 
-def stream_seeds(base: int, tp_rank: int, pp_rank: int, cp_rank: int = 0) -> tuple[int, int]:
+def stream_seeds(base: int, tp_rank: int, pp_rank: int) -> tuple[int, int]:
     """Seeds of the replicated and the tensor-parallel stream of a rank: different for every
-    pipeline rank (stages must not repeat each other's masks) and every cp rank (each holds other
-    positions), the tensor-parallel one also for every tp rank (Megatron's offset 2718)."""
-    replicated = base + PIPELINE_SEED_OFFSET * pp_rank + CONTEXT_SEED_OFFSET * cp_rank
+    pipeline rank (stages must not repeat each other's masks), the tensor-parallel one also for
+    every tp rank (Megatron's offset 2718)."""
+    replicated = base + PIPELINE_SEED_OFFSET * pp_rank
     return replicated, replicated + 2718 + tp_rank
+
+
+def context_streams(base: int, tp_rank: int, pp_rank: int, cp_rank: int, device=None):
+    """The two streams of values split over cp (``RNGStreams.context``, ``context_sharded``)."""
+    replicated, _ = stream_seeds(base, tp_rank, pp_rank)
+    seed = replicated + CONTEXT_SEED_OFFSET * (cp_rank + 1)
+    return (torch.Generator(device=device).manual_seed(seed),
+            torch.Generator(device=device).manual_seed(seed + 2718 + tp_rank))
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ..memory import expr
 from ..shards import local_shape
 from .collectives import _assemble
 from .comm import DistComm, LocalComm
-from .context import RankContext, RNGStreams, running, stream_seeds
+from .context import RankContext, RNGStreams, context_streams, running, stream_seeds
 from .p2p import DistP2P
 from .pipeline import join_microbatches, microbatch_size, split_microbatches
 from .rank import RankProgram
@@ -85,12 +85,14 @@ class ParallelModule(nn.Module):
 
         where = plain.coordinate(rank)
         pp_rank = where["pp"]
-        rep_seed, tp_seed = stream_seeds(torch.initial_seed(), comms["tp"].rank, pp_rank, where["cp"])
+        rep_seed, tp_seed = stream_seeds(torch.initial_seed(), comms["tp"].rank, pp_rank)
         sharded = torch.Generator(device=device).manual_seed(tp_seed)
-        # one stage and the whole sequence: torch's default generator, as the model would use;
-        # several stages or cp ranks: one stream each
-        mirrors = plain.pp == 1 and plain.cp == 1
-        replicated = None if mirrors else torch.Generator(device=device).manual_seed(rep_seed)
+        # one stage: torch's default generator, as the model would use; several: one per stage
+        replicated = None if plain.pp == 1 else torch.Generator(device=device).manual_seed(rep_seed)
+        streams = RNGStreams(replicated, sharded, rng == "exact")
+        if plain.cp > 1:
+            streams.context, streams.context_sharded = context_streams(
+                torch.initial_seed(), comms["tp"].rank, pp_rank, where["cp"], device)
         self.training = model.training
         # plain attributes, not submodules: they must not show in parameters() or state_dict()
         self.__dict__.update(
@@ -100,7 +102,7 @@ class ParallelModule(nn.Module):
             _to_global=to_global,
             _device=device,
             _comms=comms,
-            _ctx=RankContext(rank=comms["tp"].rank, comms=comms, rng=RNGStreams(replicated, sharded, rng == "exact")),
+            _ctx=RankContext(rank=comms["tp"].rank, comms=comms, rng=streams),
             _p2p=DistP2P(timeout),
             _skeleton=meta_skeleton(model),
             _source=model,

@@ -26,11 +26,13 @@ def partial_mean(x, dims, keepdim: bool, count, dtype=None):
     return x.sum(dims, keepdim=keepdim, dtype=dtype) / count
 
 
-def dropout(x, p: float, train: bool, stream: str = "replicated", dim: int = 0, size: int = 0, runs=None):
+def dropout(x, p: float, train: bool, stream: str = "replicated", dim: int = 0, size: int = 0, runs=None,
+            context: bool = False):
     """Dropout drawing from one of the rank's random streams.
 
     ``stream="replicated"``: the same mask on every tp rank (the value is replicated).
     ``stream="sharded"``: the rank's own stream for its slice (Megatron's model-parallel RNG);
+    ``context=True``: the value is split over cp, so each cp rank draws from its own streams;
     with ``RNGStreams.exact`` the full mask is drawn from the replicated stream instead and the
     rank keeps its slice, which reproduces the single-device masks exactly. The mask is drawn as
     ATen's CPU dropout draws it, so replicated dropout matches the single-device model bit for bit;
@@ -50,7 +52,10 @@ def dropout(x, p: float, train: bool, stream: str = "replicated", dim: int = 0, 
         noise = torch.empty(full_shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p, generator=rng.replicated)
         noise = _take(noise, _layout(dim, size, runs, current().comm("tp").world), current().rank)
     else:
-        gen = rng.sharded if stream == "sharded" else rng.replicated
+        if context:
+            gen = rng.context_sharded if stream == "sharded" else rng.context
+        else:
+            gen = rng.sharded if stream == "sharded" else rng.replicated
         noise = torch.empty_like(x, memory_format=torch.contiguous_format).bernoulli_(1 - p, generator=gen)
     return _MaskedScale.apply(x, noise != 0, noise.new_ones(()).div_(1 - p))
 
