@@ -49,10 +49,11 @@ def assign_rng(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 )
             if isinstance(p, Shard):
                 node.meta[RNG] = "sharded"
-                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs, context)
+                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs)
             else:
                 node.meta[RNG] = "replicated"
-                node.args = (x, prob, train, "replicated", 0, 0, None, context)
+                node.args = (x, prob, train)
+            node.kwargs = {"context": True} if context else {}
             node.meta[RNG] += " (cp split)" if context else ""
             node.target = dropout
         elif node.target == aten.scaled_dot_product_attention.default:

@@ -106,7 +106,8 @@ def saved(pools, tmp_path_factory):
     return root, path, losses[0]
 
 
-@pytest.mark.parametrize("world, mesh", [(4, dict(tp=4)), (2, dict(tp=2)), (4, dict(dp=2, pp=2))], ids=str)
+@pytest.mark.parametrize("world, mesh", [(4, dict(tp=4)), (2, dict(tp=2)), (4, dict(dp=2, pp=2)), (4, dict(cp=2, tp=2))],
+                         ids=str)
 def test_resume_on_another_mesh(pools, saved, world, mesh):
     root, path, uninterrupted = saved
     again = str(root / f"again-{'-'.join(f'{k}{v}' for k, v in mesh.items())}")
