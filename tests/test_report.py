@@ -47,6 +47,16 @@ def test_cli_plan_dump_check(tmp_path, capsys):
     assert "replicate: user override" in capsys.readouterr().out
 
 
+def test_cli_context_parallel(capsys):
+    assert main(["plan", "llama", "--cp", "2", "--tp", "2", "--brief"]) == 0
+    assert "cp all_to_all" in capsys.readouterr().out
+    assert main(["check", "llama", "--cp", "2", "--tp", "2", "--train"]) == 0
+    assert "outputs and gradients of Transformer on Mesh(dp=1, pp=1, cp=2, tp=2) match" in capsys.readouterr().out
+    # a plan that cannot be made is one line saying why, and exit status 2
+    assert main(["plan", "llama", "--cp", "3", "--brief"]) == 2
+    assert capsys.readouterr().err.startswith("fxpar: context parallelism splits the sequence")
+
+
 def test_debug_levels(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("FXPAR_DEBUG", "4")
     monkeypatch.setenv("FXPAR_DEBUG_DIR", str(tmp_path))
