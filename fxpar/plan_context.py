@@ -65,6 +65,7 @@ class PlanContext:
             raise ValueError(
                 "sequence_parallel=True splits the activations between tensor-parallel blocks over the tp ranks, "
                 f"but {self.mesh} has tp=1: use a mesh with tp > 1 or drop sequence_parallel"
+                + (" (cp already splits the whole sequence over its ranks)" if self.mesh.cp > 1 else "")
             )
         if self.rng not in RNG_MODES:
             raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")

@@ -211,3 +211,9 @@ def test_loss_in_the_graph_with_ignored_targets():
         assert_close(grads[name], p.grad, f"gradient of {name}")
     assert not plan.ctx.warnings
     assert kinds(plan)[("all_gather", "cp")] == 0  # the logits stay split
+
+
+def test_sequence_parallel_without_tp_says_cp_splits_already():
+    model, args = build("llama")
+    with pytest.raises(ValueError, match="cp already splits the whole sequence"):
+        fxpar.compile(model, fxpar.Mesh(cp=2), args, sequence_parallel=True)
