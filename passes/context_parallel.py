@@ -39,12 +39,12 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
-from fxpar.codegen import copy_graph, get_path
+from fxpar.codegen import get_path, rank_graph
 from fxpar.errors import PlanError, describe_node
 from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RNG
-from fxpar.placement import REPLICATE, Placement, Shard
+from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.rules import FREE, is_weight, rule_for, user_dependent
+from fxpar.rules import FREE, SplitRuleContext, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
 from fxpar.runtime.comm import shape_comms
 from fxpar.runtime.context import RankContext, running
@@ -57,30 +57,13 @@ from .localize_shapes import localize_shapes
 aten = torch.ops.aten
 
 
-class _Split:
+class _Split(SplitRuleContext):
     """The ``RuleContext`` of the cp plan: every weight whole, activations as planned so far."""
-
-    def __init__(self, world: int, user_dep: set[Node]):
-        self.world = world
-        self.user_dep = user_dep
-        self.given: dict[Node, Placement] = {}  # what consumers of a node are given
 
     def placement(self, node):
         if not isinstance(node, Node):
             return None
         return self.given.get(node, REPLICATE)
-
-    def decision(self, node: Node) -> str:
-        return "auto"
-
-    def seed_layout(self, node: Node):
-        return None
-
-    def user_input_dependent(self, node: Node) -> bool:
-        return node in self.user_dep
-
-    def is_weight(self, node: Node) -> bool:
-        return is_weight(node)
 
 
 def context_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
@@ -221,16 +204,10 @@ def _rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 "context parallelism needs the same program on every cp rank, but this op's sizes differ between them "
                 f"(an uneven split): use a cp that divides the sequence and the heads\n  {describe_node(node)}"
             )
-    graph, val_map = copy_graph(gm.graph)
-    for old, new in val_map.items():
-        call = (old.meta.get(LOCAL) or {}).get(0)
-        if call is not None:
-            remap = lambda a: val_map.get(a, a) if isinstance(a, Node) else a  # noqa: E731
-            new.target, new.args, new.kwargs = (
-                call.target,
-                map_aggregate(call.args, remap),
-                map_aggregate(call.kwargs, remap),
-            )
+    graph = rank_graph(gm, 0, torch.device("meta"))  # captured on meta: devices stay as they are
+    planned = {n.name: n for n in gm.graph.nodes}
+    for new in graph.nodes:
+        old = planned[new.name]
         new.meta = {k: v for k, v in old.meta.items() if not k.startswith("fxpar_") or k == COMM}
         if old.target is aten.dropout.default and isinstance(old.meta.get(PLACEMENT), Shard):
             new.meta[RNG] = "context"  # its own masks on every cp rank (passes/assign_rng.py)

@@ -38,20 +38,18 @@ from fxpar.errors import PlanError
 from fxpar.metadata import DECISION, INPUTS, PLACEMENT, REQUIRES_GRAD, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.rules import inverse_of, is_weight, rule_for, user_dependent
+from fxpar.rules import SplitRuleContext, inverse_of, is_weight, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
 from fxpar.rules.matmul import decidable_ops
 
 
-class _StreamContext:
+class _StreamContext(SplitRuleContext):
     """The ``RuleContext`` a rule sees when asked whether its node can join the stream: the
     stream's placements for stream inputs, the plan's for everything else."""
 
     def __init__(self, world: int, user_dep: set[Node]):
-        self.world = world
-        self.user_dep = user_dep
+        super().__init__(world, user_dep)
         self.node: Node | None = None
-        self.given: dict[Node, Placement] = {}
         self.split_ok = False  # may the node's replicated weight run on the stream's tokens
 
     def placement(self, node):
@@ -70,15 +68,6 @@ class _StreamContext:
             # is gathered for another op anyway (keys beside the column-parallel queries)
             return "auto" if node is self.node and self.split_ok else "replicate"
         return text if text in ("colwise", "rowwise", "vocab") else "auto"
-
-    def seed_layout(self, node: Node):
-        return None
-
-    def user_input_dependent(self, node: Node) -> bool:
-        return node in self.user_dep
-
-    def is_weight(self, node: Node) -> bool:
-        return is_weight(node)
 
 
 def _split_pays(matmul: Node, given: dict[Node, Placement], world: int, user_dep: set[Node]) -> bool:

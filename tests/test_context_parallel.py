@@ -17,32 +17,9 @@ from fxpar.errors import FxparError, PlanError
 from fxpar.metadata import COMM
 from tests.test_equivalence_distributed import train_and_compare
 from tests.test_memory import estimated_activations, measured_activations
+from tests.test_equivalence_simulated import check_training
 from tests.test_pipeline_simulated import check_pipeline
-from tests.test_pipeline_simulated import LR, STEPS
-from tests.zoo import adamw, logits, assert_close, build, loss_fn, reference_steps
-
-
-def check_mesh(name: str, mesh: fxpar.Mesh, **options):
-    """Simulate training ``name`` on ``mesh``; compare with the single-device model; the plan."""
-    model, args = build(name)
-    out_ref = model(*args)
-    losses, grads, state = reference_steps(model, args, STEPS, LR)
-    plan = fxpar.compile(model, mesh, args, **options)
-    assert_close(logits(plan.simulate(*args)), logits(out_ref), f"{name} {mesh} output")
-    opts = [adamw(plan.rank_module(r).parameters(), lr=LR) for r in range(mesh.size)]
-    for step in range(STEPS):
-        loss, full = plan.simulate_train(loss_fn, *args)
-        assert_close(loss, losses[step], f"{name} {mesh} loss at step {step}")
-        assert set(full) == set(grads[step])
-        for pname, g in grads[step].items():
-            assert_close(full[pname], g, f"{name} {mesh} step {step} gradient of {pname}")
-        for o in opts:
-            o.step()
-            o.zero_grad()
-    final = plan.full_state_dict()
-    for key, value in state.items():
-        assert_close(final[key], value, f"{name} {mesh} {key} after {STEPS} AdamW steps")
-    return plan
+from tests.zoo import assert_close, build
 
 
 def kinds(plan) -> Counter:
@@ -53,7 +30,7 @@ def kinds(plan) -> Counter:
     "mesh", [dict(cp=2), dict(cp=4), dict(cp=2, tp=2)], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items())
 )
 def test_llama_with_causal_attention_and_rope(mesh):
-    plan = check_mesh("llama", fxpar.Mesh(**mesh))
+    plan = check_training("llama", mesh=fxpar.Mesh(**mesh))
     layers = 2
     got = kinds(plan)
     # Ulysses: q, k, v to head-split and the output back, per layer; nothing gathers a sequence
@@ -67,21 +44,21 @@ def test_llama_with_causal_attention_and_rope(mesh):
     "mesh", [dict(cp=2), dict(cp=2, tp=2)], ids=lambda m: ",".join(f"{k}={v}" for k, v in m.items())
 )
 def test_gpt_with_learned_positions(mesh):
-    check_mesh("gpt", fxpar.Mesh(**mesh))
+    check_training("gpt", mesh=fxpar.Mesh(**mesh))
 
 
 @pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2"])
 def test_hugging_face(name):
     """Their own masks, position ids and attention paths, unchanged."""
     pytest.importorskip("transformers")
-    plan = check_mesh(name, fxpar.Mesh(cp=2))
+    plan = check_training(name, mesh=fxpar.Mesh(cp=2))
     assert kinds(plan)[("all_to_all", "cp")] == 8
 
 
 def test_written_out_attention_gathers_keys_and_values():
     """``softmax(q @ k.T) @ v`` is not one attention op: each rank keeps its queries' rows and
     gathers the keys and values (all-gather context parallelism), still exact."""
-    plan = check_mesh("gpt_matmul", fxpar.Mesh(cp=2))
+    plan = check_training("gpt_matmul", mesh=fxpar.Mesh(cp=2))
     assert kinds(plan)[("all_to_all", "cp")] == 0
 
 

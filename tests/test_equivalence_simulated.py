@@ -9,28 +9,31 @@ from tests.zoo import adamw, assert_close, build, loss_fn, reference_steps
 STEPS, LR = 3, 1e-3
 
 
-def check_training(name: str, tp: int, **options):
+def check_training(name: str, tp: int = 1, mesh=None, **options):
+    """Simulate training ``name`` on ``mesh`` (default ``Mesh(tp=tp)``): output, loss and every
+    gradient at each of three AdamW steps, then the weights, equal the single-device model's."""
+    mesh = mesh or fxpar.Mesh(tp=tp)
     model, args = build(name)
     out_ref = model(*args)
     losses, grads, state = reference_steps(model, args, STEPS, LR)
-    plan = fxpar.compile(model, fxpar.Mesh(tp=tp), args, **options)
+    plan = fxpar.compile(model, mesh, args, **options)
     out = plan.simulate(*args)
     assert type(out) is type(out_ref)
-    assert_close(getattr(out, "logits", out), getattr(out_ref, "logits", out_ref), f"{name} tp={tp} output")
-    opts = [adamw(plan.rank_module(r).parameters(), lr=LR) for r in range(tp)]
+    assert_close(getattr(out, "logits", out), getattr(out_ref, "logits", out_ref), f"{name} {mesh} output")
+    opts = [adamw(plan.rank_module(r).parameters(), lr=LR) for r in range(mesh.size)]
     for step in range(STEPS):
         loss, full = plan.simulate_train(loss_fn, *args)
-        assert_close(loss, losses[step], f"{name} tp={tp} loss at step {step}")
+        assert_close(loss, losses[step], f"{name} {mesh} loss at step {step}")
         assert set(full) == set(grads[step]), "gradients missing for some parameters"
         for pname, g in grads[step].items():
-            assert_close(full[pname], g, f"{name} tp={tp} step {step} gradient of {pname}")
+            assert_close(full[pname], g, f"{name} {mesh} step {step} gradient of {pname}")
         for o in opts:
             o.step()
             o.zero_grad()
     final = plan.full_state_dict()
     assert set(final) == set(state)
     for key, value in state.items():
-        assert_close(final[key], value, f"{name} tp={tp} {key} after {STEPS} AdamW steps")
+        assert_close(final[key], value, f"{name} {mesh} {key} after {STEPS} AdamW steps")
     return plan
 
 

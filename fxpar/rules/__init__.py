@@ -59,6 +59,29 @@ def is_weight(node: Node) -> bool:
     return node.op == "get_attr"
 
 
+class SplitRuleContext:
+    """The ``RuleContext`` of a planner that asks rules about activations it splits itself
+    (sequence and context parallelism): no column seeds, weights known by ``is_weight``.
+    Subclasses say what each node is given (``placement``) and how matmuls may decide."""
+
+    def __init__(self, world: int, user_dep: set[Node]):
+        self.world = world
+        self.user_dep = user_dep
+        self.given: dict = {}  # node -> the placement its readers are given
+
+    def decision(self, node: Node) -> str:
+        return "auto"
+
+    def seed_layout(self, node: Node):
+        return None
+
+    def user_input_dependent(self, node: Node) -> bool:
+        return node in self.user_dep
+
+    def is_weight(self, node: Node) -> bool:
+        return is_weight(node)
+
+
 def user_dependent(gm: GraphModule) -> set[Node]:
     """Nodes whose values (not just shapes) derive from the user's inputs."""
     dep: set[Node] = set()
