@@ -41,14 +41,18 @@ def populate(
     init_fn=None,
     keep: set[str] | None = None,
     unused: bool = True,
+    outer: dict | None = None,
 ) -> dict[str, str]:
     """Register rank ``rank``'s parameters and buffers in ``root`` under every original name.
 
     Tensors come from ``source`` (sliced) when it holds real values, else from ``init_fn`` or the
     seeded initialization. ``keep`` limits it to the tensors the graph reads by those names (a
-    pipeline stage's); ``unused`` also registers the tensors forward never reads. Returns
-    ``{graph name: user-facing name}`` for the parameters.
+    pipeline stage's); ``unused`` also registers the tensors forward never reads. ``outer`` maps
+    names to a ``(placement, rank)`` split taken before ``placements`` (an ep rank's experts of a
+    stacked weight, then the tp rank's part of them); ``init_fn`` is asked for such a tensor
+    whole. Returns ``{graph name: user-facing name}`` for the parameters.
     """
+    outer = outer or {}
     roles = param_roles(cap.gm)
     missing, names, done = [], {}, set()
     used = cap.used
@@ -68,16 +72,21 @@ def populate(
         done.update(aliases)
         orig = _lookup(source, aliases) if source is not None else None
         is_param = isinstance(meta_obj, nn.Parameter)
+        split = outer.get(target)
         made = None
         if (orig is None or orig.device.type == "meta") and init_fn is not None:
-            made = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, place, rank)
+            if split is None:
+                made = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, place, rank)
+            else:
+                whole = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, REPLICATE, 0)
+                made = None if whole is None else shard_tensor(shard_tensor(whole, *split), place, rank)
         if orig is not None and orig.device.type != "meta":
-            local = shard_tensor(orig, place, rank).to(device)
+            local = shard_tensor(orig if split is None else shard_tensor(orig, *split), place, rank).to(device)
         elif made is not None:
             local = made.to(device)
         elif is_param:
             role = roles.get(target, "normal" if meta_obj.dim() >= 2 else "zeros")
-            local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device)
+            local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device, outer=split)
         else:
             if target in used:  # a buffer forward never reads can stay without values
                 missing.append(aliases[0])

@@ -149,6 +149,31 @@ def data_dependent_sizes(gm) -> dict:
             continue
         n = groups[(owner, bound)]
         out[sym] = max(1, bound // n) if isinstance(bound, int) else bound / n
+    out.update(_received_rows(gm, out))
+    return out
+
+
+def _received_rows(gm, known: dict) -> dict:
+    """Rows an ep rank's experts receive (``fxpar/runtime/experts.py``) at a balanced load: as
+    many as the rank sends, shared evenly by its experts."""
+    from .runtime import experts
+
+    out = {}
+    for node in gm.graph.nodes:
+        src = node.args[0] if node.target is operator.getitem and node.args else None
+        if not (isinstance(src, type(node)) and src.target in (experts.dispatch, experts.dispatch_rows)):
+            continue
+        v = node.meta.get("val")
+        if not (isinstance(v, torch.Tensor) and v.dim() and isinstance(v.shape[0], torch.SymInt)):
+            continue
+        sym = v.shape[0].node.expr
+        if not sym.is_Symbol:
+            continue
+        sent = src.args[0] if isinstance(src.args[0], list) else [src.args[0]]
+        total = sum(expr(s.meta["val"].shape[0]) for s in sent)
+        total = total.subs({k: known[str(k)] for k in total.free_symbols if str(k) in known}) if hasattr(total, "subs") else total
+        experts_here = len(src.meta["val"]) - 1 if src.target is experts.dispatch_rows else 1
+        out[str(sym)] = total / experts_here if not isinstance(total, int) else max(1, total // experts_here)
     return out
 
 

@@ -1,4 +1,5 @@
-"""The process grid: named dimensions, tensor parallelism innermost, context parallelism next to it.
+"""The process grid: named dimensions, tensor parallelism innermost, context parallelism next to it,
+expert parallelism outside both.
 
 A ``Mesh`` is a plain description (``Mesh(dp=2, tp=4)``) that planning and simulation use with no
 process group at all. ``Mesh.bind()`` turns it into torch's own ``DeviceMesh`` over the current
@@ -18,8 +19,11 @@ import torch.distributed as dist
 from .errors import MeshError
 
 # Outermost first. tp is innermost because it communicates most (CONTEXT: 3D meshes); cp next,
-# its all-to-alls around every attention being the next most frequent.
-DIM_ORDER = ("dp", "pp", "cp", "tp")
+# its all-to-alls around every attention being the next most frequent; ep's two all-to-alls per
+# mixture-of-experts layer next.
+DIM_ORDER = ("dp", "pp", "ep", "cp", "tp")
+# dimensions that exist on every mesh only in name when 1: left out of the repr
+_QUIET = ("ep", "cp")
 
 DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT", "300")))
 _BOUND: dict = {}
@@ -27,17 +31,20 @@ _BOUND: dict = {}
 
 @dataclass(frozen=True, kw_only=True)  # by name only: Mesh(2) would read as whichever dim comes first
 class Mesh:
-    """A grid of ``dp * pp * cp * tp`` ranks described by named dimensions: data, pipeline,
-    context (the sequence split over ranks for every layer) and tensor parallelism.
+    """A grid of ``dp * pp * ep * cp * tp`` ranks described by named dimensions: data, pipeline,
+    expert (each rank holds ``1/ep`` of every mixture-of-experts layer's experts and is a
+    data-parallel replica for the rest of the model), context (the sequence split over ranks for
+    every layer) and tensor parallelism.
 
     >>> Mesh(tp=2).size
     2
     >>> Mesh(dp=2, tp=2).coordinate(3)
-    {'dp': 1, 'pp': 0, 'cp': 0, 'tp': 1}
+    {'dp': 1, 'pp': 0, 'ep': 0, 'cp': 0, 'tp': 1}
     """
 
     dp: int = 1
     pp: int = 1
+    ep: int = 1
     cp: int = 1
     tp: int = 1
 
@@ -46,6 +53,16 @@ class Mesh:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise MeshError(f"Mesh({name}={value!r}): every dimension must be a positive int")
+
+    @property
+    def replicas(self) -> int:
+        """Ranks that each train on their own part of the batch: the dp replicas, each split over ep."""
+        return self.dp * self.ep
+
+    def replica(self, rank: int) -> int:
+        """Which part of the batch (of ``replicas``) global ``rank`` trains on, dp-major."""
+        c = self.coordinate(rank)
+        return c["dp"] * self.ep + c["ep"]
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -76,7 +93,7 @@ class Mesh:
         return r
 
     def __repr__(self) -> str:
-        return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER if n != "cp" or self.cp > 1) + ")"
+        return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER if n not in _QUIET or getattr(self, n) > 1) + ")"
 
     # binding ----------------------------------------------------------------------------
     def bind(self, device_type: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
@@ -91,7 +108,7 @@ class Mesh:
         if world != self.size:
             raise MeshError(
                 f"{self} has {self.size} ranks but the torch.distributed world has {world}; "
-                f"launch {self.size} processes or change the mesh so that dp*pp*cp*tp == {world}"
+                f"launch {self.size} processes or change the mesh so that dp*pp*ep*cp*tp == {world}"
             )
         from torch.distributed.device_mesh import init_device_mesh
 

@@ -20,6 +20,7 @@ from passes.assign_rng import assign_rng
 from passes.context_parallel import context_parallel
 from passes.cut_stages import cut_stages
 from passes.estimate_memory import estimate_memory
+from passes.expert_parallel import expert_parallel
 from passes.insert_collectives import insert_collectives
 from passes.localize_shapes import localize_shapes
 from passes.plan_sharding import plan_sharding
@@ -33,6 +34,7 @@ from .plan_context import PlanContext
 PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
     split_loss_means,  # rewrite: with cp > 1, mean cross-entropies as sums over counts (partial sums over cp)
     context_parallel,  # rewrite: with cp > 1, one cp rank's program: the sequence split, Ulysses attention
+    expert_parallel,  # rewrite: with ep > 1, experts split over the ep ranks, tokens sent to them by all-to-all
     annotate_tensors,  # analysis: which values can carry a gradient
     plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow
     sequence_parallel,  # analysis: with sequence_parallel, the activations between TP blocks split by sequence

@@ -69,6 +69,7 @@ class Plan:
         self._programs: dict[int, RankProgram] = {}
         self._holders: dict[int, nn.Module] = {}
         self._contexts_p2p = None
+        self._last_contexts = None
         self._submods = retarget_submodules(cap.gm, torch.device("cpu"))
 
     @property
@@ -78,7 +79,7 @@ class Plan:
     @property
     def pipelined(self) -> bool:
         """Whether training goes through the schedule runner (stages, microbatches, replicas)."""
-        return self.mesh.pp > 1 or self.mesh.dp > 1 or self.ctx.microbatches > 1
+        return self.mesh.pp > 1 or self.mesh.replicas > 1 or self.ctx.microbatches > 1
 
     # per-rank programs ----------------------------------------------------------------------
     def program(self, rank: int) -> RankProgram:
@@ -123,7 +124,7 @@ class Plan:
     def simulate(self, *args, **kwargs):
         """Run all ranks in this process; return the output (the same structure as the model's)."""
         progs = [self.program(r) for r in range(self.mesh.size)]
-        if self.mesh.pp == 1 and self.mesh.dp == 1:
+        if not self.pipelined:
             outs = run_ranks(lambda r: progs[r].full(*args, **kwargs), self._contexts(), self._p2p())
             return outs[0]
         flat = list(fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec))
@@ -133,7 +134,8 @@ class Plan:
         last = self.ctx.pipeline.stages[-1].rank
         # each replica's microbatches, in batch order
         spec = self.captured.gm._out_spec
-        parts = [pytree.tree_unflatten(o, spec) for d in range(self.mesh.dp) for o in outs[self.mesh.rank_of(dp=d, pp=last)]]
+        firsts = [self.mesh.rank_of(dp=q // self.mesh.ep, ep=q % self.mesh.ep, pp=last) for q in range(self.mesh.replicas)]
+        parts = [pytree.tree_unflatten(o, spec) for r in firsts for o in outs[r]]
         return join_microbatches(parts, microbatch_size(mbs[0]))
 
     def simulate_train(self, loss_fn, *args, target=None, **kwargs):
@@ -187,24 +189,39 @@ class Plan:
 
     def _contexts(self):
         contexts, _ = mesh_contexts(self.mesh, self.seed, self.ctx.rng == "exact")
+        self._last_contexts = contexts
         return contexts
 
-    def _holders_of(self, target: str) -> list[int]:
-        """Global ranks (of dp replica 0) holding ``target``: the tp ranks of its first stage."""
+    def _holders_of(self, target: str, ep: int = 0) -> list[int]:
+        """Global ranks (of dp replica 0, ep rank ``ep``) holding ``target`` (as the graph names
+        it): the tp ranks of its first stage."""
         for r in range(self.mesh.size):
             self.program(r)
         stage_rank = min(s.rank for s in self.ctx.pipeline.stages if target in s.params) if any(
             target in s.params for s in self.ctx.pipeline.stages) else 0
-        return [self.mesh.rank_of(pp=stage_rank, tp=t) for t in range(self.tp)]
+        return [self.mesh.rank_of(pp=stage_rank, ep=ep, tp=t) for t in range(self.tp)]
+
+    def _full(self, target: str, value):
+        """The whole tensor ``target`` from ``value(holder, name)`` of every rank holding part of
+        it: the tp parts, and for experts split over ep the ep ranks' experts; None if a rank has none."""
+        slot = self.ctx.expert_slot(target)
+        read, owner = slot if slot is not None else (target, 0)
+        over_ep = self.ctx.expert_shards.get(target)
+        pieces = []
+        for e in range(self.mesh.ep) if over_ep is not None else [owner]:
+            parts = [value(self._holders[r], target) for r in self._holders_of(read, e)]
+            if any(p is None for p in parts):
+                return None
+            pieces.append(assemble(parts, self.ctx.param_placements.get(read, REPLICATE)))
+        return pieces[0] if over_ep is None else assemble(pieces, over_ep)
 
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Every parameter's gradient, re-assembled from the ranks, by original name."""
         grads = {}
         for target, name in self.param_names().items():
-            parts = [get_path(self._holders[r], target).grad for r in self._holders_of(target)]
-            if any(p is None for p in parts):
-                continue
-            grads[name] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE))
+            g = self._full(target, lambda holder, t: get_path(holder, t).grad)
+            if g is not None:
+                grads[name] = g
         return grads
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -214,12 +231,9 @@ class Plan:
         out = {}
         for r in range(self.mesh.size):
             for key in self._holders[r].state_dict():
-                if key in out:
-                    continue
-                target = self.captured.graph_name(key)
-                ranks = self._holders_of(target)
-                parts = [self._holders[h].state_dict()[key] for h in ranks]
-                out[key] = assemble(parts, self.ctx.param_placements.get(target, REPLICATE)).clone()
+                if key not in out:
+                    target = self.captured.graph_name(key)
+                    out[key] = self._full(target, lambda holder, t: holder.state_dict()[key]).clone()
         return out
 
     # memory --------------------------------------------------------------------------------
@@ -261,6 +275,11 @@ class Plan:
         Returns the number of values compared."""
         if self.mesh.pp > 1 or self.mesh.dp > 1:
             raise FxparError("check compares tensor-parallel plans node by node; for pipelines compare simulate_train's loss and gradients")
+        if self.mesh.ep > 1:
+            raise FxparError(
+                "check compares tensor-parallel plans node by node, but with ep > 1 each rank runs its part of the batch "
+                "and its own experts: compare simulate / simulate_train with the model instead"
+            )
         if self.mesh.cp > 1:
             raise FxparError(
                 "check compares tensor-parallel plans node by node, but with cp > 1 the graph is one cp rank's program "
@@ -396,7 +415,7 @@ def compile(
         example_args = (example_args,)
     if loss_fn is not None:
         example_kwargs = {**(example_kwargs or {}), TARGET: example_target}
-    mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, mesh.dp * options.get("microbatches", 1))
+    mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, mesh.replicas * options.get("microbatches", 1))
     cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn)
     gm, ctx = plan_graph(cap, mesh, overrides=overrides, rng=rng, **options)
     plan = Plan(model, mesh, cap, gm, ctx, seed=seed, init_fn=init_fn, loss_fn=loss_fn)
@@ -419,16 +438,17 @@ def first_microbatch(args, kwargs, parts: int):
 
 
 def _replica(flat: list, mesh: Mesh, rank: int) -> list:
-    """The part of a global batch data-parallel replica ``dp`` of ``rank`` trains on."""
-    dp = mesh.coordinate(rank)["dp"]
-    if mesh.dp == 1:
+    """The part of a global batch the replica of ``rank`` trains on (``Mesh.replica``)."""
+    if mesh.replicas == 1:
         return flat
     out = []
     for x in flat:
         if isinstance(x, torch.Tensor) and x.dim() > 0:
-            if x.shape[0] % mesh.dp:
-                raise FxparError(f"a batch of {x.shape[0]} does not split over dp={mesh.dp} replicas")
-            out.append(x.chunk(mesh.dp, 0)[dp])
+            if x.shape[0] % mesh.replicas:
+                raise FxparError(
+                    f"a batch of {x.shape[0]} does not split over the {mesh.replicas} replicas of {mesh} (dp x ep)"
+                )
+            out.append(x.chunk(mesh.replicas, 0)[mesh.replica(rank)])
         else:
             out.append(x)
     return out

@@ -13,6 +13,22 @@ from .mesh import Mesh
 from .placement import Placement
 
 STYLES = ("colwise", "rowwise", "replicate", "vocab")
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """One mixture-of-experts layer under expert parallelism (``passes/expert_parallel.py``).
+
+    ``name`` is its module, ``experts`` how many it has, ``form`` how they are written
+    (``"grouped"``: stacked weights and grouped matmuls; ``"modules"``: one module per expert,
+    looped over), ``dispatch`` the graph node sending its tokens, and ``weights`` its experts'
+    parameters (as the graph reads them on ep rank 0)."""
+
+    name: str
+    experts: int
+    form: str
+    dispatch: str
+    weights: tuple[str, ...]
 RNG_MODES = ("megatron", "exact")
 
 
@@ -56,6 +72,11 @@ class PlanContext:
     sequence_split: dict[str, Placement] = field(default_factory=dict)  # node name -> its sequence split
     warnings: list[str] = field(default_factory=list)
     pipeline: object = None  # fxpar.stages.PipelineSpec, written by cut_stages
+    # written by expert_parallel (ep > 1): stacked expert weights split over the ep ranks (by
+    # expert, dim 0), and per weight of the experts ep rank 0 runs, the same weight of each ep rank
+    expert_shards: dict[str, Placement] = field(default_factory=dict)
+    expert_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    expert_layers: list[ExpertLayer] = field(default_factory=list)
 
     def __post_init__(self):
         for pattern, style in self.overrides.items():
@@ -66,6 +87,11 @@ class PlanContext:
                 "sequence_parallel=True splits the activations between tensor-parallel blocks over the tp ranks, "
                 f"but {self.mesh} has tp=1: use a mesh with tp > 1 or drop sequence_parallel"
                 + (" (cp already splits the whole sequence over its ranks)" if self.mesh.cp > 1 else "")
+            )
+        if self.mesh.ep > 1 and self.mesh.cp > 1:
+            raise ValueError(
+                f"{self.mesh}: expert parallelism splits the batch over the ep ranks and context parallelism the "
+                "sequence over the cp ranks; both at once are not supported: use ep or cp, and tp inside either"
             )
         if self.rng not in RNG_MODES:
             raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
@@ -90,6 +116,23 @@ class PlanContext:
     @property
     def tp(self) -> int:
         return self.mesh.tp
+
+    def held_target(self, target: str, ep_rank: int) -> str:
+        """The weight ep rank ``ep_rank`` reads where the graph reads ``target`` (an expert's
+        weight names the expert of that rank; every other weight is the same on all)."""
+        slots = self.expert_slots.get(target)
+        return target if slots is None else slots[ep_rank]
+
+    def expert_slot(self, target: str) -> tuple[str, int] | None:
+        """``(graph target, ep rank)`` of the weight of an expert module that one ep rank holds."""
+        for slot, targets in self.expert_slots.items():
+            if target in targets:
+                return slot, targets.index(target)
+        return None
+
+    def is_expert(self, target: str) -> bool:
+        """Whether ``target`` is a weight of experts split over the ep ranks."""
+        return target in self.expert_shards or self.expert_slot(target) is not None
 
     def override_for(self, *names: str) -> str | None:
         """The style the user forced for a module/parameter known by any of ``names``."""

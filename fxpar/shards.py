@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import zlib
 
+import numpy as np
 import torch
 from torch.fx import GraphModule, Node
 
@@ -83,20 +84,29 @@ def _seed(seed: int, name: str, block: int) -> int:
     return zlib.crc32(f"{seed}:{name}:{block}".encode()) & 0x7FFFFFFF
 
 
-def init_tensor(name, shape, dtype, placement: Placement, rank: int, seed: int, role: str, device="cpu"):
-    """Rank ``rank``'s slice of tensor ``name``, generated from ``seed`` (see the module doc)."""
+def _selection(steps) -> dict:
+    """Per dim, the global indices a rank holds after each ``(placement, rank)`` step in turn (a
+    later step splits what the earlier ones left: tp inside one ep rank's experts)."""
+    idx: dict = {}
+    for place, r in steps:
+        if isinstance(place, Shard):
+            mine = np.asarray(place.indices(r))
+            idx[place.dim] = idx[place.dim][mine] if place.dim in idx else mine
+    return idx
+
+
+def init_tensor(name, shape, dtype, placement: Placement, rank: int, seed: int, role: str, device="cpu", outer=None):
+    """Rank ``rank``'s slice of tensor ``name``, generated from ``seed`` (see the module doc).
+    ``outer``: a ``(placement, rank)`` split applied first, ``placement`` splitting its part."""
     shape = [int(s) for s in shape]
-    loc = local_shape(shape, placement)
+    idx = _selection([s for s in (outer, (placement, rank)) if s is not None])
+    loc = [len(idx[d]) if d in idx else shape[d] for d in range(len(shape))]
     if role == "zeros":
         return torch.zeros(loc, dtype=dtype, device=device)
     if role == "ones":
         return torch.ones(loc, dtype=dtype, device=device)
     rows = shape[0]
-    if isinstance(placement, Shard) and placement.dim == 0:
-        needed = torch.as_tensor(placement.indices(rank))
-    else:
-        needed = torch.arange(rows)
-    cols = torch.as_tensor(placement.indices(rank)) if isinstance(placement, Shard) and placement.dim > 0 else None
+    needed = torch.as_tensor(idx[0]) if 0 in idx else torch.arange(rows)
     # filled block by block: nothing bigger than one block of rows is allocated besides the output
     out = torch.empty(loc, dtype=dtype, device=device)
     for block in sorted({int(r) // ROWS_PER_BLOCK for r in needed}):
@@ -106,8 +116,9 @@ def init_tensor(name, shape, dtype, placement: Placement, rank: int, seed: int, 
         data = torch.randn([n, *shape[1:]], generator=g, dtype=torch.float32) * INIT_STD
         where = torch.nonzero((needed >= lo) & (needed < lo + n)).flatten()  # local positions
         data = data.index_select(0, needed[where] - lo)
-        if cols is not None:
-            data = data.index_select(placement.dim, cols)
+        for d in sorted(idx):
+            if d > 0:
+                data = data.index_select(d, torch.as_tensor(idx[d]))
         out.index_copy_(0, where.to(device), data.to(dtype=dtype, device=device))
     return out
 

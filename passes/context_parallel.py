@@ -37,20 +37,17 @@ import dataclasses
 
 import torch
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_aggregate
 
-from fxpar.codegen import get_path, rank_graph
+from fxpar.codegen import rank_graph
 from fxpar.errors import PlanError, describe_node
+from fxpar.fake_values import propagate
 from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RNG
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, SplitRuleContext, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
-from fxpar.runtime.comm import shape_comms
-from fxpar.runtime.context import RankContext, running
 
 from .annotate_tensors import annotate_tensors
-from .estimate_memory import fake_mode
 from .insert_collectives import insert_collectives
 from .localize_shapes import localize_shapes
 
@@ -215,27 +212,5 @@ def _rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for attr in ("_in_spec", "_out_spec"):
         if hasattr(gm, attr):
             setattr(local, attr, getattr(gm, attr))
-    _propagate(local, gm, ctx)
+    propagate(local, gm, ctx.mesh)
     return local
-
-
-def _propagate(local: GraphModule, gm: GraphModule, ctx: PlanContext) -> None:
-    """Every node's ``val`` at the rank's sizes, on the capture's fake tensors."""
-    env: dict = {}
-    with fake_mode(gm), running(RankContext(rank=0, comms=shape_comms(ctx.mesh))):
-        for node in local.graph.nodes:
-            if node.op == "output":
-                continue
-            if node.op == "get_attr":
-                obj = get_path(local, node.target)
-                out = (
-                    torch.empty(obj.shape, dtype=obj.dtype, device=obj.device) if isinstance(obj, torch.Tensor) else obj
-                )
-            elif node.op == "placeholder":
-                out = node.meta.get("val")
-            else:
-                args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, Node) else a)
-                kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, Node) else a)
-                out = node.target(*args, **kwargs)
-                node.meta["val"] = out
-            env[node] = out

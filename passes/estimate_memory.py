@@ -22,6 +22,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from fxpar.codegen import get_path, rank_graph
+from fxpar.fake_values import fake_mode
 from fxpar.holder import retarget_submodules
 from fxpar.memory import NodeMemory, expr
 from fxpar.metadata import MEMORY
@@ -29,14 +30,6 @@ from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.runtime.comm import shape_comms
 from fxpar.runtime.context import RankContext, running
-
-
-def fake_mode(gm: GraphModule):
-    for node in gm.graph.nodes:
-        v = node.meta.get("val")
-        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
-            return v.fake_mode
-    raise ValueError("the graph carries no fake tensors to estimate with")
 
 
 def _bytes(t: torch.Tensor):

@@ -20,11 +20,11 @@ import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 
+from fxpar.fake_values import fake_mode
 from fxpar.metadata import copy_meta
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import arg, ndim
 
-from .estimate_memory import fake_mode
 
 aten = torch.ops.aten
 

@@ -34,7 +34,7 @@ def localizer_for(node: Node):
 
 # importing the rule modules registers them
 from . import (  # noqa: E402,F401
-    attention, collectives, embedding, indexing, loss, matmul, pointwise, reductions, slicing, views,
+    attention, collectives, embedding, experts, indexing, loss, matmul, pointwise, reductions, slicing, views,
 )
 
 aten = torch.ops.aten

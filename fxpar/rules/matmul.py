@@ -155,9 +155,9 @@ NAMED_RULES = {"transformers::grouped_mm_fallback": grouped}
 DECIDABLE = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default, aten._grouped_mm.default}
 
 
-def decidable_ops() -> frozenset:
-    """``DECIDABLE`` and the grouped matmuls of libraries imported by now."""
-    ops = set(DECIDABLE)
+def grouped_ops() -> frozenset:
+    """``aten._grouped_mm`` and the grouped matmuls of libraries imported by now."""
+    ops = {aten._grouped_mm.default}
     for name in NAMED_RULES:
         ns, op = name.split("::")
         try:
@@ -165,3 +165,8 @@ def decidable_ops() -> frozenset:
         except (AttributeError, RuntimeError):
             pass
     return frozenset(ops)
+
+
+def decidable_ops() -> frozenset:
+    """``DECIDABLE`` and the grouped matmuls of libraries imported by now."""
+    return frozenset(DECIDABLE) | grouped_ops()

@@ -68,6 +68,15 @@ class Communicator:
         mine = [p.chunk(self.world)[self.rank] for p in self._all_gather(t)]
         return torch.cat(mine)
 
+    def all_to_all_v(self, t: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+        """Rows ``send[i]`` of ``t`` (its dim 0 cut in rank order) go to rank ``i``; returns the
+        ``recv[i]`` rows from each rank ``i``, in rank order. Both lists come from an exchange of
+        counts (``all_to_all`` of them) made before: every rank knows what it gets."""
+        row = t[0].numel() if t.dim() else 1
+        self.calls["all_to_all"] += 1
+        self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
+        return self._all_to_all_v(t.contiguous(), list(send), list(recv))
+
     def reset_counters(self) -> None:
         self.sent_bytes.clear()
         self.calls.clear()
@@ -126,6 +135,13 @@ class DistComm(Communicator):
         self._wait(dist.all_to_all_single(out, t, group=self.group, async_op=True), "all_to_all", t)
         return out
 
+    def _all_to_all_v(self, t, send, recv):
+        out = t.new_empty((sum(recv), *t.shape[1:]))
+        work = dist.all_to_all_single(out, t, output_split_sizes=recv, input_split_sizes=send, group=self.group,
+                                      async_op=True)
+        self._wait(work, "all_to_all (variable sizes)", t)
+        return out
+
 
 class ThreadWorld:
     """Meeting point of the simulated ranks of one group."""
@@ -170,6 +186,13 @@ class ThreadComm(Communicator):
 
     def _reduce_scatter(self, t, dim):
         return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
+
+    def _all_to_all_v(self, t, send, recv):
+        parts = self.shared.exchange(self.rank, t.split(send))
+        got = [p[self.rank] for p in parts]
+        if [g.shape[0] for g in got] != recv:
+            raise CollectiveError(f"simulated rank {self.rank} expected rows {recv} from the ranks, got {[g.shape[0] for g in got]}")
+        return torch.cat(got)
 
 
 class ShapeComm(Communicator):
@@ -217,6 +240,9 @@ class LocalComm(Communicator):
         return [t.clone()]
 
     def _all_to_all(self, t):
+        return t.clone()
+
+    def _all_to_all_v(self, t, send, recv):
         return t.clone()
 
     def _reduce_scatter(self, t, dim):

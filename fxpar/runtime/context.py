@@ -60,6 +60,8 @@ class RankContext:
     rank: int  # position on the tp dimension
     comms: dict = field(default_factory=dict)  # mesh dim name -> Communicator
     rng: RNGStreams = field(default_factory=RNGStreams)
+    # mixture-of-experts layer -> rows each of this rank's experts got in the last step (ep > 1)
+    routed: dict = field(default_factory=dict)
 
     def comm(self, group: str):
         try:

@@ -61,6 +61,7 @@ class PipelineRunner:
         self.events: list[tuple[str, float, float]] = []  # (action, start, end) of the last step, seconds
         self.last = len(spec.stages) - 1
         self.vid = {name: i for i, name in enumerate(sorted(values))}
+        self.experts: set[str] = set()  # parameters split over the ep ranks (not replicated there)
 
     # one training step ------------------------------------------------------------------------
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
@@ -249,22 +250,39 @@ class PipelineRunner:
                 p.grad = total + before[name] if name in before else total
 
     def _sync_data_parallel(self, params: dict) -> None:
-        comm = current().comms.get("dp")
-        if comm is None or comm.world == 1:
-            return
-        grads = [p.grad for _, p in sorted(params.items()) if p.grad is not None]
-        for bucket in _buckets(grads):
-            flat = torch._utils._flatten_dense_tensors(bucket)
-            flat = comm.all_reduce(flat) / comm.world
-            for g, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
-                g.copy_(new)
+        """Average gradients over the replicas (dp x ep) that each trained on their part of the
+        batch. An expert's gradient already sums what the tokens of every ep rank gave it (they
+        came to it by all-to-all): it is divided by ep instead of all-reduced there."""
+        ctx = current()
+        ep = ctx.comms.get("ep")
+        if ep is not None and ep.world > 1:
+            dense = [p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.experts]
+            _average(dense, ep)
+            for n, p in params.items():
+                if n in self.experts and p.grad is not None:
+                    p.grad.div_(ep.world)
+        dp = ctx.comms.get("dp")
+        if dp is not None and dp.world > 1:
+            _average([p.grad for _, p in sorted(params.items()) if p.grad is not None], dp)
 
     def _everywhere(self, loss: torch.Tensor) -> torch.Tensor:
         ctx = current()
         mine = loss if self.schedule.stage_rank[self.last] == self.pp_rank else torch.zeros_like(loss)
         total = ctx.comm("pp").all_reduce(mine) if "pp" in ctx.comms else mine
-        dp = ctx.comms.get("dp")
-        return dp.all_reduce(total) / dp.world if dp is not None and dp.world > 1 else total
+        for dim in ("ep", "dp"):
+            comm = ctx.comms.get(dim)
+            if comm is not None and comm.world > 1:
+                total = comm.all_reduce(total) / comm.world
+        return total
+
+
+def _average(grads: list, comm) -> None:
+    """Each gradient replaced by its mean over ``comm``'s ranks, in flat buckets."""
+    for bucket in _buckets(grads):
+        flat = torch._utils._flatten_dense_tensors(bucket)
+        flat = comm.all_reduce(flat) / comm.world
+        for g, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
+            g.copy_(new)
 
 
 class _State:

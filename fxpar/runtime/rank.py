@@ -33,27 +33,29 @@ class RankProgram:
                  device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None,
                  compile_options: dict | None = None):
         coord = mesh.coordinate(rank)
-        self.dp, self.pp, self.cp, self.tp = coord["dp"], coord["pp"], coord["cp"], coord["tp"]
+        self.dp, self.pp, self.ep, self.cp, self.tp = (coord[d] for d in ("dp", "pp", "ep", "cp", "tp"))
         self.captured = cap
         spec = ctx.pipeline
         mine = [s for s in spec.stages if s.rank == self.pp]
-        keep = {p for s in mine for p in s.params}
+        # the graph names the experts of ep rank 0: this rank holds and reads its own
+        keep = {ctx.held_target(p, self.ep) for s in mine for p in s.params}
+        placements = {ctx.held_target(t, self.ep): p for t, p in ctx.param_placements.items()}
+        outer = {t: (p, self.ep) for t, p in ctx.expert_shards.items()}
         self.names = {}
         if populate:  # a later input signature reuses the parameters the first one made
-            self.names = fill(root, cap, ctx.param_placements, self.tp, source, device,
-                              seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0)
+            self.names = fill(root, cap, placements, self.tp, source, device,
+                              seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer)
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None
         if mesh.pp == 1:
-            self.full = build_module(root, rank_graph(gm, self.tp, device), cap.gm, f"Rank{rank}", bodies)
+            graph = _own_experts(rank_graph(gm, self.tp, device), ctx, self.ep)
+            self.full = build_module(root, graph, cap.gm, f"Rank{rank}", bodies)
         n = len(spec.stages)
         self.stages = {}
         for s in mine:
-            graph = stage_graph(gm, s, n)
-            self.stages[s.index] = build_module(
-                root, rank_graph(GraphModule(gm, graph), self.tp, device), cap.gm, f"Stage{s.index}Rank{rank}", bodies
-            )
+            graph = _own_experts(rank_graph(GraphModule(gm, stage_graph(gm, s, n)), self.tp, device), ctx, self.ep)
+            self.stages[s.index] = build_module(root, graph, cap.gm, f"Stage{s.index}Rank{rank}", bodies)
         if compile_options is not None:  # the same parameters, run through torch.compile
             if self.full is not None:
                 self.full = torch.compile(self.full, **compile_options)
@@ -63,13 +65,23 @@ class RankProgram:
         self.schedule = schedule
         to_global = to_global or (lambda r: r)
 
-        def peer(stage):  # the rank holding ``stage`` for this rank's dp, cp and tp position
-            return to_global(mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], cp=self.cp, tp=self.tp))
+        def peer(stage):  # the rank holding ``stage`` for this rank's dp, ep, cp and tp position
+            return to_global(mesh.rank_of(dp=self.dp, pp=schedule.stage_rank[stage], ep=self.ep, cp=self.cp, tp=self.tp))
 
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
             _tied_shapes(gm, ctx, spec), _input_shapes(gm),
         )
+        self.runner.experts = {t for t in self.params if ctx.is_expert(t)}
+
+
+def _own_experts(graph, ctx: PlanContext, ep_rank: int):
+    """``graph`` reading this ep rank's experts where it reads ep rank 0's."""
+    if ctx.expert_slots:
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                node.target = ctx.held_target(node.target, ep_rank)
+    return graph
 
 
 def _values(gm: GraphModule, spec) -> dict[str, Value]:
