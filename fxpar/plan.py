@@ -236,6 +236,30 @@ class Plan:
                     out[key] = self._full(target, lambda holder, t: holder.state_dict()[key]).clone()
         return out
 
+    # experts --------------------------------------------------------------------------------
+    def routed_tokens(self) -> dict[str, list[list[int]]]:
+        """Per mixture-of-experts layer, for each ep rank, the rows (routed token slots) each of
+        its experts got in the last simulated step (its last microbatch, dp replica 0); empty
+        before any step or without expert parallelism."""
+        contexts = self._last_contexts or []
+        out: dict = {}
+        for layer in self.ctx.expert_layers:
+            per_rank = [None] * self.mesh.ep
+            for r, c in enumerate(contexts):
+                coord = self.mesh.coordinate(r)
+                if coord["dp"] == 0 and coord["tp"] == 0 and layer.name in c.routed:
+                    per_rank[coord["ep"]] = list(c.routed[layer.name])
+            if all(p is not None for p in per_rank):
+                out[layer.name] = per_rank
+        return out
+
+    def expert_report(self) -> str:
+        """A table: per mixture-of-experts layer and ep rank, the experts it holds and the rows
+        each got in the last simulated step (``routed_tokens``)."""
+        if not self.ctx.expert_layers:
+            return "no experts split over ep ranks (the mesh has ep=1 or the model no mixture-of-experts layer)"
+        return report.expert_report(self.routed_tokens(), self.ctx.expert_layers, self.mesh)
+
     # memory --------------------------------------------------------------------------------
     def memory(self, **sizes) -> list:
         """Per pipeline stage, the estimated bytes one rank holds (``StageMemory``: parameters,

@@ -116,6 +116,16 @@ def summary(gm: GraphModule, ctx) -> str:
         cp = ctx.mesh.cp
         lines.append(f"context parallel: each of cp={cp} ranks holds 1/{cp} of the sequence in every layer; "
                      f"{a2a} all-to-alls switch attention to heads and back (Ulysses)")
+    if ctx.expert_layers:
+        ep = ctx.mesh.ep
+        sizes = sorted({x.experts for x in ctx.expert_layers})
+        forms = ", ".join(sorted({x.form for x in ctx.expert_layers}))
+        lines.append(
+            f"expert parallel: {len(ctx.expert_layers)} layers ({forms}), "
+            + ", ".join(f"{e // ep} of {e} experts per ep rank" for e in sizes)
+            + "; each layer's routed tokens go to their experts' ranks by an all-to-all and come back by another "
+            f"(counts exchanged every step); the ep={ep} ranks are data-parallel replicas for the rest"
+        )
     routed = data_dependent_sizes(gm)
     rows = [[k, n, _balanced(f, routed), _balanced(b, routed)] for k, (n, f, b) in sorted(comm_totals(gm).items())]
     if rows:
@@ -132,8 +142,24 @@ def summary(gm: GraphModule, ctx) -> str:
     return "\n".join(lines)
 
 
+def expert_report(routed: dict, layers, mesh) -> str:
+    """Per mixture-of-experts layer and ep rank: the experts it holds and the rows (routed
+    token slots) each of them got in a step, from ``routed`` ({layer: [rows per local expert]
+    for each ep rank}); a balanced router gives every expert ``tokens x top-k / experts``."""
+    rows = []
+    for layer in layers:
+        per_rank = routed.get(layer.name)
+        local = layer.experts // mesh.ep
+        for q in range(mesh.ep):
+            got = per_rank[q] if per_rank else None
+            first = q * local
+            rows.append([layer.name if q == 0 else "", q, f"{first}..{first + local - 1}",
+                         "-" if got is None else " ".join(map(str, got)), "-" if got is None else sum(got)])
+    return tabulate(rows, headers=["layer", "ep rank", "experts", "rows per expert", "rows"])
+
+
 def param_bytes(gm: GraphModule, ctx) -> tuple[int, int]:
-    """Bytes of all parameters and of one rank's share."""
+    """Bytes of all parameters and of one rank's share (of its stage, its ep rank's experts)."""
     total = local = 0
     for node in gm.graph.nodes:
         if node.op != "get_attr":
@@ -142,7 +168,8 @@ def param_bytes(gm: GraphModule, ctx) -> tuple[int, int]:
         if not isinstance(val, torch.Tensor) or not node.meta.get("fxpar_requires_grad"):
             continue
         n = val.numel() * val.element_size()
-        total += n
+        # an ep rank holds 1/ep of the experts: the others hold as many different ones
+        total += n * (ctx.mesh.ep if ctx.is_expert(node.target) else 1)
         p = ctx.param_placements.get(node.target)
         local += n * p.local_size // p.size if isinstance(p, Shard) else n
     return total, local

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, Writ
 
 from ..errors import FxparError
 from ..mesh import DIM_ORDER
-from .layout import full_names, local_tensors, pieces_of
+from .layout import full_names, local_tensors
 
 MANIFEST = "fxpar.json"
 PARTIAL = ".partial"
@@ -201,7 +201,6 @@ def _model_entries(tensors) -> dict:
 def _optimizer_entries(pm, optimizer, tensors) -> dict:
     """The flattened ``get_optimizer_state_dict`` form, over this rank's shards."""
     by_param = {id(lt.tensor): lt for lt in tensors if lt.is_param}
-    tp = pm._comm.rank
     out = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -219,7 +218,7 @@ def _optimizer_entries(pm, optimizer, tensors) -> dict:
                             f"optimizer state '{k}' of '{lt.name}' has shape {tuple(v.shape)}, not its parameter's "
                             f"{tuple(p.shape)}: fxpar checkpoints states shaped like their parameters (Adam, SGD, ...)"
                         )
-                    out[key] = Pieces(lt.shape, pieces_of(v, lt.placement, tp))
+                    out[key] = Pieces(lt.shape, pm._pieces(lt.name, v))
                 else:
                     out[key] = v
     return out

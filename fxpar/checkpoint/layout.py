@@ -68,7 +68,6 @@ def local_tensors(pm) -> list[LocalTensor]:
     """Every parameter and persistent buffer ``pm`` (a ``ParallelModule``) holds on this rank."""
     pm._require_built()
     cap = pm._captured
-    tp = pm._comm.rank
     out, seen = [], set()
     params = {id(p) for p in pm.parameters()}
     for key, t in pm.state_dict(keep_vars=True).items():
@@ -80,7 +79,7 @@ def local_tensors(pm) -> list[LocalTensor]:
         if full is None:
             raise FxparError(f"'{key}' is in this rank's state but not in the captured model")
         place = pm.placement_of(key)
-        out.append(LocalTensor(aliases[0], list(aliases), t, full.shape, place, pieces_of(t, place, tp), id(t) in params))
+        out.append(LocalTensor(aliases[0], list(aliases), t, full.shape, place, pm._pieces(key, t), id(t) in params))
     return out
 
 

@@ -135,7 +135,7 @@ class ParallelModule(nn.Module):
     def forward(self, *args, **kwargs):
         prog = self._program(args, kwargs)
         with running(self._ctx):
-            if prog.full is not None and (self._mesh.dp == 1 or not _training(self)):
+            if prog.full is not None and (self._mesh.replicas == 1 or not _training(self)):
                 if self._microbatches == 1:
                     return prog.full(*args, **kwargs)
                 # captured for one microbatch: run the batch as microbatches
@@ -349,8 +349,43 @@ class ParallelModule(nn.Module):
             super().zero_grad(set_to_none)
 
     def placement_of(self, name: str):
-        """Placement of a parameter or buffer on the tp dimension."""
-        return self._placements.get(self._captured.graph_name(name), REPLICATE)
+        """Placement of a parameter or buffer on the tp dimension (for an expert split over ep,
+        of this ep rank's part of it: see ``local_shard``)."""
+        target = self._captured.graph_name(name)
+        slot = self._plan_ctx.expert_slot(target)
+        return self._placements.get(slot[0] if slot else target, REPLICATE)
+
+    def local_shard(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``full``, a whole value of parameter or buffer ``name`` (its
+        gradient, a checkpoint's tensor): the ep rank's experts of a stacked expert weight, then
+        the tp rank's slice. An expert module's weight that another ep rank holds: ``None``."""
+        from ..shards import shard_tensor
+
+        target = self._captured.graph_name(name)
+        ctx, ep = self._plan_ctx, self._mesh.coordinate(self._rank)["ep"]
+        slot = ctx.expert_slot(target)
+        if slot is not None and slot[1] != ep:
+            return None
+        over_ep = ctx.expert_shards.get(target)
+        if over_ep is not None:
+            full = shard_tensor(full, over_ep, ep)
+        return shard_tensor(full, self.placement_of(name), self._comm.rank)
+
+    def _pieces(self, name: str, local: torch.Tensor) -> list:
+        """``(offsets in the full tensor, view)`` boxes of this rank's ``local`` part of ``name``."""
+        from ..checkpoint.layout import pieces_of
+
+        pieces = pieces_of(local, self.placement_of(name), self._comm.rank)
+        over_ep = self._plan_ctx.expert_shards.get(self._captured.graph_name(name))
+        if over_ep is None:
+            return pieces
+        (start, _), = over_ep.runs[self._mesh.coordinate(self._rank)["ep"]]
+        return [((o[0] + start, *o[1:]), v) for o, v in pieces]
+
+    @property
+    def _plan_ctx(self):
+        """The ``PlanContext`` of the first program (every later one places weights the same)."""
+        return self._plans[0][1]
 
     def _owner(self, target: str) -> int:
         """The pipeline rank whose copy of ``target`` counts (the first stage holding it)."""
@@ -379,10 +414,17 @@ class ParallelModule(nn.Module):
             return torch.stack([g.detach().double().abs().pow(norm_type).sum() for g in gs]).sum()
 
         counted = [(n, g) for n, g in grads if self._owner(self._captured.graph_name(n)) == pp]
-        sharded = reduce([g for n, g in counted if isinstance(self.placement_of(n), Shard)])
-        whole = reduce([g for n, g in counted if not isinstance(self.placement_of(n), Shard)])
-        sharded = self._combine(sharded, "tp", inf)
-        total = torch.maximum(sharded, whole) if inf else sharded + whole
+        ctx = self._plan_ctx
+
+        def norm_of(part):  # over the tp ranks: shards add up, replicated gradients count once
+            sharded = self._combine(reduce([g for n, g in part if isinstance(self.placement_of(n), Shard)]), "tp", inf)
+            whole = reduce([g for n, g in part if not isinstance(self.placement_of(n), Shard)])
+            return torch.maximum(sharded, whole) if inf else sharded + whole
+
+        experts = [(n, g) for n, g in counted if ctx.is_expert(self._captured.graph_name(n))]
+        dense = [(n, g) for n, g in counted if not ctx.is_expert(self._captured.graph_name(n))]
+        total, mine = norm_of(dense), self._combine(norm_of(experts), "ep", inf)  # each ep rank its experts
+        total = torch.maximum(total, mine) if inf else total + mine
         total = self._combine(total, "pp", inf)
         norm = total if inf else total ** (1.0 / norm_type)
         coef = max_norm / (float(norm) + 1e-6)
@@ -413,17 +455,34 @@ class ParallelModule(nn.Module):
             if template is None or (key not in local and not _persistent(cap, key)):
                 continue
             place = self.placement_of(key)
+            over_ep = self._plan_ctx.expert_shards.get(target)
             if key in local:
                 t = local[key].detach()
             else:
-                t = torch.zeros(local_shape(template.shape, place), dtype=template.dtype, device=self._device)
+                shape = template.shape if over_ep is None else local_shape(template.shape, over_ep)
+                t = torch.zeros(local_shape(shape, place), dtype=template.dtype, device=self._device)
             if isinstance(place, Shard) and self._comm.world > 1:
                 t = _assemble(self._comm.all_gather(t.contiguous()), place, _full(t, place))
+            t = self._whole_over_ep(t, target, key in local)
             if self._comms["pp"].world > 1:
                 mine = t if self._owner(target) == pp else torch.zeros_like(t)
                 t = self._comms["pp"].all_reduce(mine.to(torch.uint8) if mine.dtype == torch.bool else mine).to(t.dtype)
             out[key] = t.clone()
         return out
+
+    def _whole_over_ep(self, t: torch.Tensor, target: str, held: bool) -> torch.Tensor:
+        """A tensor whole on this ep rank (after tp): the ep ranks' experts of a stacked weight
+        joined, an expert module's weight from the ep rank holding it (a collective over ep)."""
+        comm, ctx = self._comms["ep"], self._plan_ctx
+        if comm.world == 1:
+            return t
+        over_ep = ctx.expert_shards.get(target)
+        if over_ep is not None:
+            return _assemble(comm.all_gather(t.contiguous()), over_ep, _full(t, over_ep))
+        if ctx.expert_slot(target) is not None:
+            mine = t if held else torch.zeros_like(t)
+            return comm.all_reduce(mine.to(torch.uint8) if mine.dtype == torch.bool else mine).to(t.dtype)
+        return t
 
     def save_trace(self, path: str) -> None:
         """Write the last step's actions of every rank as a Chrome trace (open it in Perfetto or
