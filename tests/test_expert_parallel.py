@@ -14,6 +14,7 @@ import torch.distributed as dist
 import fxpar
 from fxpar.metadata import COMM
 from fxpar.placement import Shard
+from tests.test_pipeline_simulated import check_pipeline
 from tests.zoo import adamw, assert_close, build, hf_family, hf_loss, logits, loss_with_target
 
 STEPS = 3
@@ -32,30 +33,7 @@ def moe_case(seed: int = 5):
 
 def check_moe(mesh: fxpar.Mesh, **options):
     """Simulate training the reference MoE on ``mesh``; compare with the single-device model."""
-    model, args, target = moe_case()
-    ref = copy.deepcopy(model)
-    ropt = adamw(ref.parameters())
-    plan = fxpar.compile(model, mesh, args, **options)
-    opts = [adamw(ps) for ps in plan.optimizer_params()]
-    for step in range(STEPS):
-        ref_loss = loss_with_target(ref(*args), target)
-        ref_loss.backward()
-        loss, grads = plan.simulate_train(loss_with_target, *args, target=target)
-        assert_close(loss, ref_loss.detach(), f"{mesh} loss at step {step}")
-        for pname, p in ref.named_parameters():
-            assert_close(grads[pname], p.grad, f"{mesh} step {step} gradient of {pname}")
-        for o in opts:
-            o.step()
-            o.zero_grad()
-        ropt.step()
-        ropt.zero_grad()
-    final = plan.full_state_dict()
-    assert set(final) == set(ref.state_dict())
-    for key, value in ref.state_dict().items():
-        assert_close(final[key], value, f"{mesh} {key} after {STEPS} steps")
-    with torch.no_grad():
-        assert_close(logits(plan.simulate(*args)), logits(ref(*args)), f"{mesh} inference")
-    return plan
+    return check_pipeline("moe", mesh.dp, mesh.pp, mesh.tp, "1f1b", 1, ep=mesh.ep, case=moe_case(), **options)
 
 
 def check_hf(name: str, mesh: fxpar.Mesh):

@@ -24,14 +24,15 @@ def test_pipeline_training(name, dp, pp, tp, schedule, m):
     check_pipeline(name, dp, pp, tp, schedule, m)
 
 
-def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, **options):
-    """Train ``name`` through the schedule and compare with the single-device model; the plan."""
+def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, ep=1, case=None, **options):
+    """Train ``name`` through the schedule and compare with the single-device model; the plan.
+    ``case``: ``(model, args, target)`` instead of ``pipeline_case``'s copies of one batch."""
     if name.startswith("hf"):
         pytest.importorskip("transformers")
-    model, args, target = pipeline_case(name, dp * m)
+    model, args, target = case or pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters(), lr=LR)
-    mesh = fxpar.Mesh(dp=dp, pp=pp, cp=cp, tp=tp)
+    mesh = fxpar.Mesh(dp=dp, pp=pp, ep=ep, cp=cp, tp=tp)
     plan = fxpar.compile(model, mesh, args, schedule=schedule, microbatches=m, **options)
     assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
