@@ -4,6 +4,7 @@
     python -m fxpar plan gpt --tp 4             # every value's placement, every collective
     python -m fxpar plan llama --pp 4 --microbatches 8 --brief   # stages, their memory, the schedule
     python -m fxpar plan llama --cp 2 --tp 2 --brief             # the sequence split over 2 ranks, heads over 2
+    python -m fxpar check moe --ep 2 --tp 2 --train              # experts over 2 ranks, each split over 2
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
     python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
@@ -54,9 +55,9 @@ def _compile(a):
     torch.manual_seed(a.seed)
     model, args = load_model(a.model, a.set)
     overrides = dict(o.split("=", 1) for o in a.override or [])
-    copies = a.dp * a.microbatches  # the example batch, repeated for every replica and microbatch
+    copies = a.dp * a.ep * a.microbatches  # the example batch, repeated for every replica and microbatch
     args = tuple(torch.cat([x] * copies) if isinstance(x, torch.Tensor) else x for x in args)
-    mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, cp=a.cp, tp=a.tp)
+    mesh = fxpar.Mesh(dp=a.dp, pp=a.pp, ep=a.ep, cp=a.cp, tp=a.tp)
     plan = fxpar.compile(model, mesh, args, overrides=overrides, schedule=a.schedule, microbatches=a.microbatches,
                          virtual=a.virtual, sequence_parallel=a.sp, recompute_gathers=a.recompute_gathers)
     return plan, args
@@ -83,7 +84,7 @@ def cmd_check(a) -> int:
 
     plan, args = _compile(a)
     loss_fn = _square_loss if a.train else None
-    if plan.mesh.cp > 1:
+    if plan.mesh.cp > 1 or plan.mesh.ep > 1:
         return _check_whole(plan, args, a)
     try:
         n = plan.check(*args, rtol=a.rtol, atol=a.atol, loss_fn=loss_fn)
@@ -97,7 +98,8 @@ def cmd_check(a) -> int:
 
 def _check_whole(plan, args, a) -> int:
     """Compare what the model returns (and, with ``--train``, every gradient) with the single-device
-    model: a cp plan's graph is one cp rank's program, so nodes cannot be compared one by one."""
+    model: a cp plan's graph is one cp rank's program (an ep plan's one replica's, with its
+    experts), so nodes cannot be compared one by one. An ep plan also prints its expert report."""
     import copy
 
     import torch
@@ -117,6 +119,8 @@ def _check_whole(plan, args, a) -> int:
         print(f"{len(bad)} of {len(pairs)} {what} of {type(plan.model).__name__} differ from the single-device model")
         return 1
     print(f"{len(pairs)} {what} of {type(plan.model).__name__} on {plan.mesh} match the single-device model")
+    if plan.ctx.expert_layers:
+        print(plan.expert_report())
     return 0
 
 
@@ -146,6 +150,8 @@ def main(argv=None) -> int:
         sp.add_argument("--dp", type=int, default=1)
         sp.add_argument("--cp", type=int, default=1,
                         help="context parallelism: split the sequence over this many ranks")
+        sp.add_argument("--ep", type=int, default=1,
+                        help="expert parallelism: split every mixture-of-experts layer's experts over this many ranks")
         sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")

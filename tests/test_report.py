@@ -57,6 +57,16 @@ def test_cli_context_parallel(capsys):
     assert capsys.readouterr().err.startswith("fxpar: context parallelism splits the sequence")
 
 
+def test_cli_expert_parallel(capsys):
+    assert main(["plan", "moe", "--ep", "2", "--tp", "1", "--brief"]) == 0
+    assert "ep all_to_all" in capsys.readouterr().out
+    assert main(["check", "moe", "--ep", "2", "--tp", "2", "--train"]) == 0
+    out = capsys.readouterr().out
+    assert "on Mesh(dp=1, pp=1, ep=2, tp=2) match" in out and "rows per expert" in out
+    assert main(["plan", "moe", "--ep", "3", "--tp", "1", "--brief"]) == 2
+    assert "do not split evenly over ep=3" in capsys.readouterr().err
+
+
 def test_debug_levels(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("FXPAR_DEBUG", "4")
     monkeypatch.setenv("FXPAR_DEBUG_DIR", str(tmp_path))
