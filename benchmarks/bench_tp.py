@@ -11,9 +11,13 @@ Prints, from one run on this machine:
    torchtitan's ``SequenceParallel`` plan), with context parallelism over the same two processes
    (fxpar's ``Mesh(cp=2)``, PyTorch's experimental ``context_parallel``), and on one process,
    with the losses of all;
-2. the bytes each rank sends per step with fxpar against the Megatron bound (2 all-reduces of
+2. the same for a mixture-of-experts Llama (``models/moe.py``, 8 experts, top-2): fxpar's expert
+   parallelism (``Mesh(ep=2)``: each process half the experts and half the batch), fxpar's TP of
+   the same model, a hand-written expert parallelism on PyTorch's ``all_to_all_single_autograd``
+   (``ep_peer.py``) and one process;
+3. the bytes each rank sends per step with fxpar against the Megatron bound (2 all-reduces of
    b*s*h per layer per pass, a ring all-reduce sending 2(t-1)/t of its input per rank);
-3. capture and compile time of a 32-layer, 4096-wide Llama (7B parameters) on the meta device.
+4. capture and compile time of a 32-layer, 4096-wide Llama (7B parameters) on the meta device.
 
 On CPU a step measures overhead, not speedup: two gloo processes on two cores do the work of one
 process plus communication (../shared/CONTEXT.md). Compare the two TP columns with each other.
@@ -182,6 +186,9 @@ def worker(rank, world, port, iters, out):
         results["torch cp"] = (*torch_context_parallel(world, iters), None)
     except Exception as e:  # noqa: BLE001 - reported in the table instead of a time
         results["torch cp"] = (None, f"{type(e).__name__}: {str(e).splitlines()[0][:60]}", None)
+    from benchmarks import ep_peer
+
+    results.update(ep_peer.run(rank, world, iters))
     if rank == 0:
         out.put(results)
     dist.destroy_process_group()
@@ -244,6 +251,32 @@ def _torch_cp_row(cp, r):
     if step is None:
         return [label, "fails", "", loss]
     return [label, f"{1000 * step:.1f}", f"{r['DTensor'][0] / step:.2f}x", f"{loss:.6f}"]
+
+
+def print_ep(ep, r, iters):
+    from benchmarks import ep_peer
+
+    one, one_loss = ep_peer.single(iters, os.cpu_count())
+    one1, _ = ep_peer.single(iters, 1)
+    torch.set_num_threads(1)
+    peer = r["torch ep"]
+    base = r["fxpar tp moe"][0]
+    rows = [
+        [f"fxpar EP={ep} (half the experts, half the batch each)", f"{1000 * r['fxpar ep'][0]:.1f}",
+         f"{base / r['fxpar ep'][0]:.2f}x", f"{r['fxpar ep'][1]:.6f}"],
+        [f"fxpar TP={ep} of the same model", f"{1000 * base:.1f}", "1.00x", f"{r['fxpar tp moe'][1]:.6f}"],
+        [f"torch all_to_all_single_autograd EP={ep}, by hand", "fails" if peer[0] is None else f"{1000 * peer[0]:.1f}",
+         "" if peer[0] is None else f"{base / peer[0]:.2f}x", peer[1] if peer[0] is None else f"{peer[1]:.6f}"],
+        [f"1 process, {os.cpu_count()} threads", f"{1000 * one:.1f}", f"{base / one:.2f}x", f"{one_loss:.6f}"],
+        ["1 process, 1 thread", f"{1000 * one1:.1f}", f"{base / one1:.2f}x", ""],
+    ]
+    print(f"\nmixture of experts {ep_peer.MOE_CFG}, batch {ep_peer.BATCH} x {ep_peer.SEQ}: forward+backward step")
+    print(tabulate(rows, headers=["", "ms/step", "speed vs fxpar TP", "loss"], disable_numparse=True))
+    if peer[0] is not None:
+        print(f"fxpar EP is {peer[0] / r['fxpar ep'][0]:.2f}x the speed of the hand-written torch EP")
+    sent = r["fxpar ep"][2]
+    print(f"fxpar EP={ep} sends {sum(sent.values()) / 2**20:.3f} MiB per step: "
+          + ", ".join(f"{k} {v / 2**20:.3f}" for k, v in sorted(sent.items(), key=lambda kv: -kv[1])))
 
 
 def megatron_bound(world):
@@ -310,6 +343,8 @@ def main(argv=None):
     if r["DTensor sp"][0] is not None:
         print(f"with sequence parallelism fxpar is {r['DTensor sp'][0] / r['fxpar sp'][0]:.2f}x the speed of DTensor's "
               "SequenceParallel plan; on gloo a reduce-scatter runs as an all-reduce, so sequence parallelism costs time here")
+
+    print_ep(tp, r, a.iters)
 
     bound = megatron_bound(tp)
     rows = [

@@ -36,7 +36,7 @@ def check_moe(mesh: fxpar.Mesh, **options):
     return check_pipeline("moe", mesh.dp, mesh.pp, mesh.tp, "1f1b", 1, ep=mesh.ep, case=moe_case(), **options)
 
 
-def check_hf(name: str, mesh: fxpar.Mesh):
+def check_hf(name: str, mesh: fxpar.Mesh, steps: int = STEPS):
     """Simulate training a Hugging Face MoE family with its own loss (labels) on ``mesh``."""
     pytest.importorskip("transformers")
     model, ids, labels = hf_family(name)
@@ -44,7 +44,7 @@ def check_hf(name: str, mesh: fxpar.Mesh):
     ropt = adamw(ref.parameters())
     plan = fxpar.compile(model, mesh, (ids,), {"labels": labels}, loss_fn=hf_loss)
     opts = [adamw(ps) for ps in plan.optimizer_params()]
-    for step in range(STEPS):
+    for step in range(steps):
         ref_loss = ref(ids, labels=labels).loss
         ref_loss.backward()
         loss, grads = plan.simulate_train(None, ids, labels=labels)
@@ -58,7 +58,7 @@ def check_hf(name: str, mesh: fxpar.Mesh):
         ropt.zero_grad()
     final = plan.full_state_dict()
     for key, value in ref.state_dict().items():
-        assert_close(final[key], value, f"{name} {mesh} {key} after {STEPS} steps")
+        assert_close(final[key], value, f"{name} {mesh} {key} after {steps} steps")
     return plan
 
 
@@ -99,6 +99,18 @@ def test_hugging_face_grouped_experts(name, tp):
         assert all(isinstance(plan.ctx.param_placements[t], Shard) and plan.ctx.param_placements[t].dim > 0 for t in stacked)
     held = plan.program(0).full.get_parameter("model.layers.0.mlp.experts.gate_up_proj")
     assert held.shape[0] == 2
+
+
+@pytest.mark.parametrize("name", ["olmoe", "qwen2_moe", "granitemoe"])
+def test_other_moe_families(name):
+    check_hf(name, fxpar.Mesh(ep=2, tp=2), steps=1)
+
+
+def test_with_pipeline_stages_and_sequence_parallelism():
+    plan = check_pipeline("moe", 1, 2, 1, "1f1b", 2, ep=2, case=moe_case())
+    assert len(plan.ctx.pipeline.stages) == 2 and len(plan.ctx.expert_layers) == 2
+    plan = check_moe(fxpar.Mesh(ep=2, tp=2), sequence_parallel=True)
+    assert plan.ctx.sequence_split
 
 
 def test_expert_report_shows_experts_and_tokens_per_rank():

@@ -61,6 +61,17 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_DECODER, num_key_value_heads=2, head_dim=16, num_experts=4,
                                                                num_experts_per_tok=2, moe_intermediate_size=64)),
 }
+# more mixture-of-experts families, for expert parallelism (grouped experts; Qwen2-MoE adds a
+# shared expert every token goes through, GraniteMoE its own stacked-expert module)
+MOE_FAMILIES = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(_DECODER, num_key_value_heads=2, num_experts=4,
+                                                      num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(_DECODER, num_key_value_heads=2, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=64,
+                                                                shared_expert_intermediate_size=64)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(_DECODER, num_key_value_heads=2, num_local_experts=4,
+                                                                     num_experts_per_tok=2)),
+}
 _DROPOUTS = ("attention_dropout", "hidden_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
              "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout", "classifier_dropout")
 
@@ -69,7 +80,7 @@ def hf_family(name: str, seed: int = 0):
     """A small ``name`` model with random weights, ``input_ids`` and ``labels`` for them."""
     import transformers
 
-    config_cls, model_cls, fields = FAMILIES[name]
+    config_cls, model_cls, fields = {**FAMILIES, **MOE_FAMILIES}[name]
     cfg = getattr(transformers, config_cls)(vocab_size=128, use_cache=False, bos_token_id=0, eos_token_id=0, **fields)
     for k in _DROPOUTS:
         if hasattr(cfg, k):

@@ -39,6 +39,17 @@ class Communicator:
         self._count("all_reduce", t.numel(), t.element_size(), 2)
         return self._all_reduce(t.contiguous())
 
+    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks into ``t`` itself (contiguous), which is returned: no copy of a large
+        flat buffer made only to be reduced (the gradient buckets of data parallelism)."""
+        self._count("all_reduce", t.numel(), t.element_size(), 2)
+        return self._all_reduce_(t)
+
+    def _all_reduce_(self, t):
+        # the peers of a simulated group read what this rank hands them after the exchange:
+        # hand them a copy, never ``t`` itself, which is written here
+        return t.copy_(self._all_reduce(t.clone()))
+
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Elementwise maximum over ranks, returned as a new tensor."""
         self._count("all_reduce", t.numel(), t.element_size(), 2)
@@ -107,6 +118,10 @@ class DistComm(Communicator):
         out = t.clone()
         self._wait(dist.all_reduce(out, group=self.group, async_op=True), "all_reduce", t)
         return out
+
+    def _all_reduce_(self, t):
+        self._wait(dist.all_reduce(t, group=self.group, async_op=True), "all_reduce", t)
+        return t
 
     def _all_reduce_max(self, t):
         out = t.clone()
@@ -205,6 +220,9 @@ class ShapeComm(Communicator):
 
     def all_reduce(self, t):
         return t.clone()
+
+    def all_reduce_(self, t):
+        return t
 
     def all_reduce_max(self, t):
         return t.clone()

@@ -279,8 +279,7 @@ class PipelineRunner:
 def _average(grads: list, comm) -> None:
     """Each gradient replaced by its mean over ``comm``'s ranks, in flat buckets."""
     for bucket in _buckets(grads):
-        flat = torch._utils._flatten_dense_tensors(bucket)
-        flat = comm.all_reduce(flat) / comm.world
+        flat = comm.all_reduce_(torch._utils._flatten_dense_tensors(bucket)).div_(comm.world)
         for g, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
             g.copy_(new)
 
