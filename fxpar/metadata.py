@@ -27,9 +27,11 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 ``fxpar_requires_grad`` : ``bool``
     Whether the value can carry a gradient (depends on a parameter or a floating input).
 ``fxpar_comm`` : ``CommInfo``
-    On collective nodes: kind, mesh dimension (``"tp"``, or ``"cp"`` for the collectives of
-    ``passes/context_parallel.py``, which stay on the nodes of the cp rank's program), elements
-    and bytes each rank sends per call (for a cp collective on a tp-split value, the tp rank's part).
+    On collective nodes: kind, mesh dimension (``"tp"``; ``"cp"`` for the collectives of
+    ``passes/context_parallel.py``, which stay on the nodes of the cp rank's program; ``"ep"``
+    for the dispatch and combine of ``passes/expert_parallel.py``), elements and bytes each rank
+    sends per call (for a cp collective on a tp-split value, the tp rank's part; for ep, at a
+    balanced router's load, in the sizes known only at run time).
 ``fxpar_origin`` : ``str | None``
     Name of the captured node whose value this node computes (``None`` for inserted nodes); ties
     every per-rank node back to the single-device graph for divergence checks.

@@ -27,5 +27,14 @@ def parallelize(model: nn.Module, mesh, example_args=None, example_kwargs=None, 
         opt = torch.optim.AdamW(pm.parameters(), lr=3e-4)
         loss = F.cross_entropy(pm(idx).flatten(0, 1), targets.flatten())
         loss.backward(); opt.step()
+
+    With data-parallel replicas or expert parallelism (``Mesh(dp=..., ep=...)``) each rank
+    passes its own part of the batch (part ``mesh.replica(rank)`` of ``mesh.replicas``) and
+    trains with ``pm.train_step``, which averages the gradients over the replicas::
+
+        mesh = fxpar.Mesh(ep=2, tp=2)   # 4 processes: experts over 2 ranks, each split over 2
+        part = tokens.chunk(mesh.replicas)[mesh.replica(dist.get_rank())]
+        pm = fxpar.parallelize(model, mesh, example_args=(part,), loss_fn=loss_fn, example_target=...)
+        loss = pm.train_step(part, target=...)
     """
     return ParallelModule(model, mesh, example_args, example_kwargs, **options)

@@ -41,7 +41,8 @@ class ParallelModule(nn.Module):
     under the original names, ``full_state_dict()`` gathers every full tensor on every rank.
 
     With tensor parallelism only, ``pm(*args)`` runs the model and ``loss.backward()`` works as
-    usual. With pipeline stages or data-parallel replicas, train with ``pm.train_step(*args,
+    usual. With pipeline stages, data-parallel replicas or expert parallelism (whose ranks are
+    replicas for everything but the experts), train with ``pm.train_step(*args,
     target=y)`` (forward, loss and backward over all microbatches under the schedule, gradients
     synchronized; returns the mean loss on every rank) and use ``pm(*args)`` for inference.
     Without example inputs, the model is captured at the first call; create the optimizer after
