@@ -21,14 +21,12 @@ class ExpertLayer:
 
     ``name`` is its module, ``experts`` how many it has, ``form`` how they are written
     (``"grouped"``: stacked weights and grouped matmuls; ``"modules"``: one module per expert,
-    looped over), ``dispatch`` the graph node sending its tokens, and ``weights`` its experts'
-    parameters (as the graph reads them on ep rank 0)."""
+    looped over) and ``dispatch`` the graph node sending its tokens (find it in ``plan.dump``)."""
 
     name: str
     experts: int
     form: str
     dispatch: str
-    weights: tuple[str, ...]
 RNG_MODES = ("megatron", "exact")
 
 

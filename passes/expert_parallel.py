@@ -31,7 +31,10 @@ has the same first dim) and read nothing but them, weights and the experts' offs
 Everything outside the regions — the router, the top-k, the weighting and summing of the
 experts' outputs — runs as written on each rank's own tokens, so the parallel model computes what
 the single-device model does with no capacity and no dropped tokens. What it guarantees: every
-expert region of the graph is rewritten or planning stops with an error naming the layer.
+layer it recognizes is rewritten whole or planning stops with an error naming the layer; with
+none recognized planning stops too. Experts written another way (rows cut with ``torch.split``
+by counts, rows padded per expert) stay replicated over ep, each rank running them on its own
+tokens: correct, with every expert on every ep rank.
 """
 
 from __future__ import annotations
@@ -91,21 +94,28 @@ def _rows_of(node: Node):
     return {expr(t.shape[0]) if t.dim() else None for t in leaves}
 
 
-def _region(seed: Node, extra: set) -> list[Node]:
-    """The ops after ``seed`` that keep its rows and read only them, weights and ``extra``."""
+def _region(seed: Node, extra: set, position: dict) -> list[Node]:
+    """The ops after ``seed`` that keep its rows and read only them, weights and ``extra``
+    (sizes and assertions read from values inside belong to it too), in graph order."""
     rows = _rows_of(seed)
     inside, region = {seed}, []
-    node = seed.next
-    while node.op != "output":
-        ins = node.all_input_nodes
-        if node.op == "call_function" and any(i in inside for i in ins) and all(
+    frontier = [(position[u], u) for u in seed.users]
+    heapq.heapify(frontier)
+    seen = set(seed.users)
+    while frontier:  # the nodes reachable from the seed, in graph order
+        _, n = heapq.heappop(frontier)
+        ins = n.all_input_nodes
+        if n.op == "call_function" and all(
             i in inside or i in extra or is_weight(i) or not is_tensor_node(i) for i in ins
-        ):
-            mine = _rows_of(node)
-            if mine == rows or (not mine and not node.users):  # or an assertion on a value inside
-                inside.add(node)
-                region.append(node)
-        node = node.next
+        ) and any(i in inside for i in ins):
+            mine = _rows_of(n)
+            if mine == rows or not mine:
+                inside.add(n)
+                region.append(n)
+                for u in n.users:
+                    if u not in seen:
+                        seen.add(u)
+                        heapq.heappush(frontier, (position[u], u))
     return region
 
 
@@ -124,8 +134,20 @@ def _weights(region: list[Node], skip: set) -> list[Node]:
 
 
 def _outputs(region: list[Node]) -> list[Node]:
+    """The tensors the region gives to the rest of the graph."""
     inside = set(region)
-    return [n for n in region if any(u not in inside for u in n.users)]
+    return [n for n in region if _rows_of(n) and any(u not in inside for u in n.users)]
+
+
+def _closed(region: list[Node], outs: list[Node], name: str) -> None:
+    """Nothing but ``outs`` leaves the region (a size read inside and used after would be lost)."""
+    inside = set(region)
+    for n in region:
+        if n not in outs and any(u not in inside for u in n.users):
+            raise PlanError(
+                f"expert parallelism: '{name}': a value of an expert is used after it other than as its result, "
+                f"so the expert cannot run on another rank\n  {describe_node(n)}"
+            )
 
 
 def _layer_name(node: Node) -> str:
@@ -134,13 +156,14 @@ def _layer_name(node: Node) -> str:
 
 def _grouped_layers(gm: GraphModule):
     ops = grouped_ops()
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_offsets: dict = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in ops and isinstance(_offsets(node), Node):
             by_offsets.setdefault(_offsets(node), []).append(node)
     for offs, mms in by_offsets.items():
         seed = mms[0].args[0]
-        region = _region(seed, {offs})
+        region = _region(seed, {offs}, position)
         missing = [m for m in mms if m not in region]
         if missing:
             raise PlanError(
@@ -152,14 +175,16 @@ def _grouped_layers(gm: GraphModule):
 
 
 def _module_layers(gm: GraphModule):
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
     by_source: dict = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is aten.index.Tensor and _picks_rows(node):
-            region = _region(node, set())
+            region = _region(node, set(), position)
             if any(is_weight(a) for n in region for a in n.all_input_nodes):
                 by_source.setdefault(node.args[0], []).append((node, region))
     for experts in by_source.values():
-        yield experts
+        if len(experts) > 1:  # one gather feeding a matmul is no mixture of experts
+            yield experts
 
 
 def _picks_rows(node: Node) -> bool:
@@ -169,7 +194,13 @@ def _picks_rows(node: Node) -> bool:
         return False
     v, i = x.meta["val"], idx[0].meta.get("val")
     return (v.dim() == 2 and v.is_floating_point() and isinstance(i, torch.Tensor) and i.dim() == 1
-            and static(i.shape[0]) is None)
+            and _run_time_size(i.shape[0]))
+
+
+def _run_time_size(size) -> bool:
+    """A size known only when the program runs (``u0``: what ``torch.where`` returns), not a
+    symbolic batch or sequence length."""
+    return isinstance(size, torch.SymInt) and any(str(s).startswith("u") for s in size.node.expr.free_symbols)
 
 
 # rewriting ------------------------------------------------------------------------------------
@@ -212,10 +243,14 @@ def _grouped(gm: GraphModule, ctx: PlanContext, seed: Node, offs: Node, region: 
     graph, ep = gm.graph, ctx.mesh.ep
     E = static(shape(offs)[0])
     name = _layer_name(region[0])
+    if E is None:
+        raise PlanError(f"expert parallelism: the number of experts of '{name}' (offsets {shape(offs)}) is not a "
+                        f"fixed number\n  {describe_node(region[0])}")
     _split_count(E, ep, name, region[0])
     outs = _outputs(region)
     if len(outs) != 1:
         raise PlanError(f"expert parallelism: the experts of '{name}' give {len(outs)} results, not one\n  {describe_node(region[0])}")
+    _closed(region, outs, name)
     weights = _weights(region, {seed, offs})
     for w in weights:
         if static(shape(w)[0]) != E or not _only_read_by(w, set(region)):
@@ -237,7 +272,7 @@ def _grouped(gm: GraphModule, ctx: PlanContext, seed: Node, offs: Node, region: 
     for w in weights:
         _keep_experts(gm, w.target, E, ep)
         ctx.expert_shards[w.target] = Shard.even(0, E, ep)
-    ctx.expert_layers.append(ExpertLayer(name, E, "grouped", d.name, tuple(w.target for w in weights)))
+    ctx.expert_layers.append(ExpertLayer(name, E, "grouped", d.name))
     return d
 
 
@@ -259,8 +294,10 @@ def _modules(gm: GraphModule, ctx: PlanContext, experts: list) -> Node:
         o = _outputs(region)
         if len(o) != 1:
             raise PlanError(f"expert parallelism: an expert of '{name}' gives {len(o)} results, not one\n  {describe_node(region[0])}")
+        _closed(region, o, name)
         outs.append(o[0])
     weights = [_weights(r, {s}) for s, r in experts]
+    own = _own_weights(weights, regions, name)
     d = _ep_call(graph, seeds[-1], X.dispatch_rows, (list(seeds),), {"group": "ep", "layer": name}, seeds[0])
     *received, splits = _items(graph, d, L + 1)
     for j in range(L):
@@ -277,15 +314,38 @@ def _modules(gm: GraphModule, ctx: PlanContext, experts: list) -> Node:
         for node in reversed(region):
             graph.erase_node(node)
     for ws in weights[L:]:
-        for w in ws:
-            _erase_unused(graph, w)
+        for k, w in enumerate(ws):
+            if own[k]:
+                _erase_unused(graph, w)
     for j in range(L):
         for k, w in enumerate(weights[j]):
-            ctx.expert_slots[w.target] = tuple(weights[q * L + j][k].target for q in range(ep))
-    ctx.expert_layers.append(
-        ExpertLayer(name, len(experts), "modules", d.name, tuple(w.target for ws in weights[:L] for w in ws))
-    )
+            if own[k]:
+                ctx.expert_slots[w.target] = tuple(weights[q * L + j][k].target for q in range(ep))
+    ctx.expert_layers.append(ExpertLayer(name, len(experts), "modules", d.name))
     return d
+
+
+def _own_weights(weights: list[list[Node]], regions: list[list[Node]], name: str) -> list[bool]:
+    """Per weight position of an expert, whether every expert has its own (split over ep) or all
+    share one (kept whole on every rank, like any dense weight). An expert's own weight must be
+    read by its region alone: another reader would see another rank's expert."""
+    own = []
+    for k in range(len(weights[0])):
+        targets = {ws[k].target for ws in weights}
+        if len(targets) == 1:
+            own.append(False)
+            continue
+        if len(targets) != len(weights):
+            raise PlanError(f"expert parallelism: the experts of '{name}' share some of their weights "
+                            f"('{weights[0][k].target}' and others) but not all")
+        for ws, region in zip(weights, regions):
+            if not _only_read_by(ws[k], set(region)):
+                raise PlanError(
+                    f"expert parallelism: '{ws[k].target}' belongs to an expert of '{name}' but is also read outside "
+                    f"it, so it cannot stay on the expert's rank alone\n  {describe_node(region[0])}"
+                )
+        own.append(True)
+    return own
 
 
 def _signature(seed: Node, region: list[Node]) -> list:
@@ -299,6 +359,8 @@ def _signature(seed: Node, region: list[Node]) -> list:
             return ("weight", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else ("other", a.op)
         if isinstance(a, (list, tuple)):
             return type(a)(norm(x) for x in a)
+        if isinstance(a, dict):
+            return {k: norm(x) for k, x in a.items()}
         if isinstance(a, torch.SymInt):
             return ("size",)
         return a

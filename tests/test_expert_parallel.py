@@ -185,13 +185,20 @@ def train_over_processes(name: str, ep: int, tp: int) -> int:
     ref.eval()
     with torch.no_grad():
         assert_close(logits(pm(*local, **local_kwargs)), logits(ref(*local, **local_kwargs)), f"rank {rank} inference")
-    return pm.comm_bytes().get("ep all_to_all", 0)
+    routed = pm.routed_tokens()  # this rank's experts, in the inference just run
+    assert len(routed) == 2 and all(len(rows) == 2 for rows in routed.values()), routed
+    return pm.comm_bytes().get("ep all_to_all", 0), routed
 
 
 @pytest.mark.parametrize("ep, tp", [(2, 1), (2, 2)])
 def test_reference_moe_over_processes(pools, ep, tp):
-    sent = pools(ep * tp).run(train_over_processes, "moe", ep, tp)
-    assert all(s > 0 for s in sent)
+    out = pools(ep * tp).run(train_over_processes, "moe", ep, tp)
+    assert all(sent > 0 for sent, _ in out)
+    # every routed slot of the batch reaches one expert of one ep rank (tp ranks see the same)
+    mesh = fxpar.Mesh(ep=ep, tp=tp)
+    firsts = [out[mesh.rank_of(ep=q)][1] for q in range(ep)]
+    for layer in firsts[0]:
+        assert sum(sum(r[layer]) for r in firsts) == 4 * 16 * 2, layer
 
 
 def test_mixtral_over_processes(pools):
@@ -234,3 +241,25 @@ def test_checkpoint_saved_at_ep_resumes_on_other_meshes(pools, tmp_path):
         loaded = pools(world).run(_load_at, path, mesh)[0]
         for key, value in saved.items():
             assert torch.equal(loaded[key], value), f"{mesh}: {key}"
+
+
+def test_dispatch_and_combine_when_a_rank_gets_no_rows():
+    """Every row comes back to where it was, through forward and backward, when the experts of
+    one rank get nothing and another sends nothing to some of them."""
+    from fxpar.runtime import experts as X
+    from fxpar.simulate import mesh_contexts, run_ranks
+
+    counts = [[3, 0, 0, 0], [0, 5, 0, 0]]  # experts 2 and 3 (ep rank 1) get no rows at all
+
+    def body(r):
+        rows = [torch.randn(n, 4, requires_grad=True) for n in counts[r]]
+        *mine, splits = X.dispatch_rows(rows)
+        assert [m.shape[0] for m in mine] == ([3, 5] if r == 0 else [0, 0])
+        back = X.combine_rows([2 * m for m in mine], splits, [x.shape[0] for x in rows])
+        sum((b * (e + 1)).sum() for e, b in enumerate(back)).backward()
+        for e, (x, b) in enumerate(zip(rows, back)):
+            assert torch.equal(b, 2 * x.detach()) and torch.equal(x.grad, torch.full_like(x, 2.0 * (e + 1)))
+        return splits[1].sum(0).tolist()
+
+    contexts, _ = mesh_contexts(fxpar.Mesh(ep=2), 0, False)
+    assert run_ranks(body, contexts) == [[3, 5], [0, 0]]

@@ -13,6 +13,7 @@ a local ``N`` ``(t-1)/t * N``), for the reports.
 from __future__ import annotations
 
 import datetime
+import math
 import threading
 from collections import Counter
 
@@ -83,7 +84,7 @@ class Communicator:
         """Rows ``send[i]`` of ``t`` (its dim 0 cut in rank order) go to rank ``i``; returns the
         ``recv[i]`` rows from each rank ``i``, in rank order. Both lists come from an exchange of
         counts (``all_to_all`` of them) made before: every rank knows what it gets."""
-        row = t[0].numel() if t.dim() else 1
+        row = math.prod(t.shape[1:])  # a rank may send no rows at all
         self.calls["all_to_all"] += 1
         self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
         return self._all_to_all_v(t.contiguous(), list(send), list(recv))
@@ -203,7 +204,8 @@ class ThreadComm(Communicator):
         return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
 
     def _all_to_all_v(self, t, send, recv):
-        parts = self.shared.exchange(self.rank, t.split(send))
+        # copies: the peers read them after the exchange, when this rank may reuse ``t``
+        parts = self.shared.exchange(self.rank, [p.clone() for p in t.split(send)])
         got = [p[self.rank] for p in parts]
         if [g.shape[0] for g in got] != recv:
             raise CollectiveError(f"simulated rank {self.rank} expected rows {recv} from the ranks, got {[g.shape[0] for g in got]}")

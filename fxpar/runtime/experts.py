@@ -23,8 +23,8 @@ function           takes                                          returns
 ``combine_rows``   one result per local expert, ``splits``         one result per expert
 =================  =============================================  ===============================
 
-``splits`` is a ``(2, ep, L)`` integer tensor: the rows this rank sent to each rank for each of
-its experts, and the rows it got from each rank for each of its own. ``rows`` arguments give the
+``splits`` is a ``(2, ep, L)`` integer tensor: the rows this rank sent to each rank ``q`` for
+each of ``q``'s experts, and the rows it got from each rank for each of its own. ``rows`` arguments give the
 sizes of what comes back, for runs on fake tensors (planning) where no counts exist. Each
 dispatch records the rows its experts got in ``RankContext.routed`` under ``layer``, for the
 expert report.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FxparError
 from .context import current
 
 
@@ -119,6 +120,11 @@ def dispatch(x: torch.Tensor, offs: torch.Tensor, group: str = "ep", layer: str 
         return (x.new_empty((_fresh_rows(x), *x.shape[1:])), offs.new_empty((local,)),
                 torch.empty((2, comm.world, local), dtype=torch.int64, device=x.device))
     counts = torch.diff(offs.to(torch.int64), prepend=offs.new_zeros(1, dtype=torch.int64))
+    if int(counts.sum()) != x.shape[0]:
+        raise FxparError(
+            f"expert parallelism: the grouped matmul's offsets cover {int(counts.sum())} rows but its input has "
+            f"{x.shape[0]} (rows padded per expert?): fxpar sends exactly the rows the offsets give each expert"
+        )
     splits = _exchange_counts(counts, comm)
     _record(layer, splits)
     sent, got = _lists(splits)
@@ -143,7 +149,7 @@ def dispatch_rows(rows: list, group: str = "ep", layer: str | None = None) -> tu
     if _is_fake(x):
         splits = torch.empty((2, comm.world, local), dtype=torch.int64, device=x.device)
         return (*(x.new_empty((_fresh_rows(x), *x.shape[1:])) for _ in range(local)), splits)
-    splits = _exchange_counts(torch.tensor([r.shape[0] for r in rows]), comm)
+    splits = _exchange_counts(torch.tensor([r.shape[0] for r in rows], device=x.device), comm)
     _record(layer, splits)
     sent, got = _lists(splits)
     mine = _Dispatch.apply(x, sent, got, comm)

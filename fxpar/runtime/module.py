@@ -260,7 +260,10 @@ class ParallelModule(nn.Module):
             self._check_same_model(cap)
         else:
             held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params}
-            if held != self._held or any(ctx.param_placements.get(k, REPLICATE) != v for k, v in self._placements.items()):
+            first_ctx = self._plan_ctx
+            experts_moved = (ctx.expert_shards, ctx.expert_slots) != (first_ctx.expert_shards, first_ctx.expert_slots)
+            if held != self._held or experts_moved or any(
+                    ctx.param_placements.get(k, REPLICATE) != v for k, v in self._placements.items()):
                 raise FxparError(
                     "these inputs lead to a different placement of the parameters than the first call; "
                     "parallelize a separate module for them"
@@ -390,6 +393,8 @@ class ParallelModule(nn.Module):
 
     def _owner(self, target: str) -> int:
         """The pipeline rank whose copy of ``target`` counts (the first stage holding it)."""
+        slot = self._plan_ctx.expert_slot(target)
+        target = slot[0] if slot else target  # stages name the experts of ep rank 0
         stages = self._plans[0][1].pipeline.stages
         ranks = [s.rank for s in stages if target in s.params]
         return min(ranks) if ranks else 0
@@ -518,6 +523,11 @@ class ParallelModule(nn.Module):
         if self._p2p.sent_bytes:
             out["pipeline send"] = self._p2p.sent_bytes
         return out
+
+    def routed_tokens(self) -> dict[str, list[int]]:
+        """Per mixture-of-experts layer split over ep, the rows (routed token slots, from every
+        ep rank) each of this rank's experts got in the last forward; empty without ep."""
+        return {layer: list(rows) for layer, rows in self._ctx.routed.items()}
 
     def reset_comm_bytes(self) -> None:
         for comm in self._comms.values():
