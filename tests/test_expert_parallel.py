@@ -201,9 +201,10 @@ def test_reference_moe_over_processes(pools, ep, tp):
         assert sum(sum(r[layer]) for r in firsts) == 4 * 16 * 2, layer
 
 
-def test_mixtral_over_processes(pools):
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+def test_hugging_face_over_processes(pools, name):
     pytest.importorskip("transformers")
-    pools(2).run(train_over_processes, "mixtral", 2, 1)
+    pools(2).run(train_over_processes, name, 2, 1)
 
 
 def _save_at(path: str, mesh: dict) -> dict:
