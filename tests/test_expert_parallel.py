@@ -202,9 +202,10 @@ def test_reference_moe_over_processes(pools, ep, tp):
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
-def test_hugging_face_over_processes(pools, name):
+@pytest.mark.parametrize("ep, tp", [(2, 1), (2, 2)])
+def test_hugging_face_over_processes(pools, name, ep, tp):
     pytest.importorskip("transformers")
-    pools(2).run(train_over_processes, name, 2, 1)
+    pools(ep * tp).run(train_over_processes, name, ep, tp)
 
 
 def _save_at(path: str, mesh: dict) -> dict:
