@@ -74,6 +74,7 @@ class PlanContext:
     # expert, dim 0), and per weight of the experts ep rank 0 runs, the same weight of each ep rank
     expert_shards: dict[str, Placement] = field(default_factory=dict)
     expert_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    expert_held: dict[str, tuple[str, int]] = field(default_factory=dict)  # each rank's weight -> (slot, ep rank)
     expert_layers: list[ExpertLayer] = field(default_factory=list)
 
     def __post_init__(self):
@@ -123,10 +124,7 @@ class PlanContext:
 
     def expert_slot(self, target: str) -> tuple[str, int] | None:
         """``(graph target, ep rank)`` of the weight of an expert module that one ep rank holds."""
-        for slot, targets in self.expert_slots.items():
-            if target in targets:
-                return slot, targets.index(target)
-        return None
+        return self.expert_held.get(target)
 
     def is_expert(self, target: str) -> bool:
         """Whether ``target`` is a weight of experts split over the ep ranks."""

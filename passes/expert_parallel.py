@@ -321,6 +321,7 @@ def _modules(gm: GraphModule, ctx: PlanContext, experts: list) -> Node:
         for k, w in enumerate(weights[j]):
             if own[k]:
                 ctx.expert_slots[w.target] = tuple(weights[q * L + j][k].target for q in range(ep))
+                ctx.expert_held.update({t: (w.target, q) for q, t in enumerate(ctx.expert_slots[w.target])})
     ctx.expert_layers.append(ExpertLayer(name, len(experts), "modules", d.name))
     return d
 
