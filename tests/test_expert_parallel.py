@@ -15,7 +15,7 @@ import fxpar
 from fxpar.metadata import COMM
 from fxpar.placement import Shard
 from tests.test_pipeline_simulated import check_pipeline
-from tests.zoo import adamw, assert_close, build, hf_family, hf_loss, logits, loss_with_target
+from tests.zoo import adamw, assert_close, build, hf_family, hf_loss, logits, loss_with_target, train_alike
 
 STEPS = 3
 
@@ -41,24 +41,9 @@ def check_hf(name: str, mesh: fxpar.Mesh, steps: int = STEPS):
     pytest.importorskip("transformers")
     model, ids, labels = hf_family(name)
     ref = copy.deepcopy(model)
-    ropt = adamw(ref.parameters())
     plan = fxpar.compile(model, mesh, (ids,), {"labels": labels}, loss_fn=hf_loss)
-    opts = [adamw(ps) for ps in plan.optimizer_params()]
-    for step in range(steps):
-        ref_loss = ref(ids, labels=labels).loss
-        ref_loss.backward()
-        loss, grads = plan.simulate_train(None, ids, labels=labels)
-        assert_close(loss, ref_loss.detach(), f"{name} {mesh} loss at step {step}")
-        for pname, p in ref.named_parameters():
-            assert_close(grads[pname], p.grad, f"{name} {mesh} step {step} gradient of {pname}")
-        for o in opts:
-            o.step()
-            o.zero_grad()
-        ropt.step()
-        ropt.zero_grad()
-    final = plan.full_state_dict()
-    for key, value in ref.state_dict().items():
-        assert_close(final[key], value, f"{name} {mesh} {key} after {steps} steps")
+    train_alike(ref, lambda r: r(ids, labels=labels).loss, lambda: plan.simulate_train(None, ids, labels=labels),
+                [adamw(ps) for ps in plan.optimizer_params()], plan.full_state_dict, f"{name} {mesh}", steps)
     return plan
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxpar
-from tests.zoo import adamw, assert_close, logits, loss_with_target, pipeline_case
+from tests.zoo import adamw, assert_close, logits, loss_with_target, pipeline_case, train_alike
 
 STEPS, LR = 3, 1e-3
 
@@ -31,26 +31,13 @@ def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, ep=1, case=None, **optio
         pytest.importorskip("transformers")
     model, args, target = case or pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
-    ropt = adamw(ref.parameters(), lr=LR)
     mesh = fxpar.Mesh(dp=dp, pp=pp, ep=ep, cp=cp, tp=tp)
     plan = fxpar.compile(model, mesh, args, schedule=schedule, microbatches=m, **options)
     assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
-    for step in range(STEPS):
-        ref_loss = loss_with_target(ref(*args), target)
-        ref_loss.backward()
-        loss, grads = plan.simulate_train(loss_with_target, *args, target=target)
-        assert_close(loss, ref_loss.detach(), f"loss at step {step}")
-        for pname, p in ref.named_parameters():
-            assert_close(grads[pname], p.grad, f"step {step} gradient of {pname}")
-        for o in opts:
-            o.step()
-            o.zero_grad()
-        ropt.step()
-        ropt.zero_grad()
-    final = plan.full_state_dict()
-    for key, value in ref.state_dict().items():
-        assert_close(final[key], value, f"{key} after {STEPS} steps")
+    train_alike(ref, lambda r: loss_with_target(r(*args), target),
+                lambda: plan.simulate_train(loss_with_target, *args, target=target),
+                opts, plan.full_state_dict, str(mesh), STEPS, LR)
     with torch.no_grad():
         assert_close(logits(plan.simulate(*args)), logits(ref(*args)), "inference output")
     return plan

@@ -135,6 +135,27 @@ def adamw(params, lr=1e-3):
     return torch.optim.AdamW(params, lr=lr, eps=1e-6)
 
 
+def train_alike(ref, ref_loss, parallel_step, optimizers, full_state, what: str, steps: int = 3, lr: float = 1e-3):
+    """``steps`` AdamW steps of the single-device ``ref`` (``ref_loss(ref)`` its loss) and of a
+    parallel model (``parallel_step()`` -> its loss and every gradient by name, ``optimizers``
+    stepping its ranks): the losses and all gradients at every step, then the weights
+    (``full_state()``), must be equal."""
+    ropt = adamw(ref.parameters(), lr=lr)
+    for step in range(steps):
+        expect = ref_loss(ref)
+        expect.backward()
+        loss, grads = parallel_step()
+        assert_close(loss, expect.detach(), f"{what} loss at step {step}")
+        for name, p in ref.named_parameters():
+            assert_close(grads[name], p.grad, f"{what} step {step} gradient of {name}")
+        for o in [*optimizers, ropt]:
+            o.step()
+            o.zero_grad()
+    final = full_state()
+    for key, value in ref.state_dict().items():
+        assert_close(final[key], value, f"{what} {key} after {steps} steps")
+
+
 def reference_steps(model, args, steps: int, lr: float):
     """Losses, per-step gradients and final state of the single-device model under AdamW."""
     ref = copy.deepcopy(model)
