@@ -6,9 +6,12 @@
 """
 
 from .capture import capture
-from .checkpoint import load, save
+from .checkpoint import latest_checkpoint, load, save
 from .empty_weights import empty_weights
-from .errors import CaptureError, CollectiveError, DivergenceError, FxparError, MeshError, PlanError
+from .errors import (
+    CaptureError, CheckpointError, CollectiveError, DivergenceError, FxparError, MeshError, OptionError, PlanError,
+    RankMismatchError,
+)
 from .mesh import Mesh
 from .placement import Partial, Replicate, Shard
 from .parallelize import parallelize
@@ -25,6 +28,7 @@ __all__ = [
     "capture",
     "save",
     "load",
+    "latest_checkpoint",
     "empty_weights",
     "Shard",
     "Replicate",
@@ -35,4 +39,7 @@ __all__ = [
     "PlanError",
     "DivergenceError",
     "CollectiveError",
+    "RankMismatchError",
+    "OptionError",
+    "CheckpointError",
 ]

@@ -18,6 +18,8 @@ dimension (``{"idx": {0: "batch", 1: "seq"}}``).
 from __future__ import annotations
 
 import copy
+import inspect
+import sysconfig
 import traceback
 import types
 from dataclasses import dataclass, field
@@ -31,6 +33,14 @@ from torch.utils import _pytree as pytree
 from .errors import _TORCH_DIR, CaptureError
 
 _FXPAR_DIR = __file__.rsplit("/", 1)[0]
+_PATHS = sysconfig.get_paths()
+
+
+def _not_the_users(file: str) -> bool:
+    """Frames of torch, fxpar and Python's own library (not of packages installed beside it)."""
+    if file.startswith((_TORCH_DIR, _FXPAR_DIR)):
+        return True
+    return file.startswith(_PATHS["stdlib"]) and not file.startswith((_PATHS["purelib"], _PATHS["platlib"]))
 
 
 @dataclass
@@ -108,6 +118,7 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     if not isinstance(model, nn.Module):
         raise CaptureError(f"fxpar parallelizes torch.nn.Module instances; got {type(model).__name__}")
     kwargs = dict(kwargs or {})
+    _check_call(model, args, {k: v for k, v in kwargs.items() if k != TARGET})
     skeleton = meta_skeleton(model)
     skeleton.train(model.training)
     if loss_fn is not None:
@@ -130,6 +141,30 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     return Captured(
         gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names, tensors=tensors
     )
+
+
+def _check_call(model: nn.Module, args, kwargs) -> None:
+    """The inputs fit ``model.forward``'s signature: a wrong name or count is the user's call to
+    fix, said about their forward (export would report it from inside ``inspect``)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        where = ""
+        try:
+            file = inspect.getsourcefile(type(model).forward)
+            line = inspect.getsourcelines(type(model).forward)[1]
+            where = f"\n  {type(model).__name__}.forward is defined at {file}:{line}"
+        except (TypeError, OSError):
+            pass
+        given = [f"{len(args)} positional"] + [repr(k) for k in kwargs]
+        raise CaptureError(
+            f"{type(model).__name__}.forward{sig} cannot take these inputs ({', '.join(given)}): {e}{where}\n"
+            "What to do: call the model with the arguments its forward takes"
+        ) from None
 
 
 def _drop_export_guards(gm: GraphModule) -> None:
@@ -276,7 +311,7 @@ def _user_location(e: Exception, skeleton: nn.Module):
         if module is None and isinstance(obj, nn.Module) and id(obj) in names:
             module = f"'{names[id(obj)]}' ({type(obj).__name__})"
     for fs in reversed(traceback.extract_tb(e.__traceback__)):
-        if not fs.filename.startswith((_TORCH_DIR, _FXPAR_DIR)):
+        if not _not_the_users(fs.filename):
             line = f"{fs.filename}:{fs.lineno}: {(fs.line or '').strip()}"
             break
     return module, line

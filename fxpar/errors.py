@@ -36,6 +36,21 @@ class CollectiveError(FxparError, RuntimeError):
     """A collective failed or timed out (often because another rank failed)."""
 
 
+class RankMismatchError(FxparError, RuntimeError):
+    """Ranks that must agree (on their inputs, their model or their options) do not; raised on
+    every rank, naming what differs and where."""
+
+
+class OptionError(FxparError, ValueError):
+    """An option of ``compile``/``parallelize`` (or an ``FXPAR_*`` environment variable) that
+    fxpar cannot take."""
+
+
+class CheckpointError(FxparError, RuntimeError):
+    """A checkpoint that cannot be saved or loaded: missing, incomplete, damaged, of another
+    model, or not one fxpar may read."""
+
+
 def user_frame(stack_trace: str | None) -> tuple[str, int, str] | None:
     """The innermost frame of ``stack_trace`` outside torch itself: ``(file, line, code)``."""
     if not stack_trace:

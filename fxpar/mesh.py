@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import MeshError
+from .options import timeout as as_timeout
 
 # Outermost first. tp is innermost because it communicates most (CONTEXT: 3D meshes); cp next,
 # its all-to-alls around every attention being the next most frequent; ep's two all-to-alls per
@@ -25,7 +26,6 @@ DIM_ORDER = ("dp", "pp", "ep", "cp", "tp")
 # dimensions that exist on every mesh only in name when 1: left out of the repr
 _QUIET = ("ep", "cp")
 
-DEFAULT_TIMEOUT = datetime.timedelta(seconds=float(os.environ.get("FXPAR_TIMEOUT", "300")))
 _BOUND: dict = {}
 
 
@@ -96,11 +96,12 @@ class Mesh:
         return "Mesh(" + ", ".join(f"{n}={getattr(self, n)}" for n in DIM_ORDER if n not in _QUIET or getattr(self, n) > 1) + ")"
 
     # binding ----------------------------------------------------------------------------
-    def bind(self, device_type: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT):
+    def bind(self, device_type: str | None = None, timeout: datetime.timedelta | None = None):
         """Torch's ``DeviceMesh`` for this grid over the current world.
 
         Initializes the default process group from torchrun's environment when it is not yet
-        initialized (NCCL when CUDA is available, gloo otherwise).
+        initialized (NCCL when CUDA is available, gloo otherwise), with ``timeout`` (default
+        ``$FXPAR_TIMEOUT`` seconds, else 300).
         """
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         ensure_process_group(device_type, timeout)
@@ -140,9 +141,16 @@ def as_mesh(mesh) -> Mesh:
     return Mesh(**dict(zip(names, mesh.mesh.shape)))
 
 
-def ensure_process_group(device_type: str, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> None:
+def ensure_process_group(device_type: str, timeout: datetime.timedelta | None = None) -> None:
+    """Initialize the default process group from torchrun's environment, unless it is.
+
+    Under torchrun's restarts (``--max-restarts``) the workers of every attempt share the
+    agent's store, where the previous attempt's addresses are still written; a worker that reads
+    one connects to a process that is gone and fails (pytorch/pytorch#135712). Each attempt
+    therefore rendezvous under a prefix of its own."""
     if dist.is_initialized():
         return
+    timeout = as_timeout(timeout)
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise MeshError(
             "torch.distributed is not initialized: launch with `torchrun --nproc-per-node N` or call "
@@ -151,4 +159,12 @@ def ensure_process_group(device_type: str, timeout: datetime.timedelta = DEFAULT
     backend = "nccl" if device_type == "cuda" else "gloo"
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    store = dist.PrefixStore(f"fxpar/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)

@@ -7,7 +7,10 @@ A ``Plan`` can be printed (every value's placement, every collective's size), du
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -18,13 +21,14 @@ from torch.utils import _pytree as pytree
 from . import report
 from .capture import TARGET, Captured, capture
 from .codegen import build_module, copy_graph, get_path, rank_graph
-from .errors import DivergenceError, FxparError, describe_node
+from .errors import DivergenceError, FxparError, OptionError, describe_node, module_path
 from .holder import populate, retarget_submodules
 from .memory import per_device
 from .mesh import Mesh, as_mesh
 from .metadata import GRAD_PARTIAL, ORIGIN, PLACEMENT
 from .pipeline import debug_level, run_pipeline
 from .placement import PARTIAL, REPLICATE, Shard
+from .options import PlanOptions
 from .plan_context import PlanContext
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
@@ -32,25 +36,39 @@ from .runtime.rank import RankProgram
 from .simulate import Recorder, assemble, mesh_contexts, run_ranks
 
 
-# options of the pipeline passes, settable through compile/parallelize
-PLAN_OPTIONS = (
-    "schedule", "microbatches", "virtual", "split_points", "memory_limit", "optimizer", "optimizer_dtype", "sizes",
-    "device_type", "param_stages", "fixed_weights", "sequence_parallel",
-    "recompute_gathers",
-)
-
-
-def plan_graph(cap: Captured, mesh: Mesh, *, overrides=None, rng="megatron", **options) -> tuple[GraphModule, PlanContext]:
-    """Run the pass pipeline on a copy of the captured graph."""
-    unknown = set(options) - set(PLAN_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; options are {PLAN_OPTIONS}")
-    if "split_points" in options:
-        options["split_points"] = tuple(options["split_points"] or ())
-    ctx = PlanContext(mesh=mesh, overrides=dict(overrides or {}), rng=rng, dim_names=dict(cap.dim_names), **options)
+def plan_graph(cap: Captured, mesh: Mesh, options: PlanOptions | None = None,
+               **changes) -> tuple[GraphModule, PlanContext]:
+    """Run the pass pipeline on a copy of the captured graph, with ``options`` (or options given
+    by keyword, as ``compile`` takes them; both: ``options`` with those ``changes``)."""
+    if options is None:
+        options = PlanOptions.from_user("plan_graph()", **changes)
+    elif changes:
+        options = options.replace(**changes)
+    check_overrides(cap, options.overrides)
+    values = {name: getattr(options, name) for name in PlanOptions.__dataclass_fields__}
+    ctx = PlanContext(mesh=mesh, dim_names=dict(cap.dim_names), **values)
     gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
     gm = run_pipeline(gm, ctx)
     return gm, ctx
+
+
+def check_overrides(cap: Captured, overrides: dict) -> None:
+    """Every pattern of ``overrides`` names some module or parameter of the model: a misspelled
+    one would otherwise change nothing, silently."""
+    if not overrides:
+        return
+    names = set(cap.aliases) | set(cap.tensors)
+    names |= {name.rsplit(".", i)[0] for name in list(names) for i in range(1, name.count(".") + 1)}
+    names |= {module_path(n) for n in cap.gm.graph.nodes if n.op == "call_function"}
+    names.discard("")
+    for pattern in overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".") for n in names):
+            close = difflib.get_close_matches(pattern, sorted(names), n=4, cutoff=0.5)
+            raise OptionError(
+                f"override {pattern!r} matches no module or parameter of the model"
+                + (f"; the closest names are {', '.join(repr(c) for c in close)}" if close else "")
+                + " (patterns are names or globs over them, e.g. 'lm_head' or 'transformer.h.*.attn.c_attn')"
+            )
 
 
 class Plan:
@@ -435,13 +453,17 @@ def compile(
     True
     """
     mesh = as_mesh(mesh)
+    opts = PlanOptions.from_user("fxpar.compile()", overrides=overrides or {}, rng=rng, **options)
     if not isinstance(example_args, tuple):
         example_args = (example_args,)
     if loss_fn is not None:
         example_kwargs = {**(example_kwargs or {}), TARGET: example_target}
-    mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, mesh.replicas * options.get("microbatches", 1))
+    mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, opts.microbatches, mesh.replicas)
     cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn)
-    gm, ctx = plan_graph(cap, mesh, overrides=overrides, rng=rng, **options)
+    gm, ctx = plan_graph(cap, mesh, opts)
+    replicated = report.replication_warning(gm, ctx)
+    if replicated:
+        warnings.warn(f"fxpar: {replicated}", stacklevel=2)
     plan = Plan(model, mesh, cap, gm, ctx, seed=seed, init_fn=init_fn, loss_fn=loss_fn)
     if debug_level() >= 3:
         import sys
@@ -451,28 +473,19 @@ def compile(
     return plan
 
 
-def first_microbatch(args, kwargs, parts: int):
-    """The first of ``parts`` equal pieces (along dim 0) of every tensor in the inputs."""
-    if parts == 1:
+def first_microbatch(args, kwargs, microbatches: int, replicas: int = 1):
+    """The first microbatch of the first replica's part of the inputs: every tensor cut along
+    dim 0 into ``replicas`` parts, the first of them into ``microbatches`` pieces."""
+    if microbatches * replicas == 1:
         return args, kwargs
     flat, spec = pytree.tree_flatten((args, dict(kwargs or {})))
-    return pytree.tree_unflatten(split_microbatches(flat, parts)[0], spec)
-
-
+    if replicas > 1:
+        flat = split_microbatches(flat, replicas, "data-parallel replicas (dp x ep)")[0]
+    return pytree.tree_unflatten(split_microbatches(flat, microbatches)[0], spec)
 
 
 def _replica(flat: list, mesh: Mesh, rank: int) -> list:
     """The part of a global batch the replica of ``rank`` trains on (``Mesh.replica``)."""
     if mesh.replicas == 1:
         return flat
-    out = []
-    for x in flat:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            if x.shape[0] % mesh.replicas:
-                raise FxparError(
-                    f"a batch of {x.shape[0]} does not split over the {mesh.replicas} replicas of {mesh} (dp x ep)"
-                )
-            out.append(x.chunk(mesh.replicas, 0)[mesh.replica(rank)])
-        else:
-            out.append(x)
-    return out
+    return split_microbatches(flat, mesh.replicas, f"replicas of {mesh} (dp x ep)")[mesh.replica(rank)]

@@ -9,10 +9,9 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass, field
 
+from .errors import OptionError
 from .mesh import Mesh
 from .placement import Placement
-
-STYLES = ("colwise", "rowwise", "replicate", "vocab")
 
 
 @dataclass(frozen=True)
@@ -27,7 +26,20 @@ class ExpertLayer:
     experts: int
     form: str
     dispatch: str
-RNG_MODES = ("megatron", "exact")
+@dataclass(frozen=True)
+class Replicated:
+    """A weight kept whole on every tp rank although its op could split it: the planner's
+    fallback, which costs ``numel`` elements on every rank beyond the 1/tp share.
+
+    ``module`` and ``node`` name where it is used, ``source`` the user's line, ``why`` the
+    reason (``plan_sharding``'s wording)."""
+
+    weight: str
+    numel: int
+    module: str
+    node: str
+    source: str
+    why: str
 
 
 @dataclass
@@ -69,6 +81,7 @@ class PlanContext:
     param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
     sequence_split: dict[str, Placement] = field(default_factory=dict)  # node name -> its sequence split
     warnings: list[str] = field(default_factory=list)
+    replicated: list[Replicated] = field(default_factory=list)  # fallbacks to whole weights, by plan_sharding
     pipeline: object = None  # fxpar.stages.PipelineSpec, written by cut_stages
     # written by expert_parallel (ep > 1): stacked expert weights split over the ep ranks (by
     # expert, dim 0), and per weight of the experts ep rank 0 runs, the same weight of each ep rank
@@ -78,34 +91,23 @@ class PlanContext:
     expert_layers: list[ExpertLayer] = field(default_factory=list)
 
     def __post_init__(self):
-        for pattern, style in self.overrides.items():
-            if style not in STYLES:
-                raise ValueError(f"override {pattern!r}: {style!r} is not one of {STYLES}")
+        from .options import PlanOptions
+
+        # one validation for every way of building a context: the options' own
+        opts = PlanOptions(**{name: getattr(self, name) for name in PlanOptions.__dataclass_fields__})
+        for name in PlanOptions.__dataclass_fields__:
+            setattr(self, name, getattr(opts, name))
         if self.sequence_parallel and self.mesh.tp == 1:
-            raise ValueError(
+            raise OptionError(
                 "sequence_parallel=True splits the activations between tensor-parallel blocks over the tp ranks, "
                 f"but {self.mesh} has tp=1: use a mesh with tp > 1 or drop sequence_parallel"
                 + (" (cp already splits the whole sequence over its ranks)" if self.mesh.cp > 1 else "")
             )
         if self.mesh.ep > 1 and self.mesh.cp > 1:
-            raise ValueError(
+            raise OptionError(
                 f"{self.mesh}: expert parallelism splits the batch over the ep ranks and context parallelism the "
                 "sequence over the cp ranks; both at once are not supported: use ep or cp, and tp inside either"
             )
-        if self.rng not in RNG_MODES:
-            raise ValueError(f"rng={self.rng!r} is not one of {RNG_MODES}")
-        from .memory import OPTIMIZER_STATES
-
-        if self.schedule == "interleaved":
-            self.virtual = 2 if self.virtual is None else self.virtual
-            if self.virtual < 2:
-                raise ValueError(f"the interleaved schedule runs several stages per rank: virtual={self.virtual} must be 2 or more")
-        elif self.virtual not in (None, 1):
-            raise ValueError(f"schedule {self.schedule!r} runs one stage per rank; virtual={self.virtual} needs schedule='interleaved'")
-        else:
-            self.virtual = 1
-        if self.optimizer not in OPTIMIZER_STATES:
-            raise ValueError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_STATES)}")
 
     @property
     def world(self) -> int:

@@ -137,6 +137,11 @@ def summary(gm: GraphModule, ctx) -> str:
         lines.append(stage_table(gm, ctx))
     if ctx.pipeline is not None and ctx.mesh.pp > 1:
         lines.append(schedule_report(ctx))
+    found = replicated_weights(gm, ctx) if ctx.mesh.tp > 1 else []
+    if found:
+        rows = [[r.weight, f"{s:.1%}", r.why] for r, s in found]
+        lines.append("weights kept whole on every tp rank (fallbacks):\n"
+                     + tabulate(rows, headers=["weight", "of params", "why"], maxcolwidths=[None, None, 80]))
     if ctx.warnings:
         lines.append("warnings:\n" + "\n".join("  - " + w for w in ctx.warnings))
     return "\n".join(lines)
@@ -156,6 +161,37 @@ def expert_report(routed: dict, layers, mesh) -> str:
             rows.append([layer.name if q == 0 else "", q, f"{first}..{first + local - 1}",
                          "-" if got is None else " ".join(map(str, got)), "-" if got is None else sum(got)])
     return tabulate(rows, headers=["layer", "ep rank", "experts", "rows per expert", "rows"])
+
+
+def replicated_weights(gm: GraphModule, ctx) -> list[tuple[object, float]]:
+    """The weights the planner kept whole although their ops could split them (its fallbacks),
+    each once, with their share of the model's parameters, largest first."""
+    total = sum(n.meta["val"].numel() for n in gm.graph.nodes if n.op == "get_attr"
+                and isinstance(n.meta.get("val"), torch.Tensor) and n.meta.get("fxpar_requires_grad")) or 1
+    out, seen = [], set()
+    for r in ctx.replicated:
+        if r.weight in seen or isinstance(ctx.param_placements.get(r.weight), Shard):
+            continue
+        seen.add(r.weight)
+        out.append((r, r.numel / total))
+    return sorted(out, key=lambda rs: -rs[1])
+
+
+def replication_warning(gm: GraphModule, ctx, limit: int = 8) -> str | None:
+    """One warning naming every weight replicated by a fallback (None if there is none)."""
+    found = replicated_weights(gm, ctx)
+    if not found or ctx.mesh.tp == 1:
+        return None
+    share = sum(s for _, s in found)
+    lines = [f"{len(found)} weights ({share:.1%} of the model's parameters) are kept whole on every one of the "
+             f"tp={ctx.mesh.tp} ranks instead of split, each rank holding {share * (1 - 1 / ctx.mesh.tp):.1%} of the "
+             "model more than its 1/tp share:"]
+    for r, s in found[:limit]:
+        lines.append(f"  {r.weight} ({s:.1%}), used by node {r.node} in module '{r.module}' at {r.source}: {r.why}")
+    if len(found) > limit:
+        lines.append(f"  ... and {len(found) - limit} more (plan.summary() lists them all)")
+    lines.append("Force a split with overrides={'module.name': 'colwise'} where the reason allows it.")
+    return "\n".join(lines)
 
 
 def param_bytes(gm: GraphModule, ctx) -> tuple[int, int]:

@@ -41,10 +41,10 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.errors import PlanError, describe_node, module_path
+from fxpar.errors import PlanError, describe_node, module_path, source_line
 from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
-from fxpar.plan_context import PlanContext
+from fxpar.plan_context import PlanContext, Replicated
 from fxpar.rules import FREE, WEIGHT_TRANSPARENT, inverse_of, is_weight, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static_numel, tensor_args
 from fxpar.rules.matmul import decidable_ops
@@ -185,14 +185,20 @@ class _Round:
                 yield node, inp, self.place.get(inp), req
 
 
-def _weight_name(node: Node) -> str:
+def _weight_node(node: Node) -> Node | None:
+    """The weight (a get_attr of 2 or more dims, through views of it) a matmul or embedding reads."""
     for a in node.args:
         n = a
         while isinstance(n, Node) and n.op == "call_function" and n.target in WEIGHT_TRANSPARENT:
             n = n.args[0]
         if isinstance(n, Node) and n.op == "get_attr" and ndim(n) >= 2:
-            return n.target
-    return ""
+            return n
+    return None
+
+
+def _weight_name(node: Node) -> str:
+    w = _weight_node(node)
+    return w.target if w is not None else ""
 
 
 def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Shard] | None:
@@ -374,6 +380,10 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
             if key in ctx.decisions:
                 key = f"{key}:{node.name}"
             ctx.decisions[key] = text
+            weight = _weight_name(node)
+            if weight and d.why.get(node) not in (None, "tp=1", "user override") and text.startswith("replicate"):
+                ctx.replicated.append(Replicated(weight, static_numel(_weight_node(node)) or 0, module_path(node),
+                                                 node.name, source_line(node), d.why[node]))
     for node, inp, actual, req in rnd.edges():
         if isinstance(actual, Shard) and req is REPLICATE and node.op != "output":
             reason = rnd.fallback.get(node, "needs the whole tensor")

@@ -188,3 +188,15 @@ def pipeline_case(name: str, copies: int):
     g = torch.Generator().manual_seed(3)
     target = torch.randint(0, out.shape[-1], out.shape[:-1], generator=g) if out.dim() == 3 else torch.randn(out.shape, generator=g)
     return model, args, target
+
+
+def error_of(fn) -> str:
+    """``"ErrorType: message"`` of the fxpar error ``fn()`` raises, or ``"no error"``: what a
+    test sends back from every rank to check that each raised, and what."""
+    import fxpar
+
+    try:
+        fn()
+    except fxpar.FxparError as e:
+        return f"{type(e).__name__}: {e}"
+    return "no error"

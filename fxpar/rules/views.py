@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..layout_algebra import view_shard
+from ..layout_algebra import view_groups, view_shard
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
 from .base import FREE, RuleContext, Sharding, arg, ndim, norm_dim, op_name, shape, static
@@ -27,7 +27,7 @@ RESHAPES = (
 )
 
 
-def _unary(node: Node, ctx: RuleContext, forward) -> Sharding:
+def _unary(node: Node, ctx: RuleContext, forward, why=None) -> Sharding:
     x = node.args[0]
     p = ctx.placement(x)
     if p is PARTIAL:
@@ -36,14 +36,29 @@ def _unary(node: Node, ctx: RuleContext, forward) -> Sharding:
         q = forward(p)
         if q is not None:
             return Sharding(q, {x: p})
-        return Sharding(REPLICATE, {x: REPLICATE}, fallback=f"{op_name(node)} regroups the sharded dim {p.dim}")
+        reason = (why(p) if why else None) or f"{op_name(node)} regroups the sharded dim {p.dim}"
+        return Sharding(REPLICATE, {x: REPLICATE}, fallback=reason)
     return Sharding(REPLICATE, {x: REPLICATE})
 
 
 @register(*RESHAPES)
 def reshape(node: Node, ctx: RuleContext) -> Sharding:
     x = node.args[0]
-    return _unary(node, ctx, lambda p: view_shard(shape(x), shape(node), p))
+    return _unary(node, ctx, lambda p: view_shard(shape(x), shape(node), p), lambda p: _indivisible(node, p))
+
+
+def _indivisible(node: Node, p: Shard) -> str | None:
+    """Why a view cannot keep a split it cuts into groups: fewer groups than ranks, or a count
+    that does not divide (heads that do not divide by tp, typically)."""
+    x = node.args[0]
+    for gi, gj in view_groups(shape(x), shape(node)):
+        if p.dim not in gi or not gj or len(gi) != 1:
+            continue
+        outs = [static(shape(node)[d]) for d in gj]
+        if len(outs) > 1 and isinstance(outs[0], int) and outs[0] % p.world:
+            return (f"{op_name(node)} cuts the sharded dim of {static(shape(x)[p.dim])} into {tuple(outs)}, and its "
+                    f"{outs[0]} groups (attention heads, say) do not divide among {p.world} ranks")
+    return None
 
 
 def invert_reshape(node: Node, wanted):

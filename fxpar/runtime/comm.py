@@ -64,6 +64,11 @@ class Communicator:
         self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
         return self._all_gather(t.contiguous())
 
+    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's tensor, like ``all_gather``, for fxpar's own checks between ranks: not
+        counted in the traffic reports, which are the model's."""
+        return self._all_gather(t.contiguous())
+
     def reduce_scatter(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Sum over ranks, keeping this rank's even chunk along ``dim``."""
         self._count("reduce_scatter", t.numel(), t.element_size(), 1)
@@ -109,10 +114,15 @@ class DistComm(Communicator):
         try:
             work.wait(timeout=self.timeout)
         except Exception as e:  # noqa: BLE001 - gloo and NCCL raise different types
+            from ..mesh import DIM_ORDER
+
+            on_mesh = self.name in DIM_ORDER
+            where = f"mesh dimension '{self.name}'" if on_mesh else f"the {self.name} process group"
+            stopped = "stopped calling the model" if on_mesh else "did not make the same call"
             raise CollectiveError(
-                f"{what} of {tuple(t.shape)} {t.dtype} on mesh dimension '{self.name}' "
+                f"{what} of {tuple(t.shape)} {t.dtype} on {where} "
                 f"(rank {self.rank} of {self.world}, timeout {self.timeout.total_seconds():.0f}s) failed: {e}. "
-                "Another rank has probably failed or stopped calling the model; its own error says why."
+                f"Another rank has probably failed or {stopped}; its own error says why."
             ) from e
 
     def _all_reduce(self, t):

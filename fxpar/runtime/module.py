@@ -18,15 +18,22 @@ import torch.nn as nn
 from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
+from .. import report
 from ..capture import TARGET, capture, meta_skeleton
-from ..codegen import get_path
 from ..errors import CaptureError, FxparError
-from ..mesh import DEFAULT_TIMEOUT, DIM_ORDER, Mesh, as_mesh
+from ..mesh import DIM_ORDER, Mesh, as_mesh
+from ..options import timeout as as_timeout
 from ..placement import REPLICATE, Shard
+from ..options import PlanOptions, check_inputs_mode
 from ..plan import first_microbatch, plan_graph
 from ..memory import expr
 from ..shards import local_shape
 from .collectives import _assemble
+from .agree import Group, agree, agree_on_failure
+from .checks import (
+    callable_name, check_loss_call, check_not_meta, explain_contents, explain_options, explain_plan, explain_signature,
+    explain_structure, explain_values, input_summaries, model_structure, model_values, plan_summary,
+)
 from .comm import DistComm, LocalComm
 from .context import RankContext, RNGStreams, context_streams, running, stream_seeds
 from .p2p import DistP2P
@@ -62,15 +69,22 @@ class ParallelModule(nn.Module):
         overrides=None,
         rng: str = "megatron",
         device=None,
-        timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+        timeout: datetime.timedelta | None = None,
         seed: int = 0,
         init_fn=None,
         compile=False,  # noqa: A002 - the option's name: parallelize(..., compile=True)
+        check_inputs: str = "first",
         **options,
     ):
         super().__init__()
+        # every option is checked here, on every rank, before anything is bound or sent
+        timeout = as_timeout(timeout)
+        check_inputs = check_inputs_mode(check_inputs)
+        plan_options = PlanOptions.from_user("fxpar.parallelize()", overrides=overrides or {}, rng=rng, **options)
+        compile_options = _compile_options(compile)
         plain = as_mesh(mesh)
         device = torch.device(device) if device is not None else _default_device()
+        plan_options = plan_options.replace(device_type=device.type)
         device_mesh = plain.bind(device.type, timeout) if isinstance(mesh, Mesh) else mesh
         names = tuple(device_mesh.mesh_dim_names)
         comms = {}
@@ -83,6 +97,11 @@ class ParallelModule(nn.Module):
         def to_global(r: int) -> int:  # a position on the mesh -> its rank in the world
             c = plain.coordinate(r)
             return int(device_mesh.mesh[tuple(c[n] for n in names)])
+
+        everyone = _everyone(plain, to_global, timeout, device)
+        replica_of = [0] * plain.size  # by global rank: the part of the batch it trains on
+        for r in range(plain.size):
+            replica_of[to_global(r)] = plain.replica(r)
 
         where = plain.coordinate(rank)
         pp_rank = where["pp"]
@@ -108,11 +127,15 @@ class ParallelModule(nn.Module):
             _skeleton=meta_skeleton(model),
             _source=model,
             _loss_fn=loss_fn,
-            _options=dict(dynamic_shapes=dynamic_shapes, overrides=overrides, rng=rng, **options),
-            _microbatches=options.get("microbatches", 1),
+            _plan_options=plan_options,
+            _dynamic_shapes=dynamic_shapes,
+            _microbatches=plan_options.microbatches,
             _seed=seed,
             _init_fn=init_fn,
-            _compile=_compile_options(compile),
+            _compile=compile_options,
+            _check_mode=check_inputs,
+            _everyone=everyone,
+            _replica_of=replica_of,
             _loss_in_graph=dynamic_shapes is None,
             _programs={},
             _plans=[],
@@ -121,6 +144,13 @@ class ParallelModule(nn.Module):
             _dynamic=None,
             _held=None,
         )
+        agree(everyone, {
+            "mesh": repr(plain), **plan_options.summary(), "dynamic_shapes": repr(dynamic_shapes), "seed": seed,
+            "loss_fn": callable_name(loss_fn), "init_fn": callable_name(init_fn), "compile": repr(compile_options),
+            "check_inputs": check_inputs, "device": device.type, "example_target": example_target is not None,
+        }, explain_options)
+        agree(everyone, model_structure(model), explain_structure)
+        agree(everyone, model_values(model), explain_values)
         built = None
         if example_target is not None and loss_fn is not None:
             # the training graph decides how the weights are split (it knows what the loss reads)
@@ -161,8 +191,13 @@ class ParallelModule(nn.Module):
         ``loss_fn(output)`` without a target) is the one given to ``fxpar.parallelize``; it should
         be a mean over its microbatch (as ``F.cross_entropy`` is by default): the step's loss and
         gradients are the mean over microbatches, which equals the whole batch's mean."""
+        # checked on every rank before anything is sent: a rank that raised alone would leave the
+        # others waiting for it
         if self._loss_fn is None:
             raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
+        if not torch.is_grad_enabled():
+            raise FxparError("train_step computes gradients: call it outside torch.no_grad()")
+        check_loss_call(self._loss_fn, target)
         m = self._microbatches
         with_target = {**kwargs, TARGET: target}
         prog = self._loss_program(args, with_target)
@@ -170,7 +205,7 @@ class ParallelModule(nn.Module):
             mbs = split_microbatches(self._flat(prog, args, with_target), m)
             targets, loss_fn = None, None
         else:
-            prog = self._program(args, kwargs)
+            prog = self._program(args, kwargs, inputs=with_target)
             mbs = split_microbatches(self._flat(prog, args, kwargs), m)
             targets = None if target is None else [t[0] for t in split_microbatches([target], m)]
             loss_fn = self._loss_fn
@@ -222,13 +257,27 @@ class ParallelModule(nn.Module):
         shape = [d if isinstance(d, int) else int(expr(d).subs(prog.runner.sizes)) for d in val.shape]
         return torch.zeros(shape, dtype=val.dtype, device=self._device)
 
-    def _program(self, args, kwargs, loss: bool = False):
+    def _program(self, args, kwargs, loss: bool = False, inputs: dict | None = None):
+        """The program for these inputs, built at their signature's first call. ``inputs``: the
+        keyword inputs the ranks must agree on (default ``kwargs``; a target besides)."""
         prog = self._programs.get((loss, self._key(args, kwargs)))
+        if prog is None or self._check_mode == "always":
+            self._check_inputs(args, kwargs if inputs is None else inputs)
         if prog is None:
             prog = self._build(args, kwargs, loss)
             # keyed after building: the first capture tells which dims are symbolic
             self._programs[(loss, self._key(args, kwargs))] = prog
         return prog
+
+    def _check_inputs(self, args, kwargs) -> None:
+        """The ranks agree on the inputs' kinds, and the ranks of a replica on their values."""
+        signature, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic)
+        if self._check_mode != "never":
+            agree(self._everyone, signature, explain_signature)
+            if self._mesh.size > self._mesh.replicas:  # a replica spans several ranks
+                classes = self._replica_of
+                agree(self._everyone, contents, explain_contents(classes), classes)
+        check_not_meta(contents)
 
     def _key(self, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -244,21 +293,11 @@ class ParallelModule(nn.Module):
         return (self.training, str(spec), tuple(parts))
 
     def _build(self, args, kwargs, loss: bool = False) -> RankProgram:
-        self._skeleton.train(self.training)
-        options = dict(self._options)
-        mb_args, mb_kwargs = first_microbatch(args, kwargs, self._microbatches)
-        cap = capture(self._skeleton, mb_args, mb_kwargs, dynamic_shapes=options.pop("dynamic_shapes"),
-                      loss_fn=self._loss_fn if loss else None)
         first = self._placements is None
-        if not first:  # the parameters stay as they are: split the same way, in the same stages
-            options["fixed_weights"] = dict(self._placements)
-            if self._mesh.pp > 1:
-                spec = self._plans[0][1].pipeline
-                options["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
-        gm, ctx = plan_graph(cap, self._mesh, device_type=self._device.type, **options)
-        if first:
-            self._check_same_model(cap)
-        else:
+        plan = lambda: self._plan(args, kwargs, loss)  # noqa: E731
+        cap, gm, ctx = agree_on_failure(self._everyone, plan, "to capture and plan the model")
+        agree(self._everyone, plan_summary(ctx), explain_plan)
+        if not first:
             held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params}
             first_ctx = self._plan_ctx
             experts_moved = (ctx.expert_shards, ctx.expert_slots) != (first_ctx.expert_shards, first_ctx.expert_slots)
@@ -270,11 +309,14 @@ class ParallelModule(nn.Module):
                 )
         for w in ctx.warnings:
             warnings.warn(f"fxpar: {w}", stacklevel=3)
-        prog = RankProgram(
+        replicated = report.replication_warning(gm, ctx) if first else None
+        if replicated:
+            warnings.warn(f"fxpar: {replicated}", stacklevel=3)
+        prog = agree_on_failure(self._everyone, lambda: RankProgram(
             self, cap, gm, ctx, self._mesh, self._rank, self._device, self._p2p,
             source=self._source, seed=self._seed, init_fn=self._init_fn, populate=first, to_global=self._to_global,
             compile_options=self._compile,
-        )
+        ), "to build its shards and programs")
         if first:
             self.__dict__.update(
                 _placements=dict(ctx.param_placements),
@@ -291,29 +333,21 @@ class ParallelModule(nn.Module):
     def _pp_rank(self) -> int:
         return self._mesh.coordinate(self._rank)["pp"]
 
-    def _check_same_model(self, cap) -> None:
-        """Each rank builds its shards from its own copy of the model: they must be one model."""
-        if self._mesh.size == 1 or self._source is None:
-            return
-        sums = []
-        for name in cap.tensors:
-            t = get_path(self._source, name)
-            if t.device.type != "meta" and t.is_floating_point():
-                sums.append(t.detach().double().sum())
-        if not sums:
-            return
-        mine = torch.stack(sums).to(self._device)
-        for dim in DIM_ORDER:
-            comm = self._comms[dim]
-            if comm.world == 1:
-                continue
-            theirs = comm.all_gather(mine)
-            if any(not torch.equal(t, mine) for t in theirs):
-                bad = next(i for i in range(len(sums)) if any(t[i] != mine[i] for t in theirs))
-                raise FxparError(
-                    f"ranks of the {dim} group hold different values for '{list(cap.tensors)[bad]}' (and maybe more): "
-                    "build the model with the same seed on every rank (torch.manual_seed) or load the same weights"
-                )
+    def _plan(self, args, kwargs, loss: bool):
+        """Capture and plan on this rank alone (no communication): ``(captured, graph, ctx)``."""
+        self._skeleton.train(self.training)
+        mb_args, mb_kwargs = first_microbatch(args, kwargs, self._microbatches)
+        cap = capture(self._skeleton, mb_args, mb_kwargs, dynamic_shapes=self._dynamic_shapes,
+                      loss_fn=self._loss_fn if loss else None)
+        options = self._plan_options
+        if self._placements is not None:  # the parameters stay as they are: split the same way, in the same stages
+            keep = {"fixed_weights": dict(self._placements)}
+            if self._mesh.pp > 1:
+                spec = self._plans[0][1].pipeline
+                keep["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
+            options = options.replace(**keep)
+        gm, ctx = plan_graph(cap, self._mesh, options)
+        return cap, gm, ctx
 
     def _check_rng(self, gm) -> None:
         """Replicated dropout needs the same random state on every tp rank: warn if it is not."""
@@ -324,7 +358,7 @@ class ParallelModule(nn.Module):
         gen = torch.cuda.default_generators[self._device.index or 0] if self._device.type == "cuda" else torch.default_generator
         digest = hashlib.sha1(gen.get_state().numpy().tobytes()).digest()[:8]
         mine = torch.tensor(list(digest), dtype=torch.int64, device=self._device)
-        states = self._comm.all_gather(mine)
+        states = self._comm.exchange(mine)
         if any(not torch.equal(s, states[0]) for s in states):
             warnings.warn(
                 "fxpar: tensor-parallel ranks have different random states, so dropout in replicated "
@@ -490,6 +524,38 @@ class ParallelModule(nn.Module):
             return comm.all_reduce(mine.to(torch.uint8) if mine.dtype == torch.bool else mine).to(t.dtype)
         return t
 
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """This rank's random-number states: torch's default generator (and the CUDA device's,
+        on a GPU) and fxpar's own dropout streams, each as ``Generator.get_state()`` gives it.
+        ``fxpar.save`` stores them for every rank and ``fxpar.load`` puts them back, so that a
+        resumed run draws the dropout masks (and the data, where it is drawn from torch's default
+        generator) of an uninterrupted one."""
+        out = {"torch": torch.get_rng_state()}
+        if self._device.type == "cuda":
+            out["cuda"] = torch.cuda.get_rng_state(self._device)
+        for name in _STREAMS:
+            gen = getattr(self._ctx.rng, name)
+            if gen is not None:
+                out[name] = gen.get_state()
+        return out
+
+    def set_rng_state(self, states: dict[str, torch.Tensor]) -> None:
+        """Put back what ``rng_state`` returned on this rank (of a module on the same mesh)."""
+        for name, state in states.items():
+            if name == "torch":
+                torch.set_rng_state(state)
+            elif name == "cuda":
+                torch.cuda.set_rng_state(state, self._device)
+            elif name in _STREAMS and getattr(self._ctx.rng, name) is not None:
+                getattr(self._ctx.rng, name).set_state(state)
+            else:
+                raise FxparError(f"set_rng_state: this rank has no random stream {name!r}")
+
+    @property
+    def timeout(self) -> datetime.timedelta:
+        """How long every collective of this module waits for the other ranks."""
+        return self._p2p.timeout
+
     def save_trace(self, path: str) -> None:
         """Write the last step's actions of every rank as a Chrome trace (open it in Perfetto or
         chrome://tracing): one row per rank, one box per compute, send and receive. A collective:
@@ -536,6 +602,20 @@ class ParallelModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self._mesh}, rank {self._rank}, device {self._device}"
+
+
+def _everyone(mesh: Mesh, to_global, timeout, device) -> Group:
+    """The ranks that check they agree: the whole world, which the mesh covers."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if mesh.size == 1 or world != mesh.size:
+        if world != mesh.size:
+            warnings.warn(f"fxpar: {mesh} covers {mesh.size} of the {world} ranks; the checks that ranks agree on "
+                          "their model, options and inputs are skipped", stacklevel=4)
+        return Group(LocalComm(), device)
+    return Group(DistComm(dist.group.WORLD, timeout, "world"), device)
+
+
+_STREAMS = ("replicated", "sharded", "context", "context_sharded")  # fxpar's dropout generators
 
 
 def _training(pm) -> bool:

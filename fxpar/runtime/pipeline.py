@@ -317,15 +317,16 @@ def _buckets(grads):
         yield bucket
 
 
-def split_microbatches(flat: list, m: int) -> list[list]:
+def split_microbatches(flat: list, m: int, parts: str = "microbatches") -> list[list]:
     """Each tensor input with the batch's size on dim 0 (that of the first tensor input) split into
-    ``m`` equal chunks along dim 0; other inputs (a mask, a table) given whole to every microbatch."""
+    ``m`` equal chunks along dim 0; other inputs (a mask, a table) given whole to every microbatch.
+    ``parts`` names the chunks in the error for a batch that does not split."""
     out = [[] for _ in range(m)]
     batch = next((x.shape[0] for x in flat if isinstance(x, torch.Tensor) and x.dim()), None)
     for x in flat:
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
             if x.shape[0] % m:
-                raise FxparError(f"a batch of {x.shape[0]} does not split into {m} microbatches; make it divisible")
+                raise FxparError(f"a batch of {x.shape[0]} does not split into {m} {parts}; make it divisible by {m}")
             for i, c in enumerate(x.chunk(m, 0)):
                 out[i].append(c)
         else:
