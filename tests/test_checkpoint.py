@@ -2,6 +2,7 @@
 optimizer state and the losses of an uninterrupted run; readable by torch.distributed.checkpoint
 alone; refused with a clear error when truncated, damaged, unfinished or of another model."""
 
+import json
 import os
 import shutil
 import warnings
@@ -166,15 +167,21 @@ def test_a_truncated_checkpoint_is_refused_naming_the_parameter(pools, saved, tm
         assert "is truncated" in msg and "stored at bytes" in msg and "'" in msg, msg
 
 
+def _box(path: str, fqn: str) -> tuple[str, int, int]:
+    """``(file, first byte, length)`` of the first stored box of ``fqn``, from the manifest."""
+    with open(os.path.join(path, "fxpar.json")) as f:
+        item = next(i for i in json.load(f)["storage"] if i["fqn"] == fqn)
+    return os.path.join(path, item["file"]), item["at"], item["length"]
+
+
 def test_a_damaged_checkpoint_is_refused_naming_the_parameter(pools, saved, tmp_path):
     _, path, _ = saved
     bad = _copy(path, tmp_path / "damaged")
-    file = _largest_data_file(bad)
-    size = os.path.getsize(file)
+    file, at, length = _box(bad, "model.transformer.h.0.mlp.c_fc.weight")  # a tensor every load reads
     with open(file, "r+b") as f:
-        f.seek(size // 2)
+        f.seek(at + length // 2)
         byte = f.read(1)
-        f.seek(size // 2)
+        f.seek(at + length // 2)
         f.write(bytes([byte[0] ^ 0xFF]))
     msgs = pools(2).run(_load_error, bad, dict(tp=2))
     assert any("is damaged" in m and "does not match the checksum" in m for m in msgs), msgs

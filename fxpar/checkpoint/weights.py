@@ -28,10 +28,12 @@ BUDGET = 16 * 2**20  # bytes of tensors read through one mapping before it is dr
 
 class LoadResult(NamedTuple):
     """Names of the model missing from the files, and names in the files the model lacks (as
-    ``torch.nn.Module.load_state_dict`` reports them)."""
+    ``torch.nn.Module.load_state_dict`` reports them); ``extra``: what ``fxpar.save`` was given as
+    ``extra=`` (None for weight files)."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+    extra: dict | None = None
 
 
 def weight_files(path: str) -> dict[str, str]:
@@ -44,7 +46,7 @@ def weight_files(path: str) -> dict[str, str]:
         if os.path.exists(os.path.join(path, index)):
             with open(os.path.join(path, index)) as f:
                 weight_map = json.load(f)["weight_map"]
-            return {name: os.path.join(path, file) for name, file in weight_map.items()}
+            return {name: _inside(path, file, index) for name, file in weight_map.items()}
     for single in ("model.safetensors", "pytorch_model.bin"):
         file = os.path.join(path, single)
         if os.path.exists(file):
@@ -53,6 +55,15 @@ def weight_files(path: str) -> dict[str, str]:
         f"'{path}' holds no model.safetensors, model.safetensors.index.json or pytorch_model.bin; "
         f"its files: {sorted(os.listdir(path))[:10]}"
     )
+
+
+def _inside(folder: str, file, index: str) -> str:
+    """A file an index names, which must lie in the index's folder (an index is read from a
+    folder anyone may have written: it must not make a rank read files elsewhere)."""
+    full = os.path.realpath(os.path.join(folder, str(file)))
+    if not full.startswith(os.path.realpath(folder) + os.sep):
+        raise FxparError(f"'{os.path.join(folder, index)}' names the weight file {file!r}, which is outside '{folder}'")
+    return full
 
 
 def _is_safetensors(file: str) -> bool:

@@ -1,0 +1,129 @@
+"""An optimizer's state in a checkpoint, under the model's parameter names.
+
+Stored in the flattened form of ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``:
+``optim.state.<param>.<key>`` for every state (``exp_avg``, ``step``, ...; a state shaped like its
+parameter is stored as the boxes the ranks hold, so it reshards like the parameter) and
+``optim.param_groups.<param>.<key>`` for every hyperparameter. Loading makes the optimizer's
+state exactly the stored one: a parameter the checkpoint has no state for (saved before the first
+step) gets none, and the state goes in through ``optimizer.load_state_dict``, so that every
+optimizer's own rules (``step`` kept on the CPU, states cast to the parameter's device) apply.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from ..errors import CheckpointError
+from .pieces import Pieces
+
+STATE = "optim.state."
+GROUPS = "optim.param_groups."
+
+
+def _by_param(optimizer, tensors) -> list[tuple[dict, torch.Tensor, object]]:
+    """``(group, parameter, its LocalTensor)`` for every parameter the optimizer steps."""
+    by_id = {id(lt.tensor): lt for lt in tensors if lt.is_param}
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lt = by_id.get(id(p))
+            if lt is None:
+                raise CheckpointError("the optimizer steps a tensor that is not a parameter of this ParallelModule")
+            out.append((group, p, lt))
+    return out
+
+
+def entries(pm, optimizer, tensors) -> dict:
+    """What ``save`` stores of ``optimizer``, over this rank's shards."""
+    out = {}
+    for group, p, lt in _by_param(optimizer, tensors):
+        for k, v in group.items():
+            if k != "params":
+                out[f"{GROUPS}{lt.name}.{k}"] = v
+        for k, v in optimizer.state.get(p, {}).items():
+            key = f"{STATE}{lt.name}.{k}"
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                if v.shape != p.shape:
+                    raise CheckpointError(
+                        f"optimizer state '{k}' of '{lt.name}' has shape {tuple(v.shape)}, not its parameter's "
+                        f"{tuple(p.shape)}: fxpar checkpoints states shaped like their parameters (Adam, SGD, ...)"
+                    )
+                out[key] = Pieces(lt.shape, pm._pieces(lt.name, v))
+            else:
+                out[key] = v
+    return out
+
+
+def staging(pm, optimizer, tensors, saved: dict, path: str) -> dict:
+    """Places to load the stored state of ``optimizer`` into, made from the checkpoint's own
+    listing (``saved``): nothing of the optimizer is touched until the whole load succeeded."""
+    out = {}
+    for group, p, lt in _by_param(optimizer, tensors):
+        if f"{GROUPS}{lt.name}.lr" not in saved:
+            raise CheckpointError(
+                f"checkpoint '{path}' has no optimizer hyperparameters for '{lt.name}': it was saved without this "
+                "parameter in its optimizer, or with another model")
+        for k in group:
+            key = f"{GROUPS}{lt.name}.{k}"
+            if k != "params" and key in saved:
+                out[key] = _place(saved[key], None)
+        prefix = f"{STATE}{lt.name}."
+        for key, md in saved.items():
+            if key.startswith(prefix) and "." not in key[len(prefix):]:
+                if isinstance(md, TensorStorageMetadata) and len(md.size) and tuple(md.size) != tuple(lt.shape):
+                    raise CheckpointError(
+                        f"checkpoint '{path}' holds optimizer state '{key[len(STATE):]}' of shape {tuple(md.size)}, "
+                        f"but the parameter's is {tuple(lt.shape)}")
+                out[key] = _place(md, (pm, lt, p))
+    return out
+
+
+def _place(md, param):
+    """Where one stored value loads: a tensor of its dtype (as this rank's boxes of it when it
+    is shaped like the parameter), or None for a value DCP stored as bytes."""
+    if not isinstance(md, TensorStorageMetadata):
+        return None
+    dtype = md.properties.dtype
+    if not len(md.size) or param is None:
+        return torch.empty(tuple(md.size), dtype=dtype)
+    pm, lt, p = param
+    local = torch.empty(tuple(p.shape), dtype=dtype)
+    return Pieces(lt.shape, pm._pieces(lt.name, local), local)
+
+
+def state_dict(optimizer, tensors, staged: dict) -> dict:
+    """The loaded state in ``optimizer.state_dict()`` form (parameters by position)."""
+    out: dict = {"state": {}, "param_groups": []}
+    index = 0
+    names = {id(lt.tensor): lt.name for lt in tensors if lt.is_param}
+    for group in optimizer.param_groups:
+        loaded = {k: v for k, v in group.items() if k != "params"}
+        for k in loaded:
+            values = [_value(staged[f"{GROUPS}{names[id(p)]}.{k}"]) for p in group["params"]
+                      if f"{GROUPS}{names[id(p)]}.{k}" in staged]
+            if values and any(not _same(v, values[0]) for v in values[1:]):
+                raise CheckpointError(f"the checkpoint gives the parameters of one optimizer group different '{k}'")
+            if values:
+                loaded[k] = values[0]
+        ids = []
+        for p in group["params"]:
+            prefix = f"{STATE}{names[id(p)]}."
+            state = {key[len(prefix):]: _value(v) for key, v in staged.items()
+                     if key.startswith(prefix) and "." not in key[len(prefix):]}
+            if state:
+                out["state"][index] = state
+            ids.append(index)
+            index += 1
+        out["param_groups"].append({**loaded, "params": ids})
+    return out
+
+
+def _value(v):
+    return v.local if isinstance(v, Pieces) else v
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    return a == b
