@@ -155,6 +155,12 @@ class PlanOptions:
         closest known ones (``where`` is the user's call, e.g. ``"fxpar.parallelize()"``)."""
         known = {f.name for f in fields(cls)} - INTERNAL
         for name in options:
+            if name in RUNTIME_OPTIONS:
+                raise OptionError(f"{where} does not take the option {name!r} (fxpar.parallelize does: it runs the "
+                                  "programs on processes; fxpar.compile only plans them)")
+            if name in FRONT_END_OPTIONS:
+                raise OptionError(f"{where} does not take the option {name!r}: pass it to fxpar.compile or "
+                                  "fxpar.parallelize")
             if name not in known and name not in INTERNAL:
                 raise unknown_option(name, known | set(FRONT_END_OPTIONS), where)
         return cls(**options)
@@ -171,9 +177,9 @@ class PlanOptions:
 
 
 INTERNAL = frozenset({"device_type", "param_stages", "fixed_weights"})
-# taken by the front ends themselves, not by the pass pipeline: named in unknown-option errors
-FRONT_END_OPTIONS = ("dynamic_shapes", "seed", "init_fn", "loss_fn", "example_target", "device", "timeout",
-                     "compile", "check_inputs")
+# taken by the front ends themselves, not by the pass pipeline; the runtime's by parallelize alone
+RUNTIME_OPTIONS = ("device", "timeout", "compile", "check_inputs")
+FRONT_END_OPTIONS = ("dynamic_shapes", "seed", "init_fn", "loss_fn", "example_target") + RUNTIME_OPTIONS
 
 
 def check_inputs_mode(value) -> str:

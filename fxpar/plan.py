@@ -30,6 +30,7 @@ from .pipeline import debug_level, run_pipeline
 from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
+from .runtime.checks import input_names
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
 from .runtime.rank import RankProgram
@@ -141,6 +142,7 @@ class Plan:
     # running every rank here ----------------------------------------------------------------
     def simulate(self, *args, **kwargs):
         """Run all ranks in this process; return the output (the same structure as the model's)."""
+        _real(self.model.forward, args, kwargs, "simulate")
         progs = [self.program(r) for r in range(self.mesh.size)]
         if not self.pipelined:
             outs = run_ranks(lambda r: progs[r].full(*args, **kwargs), self._contexts(), self._p2p())
@@ -165,6 +167,7 @@ class Plan:
         names. Gradients accumulate in the ranks' ``.grad`` as in eager PyTorch; an optimizer can
         step on ``program(r).params`` (or ``rank_module(r).parameters()``).
         """
+        _real(self.model.forward, args, {**kwargs, "target": target}, "simulate_train")
         progs = [self.program(r) for r in range(self.mesh.size)]
         if self.loss_fn is not None:  # the graph takes the target and returns the loss
             if loss_fn not in (None, self.loss_fn):
@@ -471,6 +474,14 @@ def compile(
         for r in range(mesh.size):
             print(f"[fxpar] rank {r} code:\n{plan.rank_code(r)}", file=sys.stderr)
     return plan
+
+
+def _real(forward, args, kwargs, what: str) -> None:
+    """Running needs values: a meta-device input is named (the model may be planned on meta)."""
+    for name, leaf in zip(input_names(forward, args, kwargs), pytree.tree_leaves((tuple(args), dict(kwargs)))):
+        if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
+            raise FxparError(f"plan.{what}: input '{name}' is on the meta device, which holds no values; run the "
+                             "plan on real tensors (fxpar.compile plans with meta inputs fine)")
 
 
 def first_microbatch(args, kwargs, microbatches: int, replicas: int = 1):

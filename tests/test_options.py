@@ -120,3 +120,10 @@ def test_replicating_attention_whose_heads_do_not_divide_is_a_warning():
         plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx,))
     assert not [w for w in caught if "kept whole" in str(w.message)]
     assert "weights kept whole" not in plan.summary()
+
+
+def test_simulating_a_meta_input_is_named():
+    model, (idx,) = gpt.build()
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx.to("meta"),))  # planning on meta is fine
+    with pytest.raises(fxpar.FxparError, match=r"plan.simulate: input 'idx' is on the meta device"):
+        plan.simulate(idx.to("meta"))

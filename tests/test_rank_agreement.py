@@ -53,13 +53,21 @@ def test_models_of_different_sizes_are_refused_without_killing_a_process(pools):
 def _different_options():
     model, (idx,) = build("gpt")
     return error_of(lambda: fxpar.parallelize(model, fxpar.Mesh(tp=2), example_args=(idx,),
-                                               sequence_parallel=dist.get_rank() == 1))
+                                              sequence_parallel=dist.get_rank() == 1))
 
 
-def test_ranks_with_different_options_are_refused(pools):
+def _different_meshes():
+    model, (idx,) = build("gpt")
+    mesh = fxpar.Mesh(tp=2) if dist.get_rank() == 0 else fxpar.Mesh(dp=2)
+    return error_of(lambda: fxpar.parallelize(model, mesh, example_args=(idx,)))
+
+
+def test_ranks_with_different_options_or_meshes_are_refused(pools):
     for msg in pools(2).run(_different_options):
         assert "different options for fxpar.parallelize" in msg
         assert "sequence_parallel: false on rank 0; true on rank 1" in msg
+    for msg in pools(2).run(_different_meshes):  # refused before a process group is made for either
+        assert "mesh: Mesh(dp=1, pp=1, tp=2) on rank 0; Mesh(dp=2, pp=1, tp=1) on rank 1" in msg, msg
 
 
 def _later_call(mode: str):
@@ -83,7 +91,7 @@ def _replicas_and_their_tp_ranks(tp_ranks_agree: bool):
     seed = replica if tp_ranks_agree else dist.get_rank()
     mine = torch.randint(0, 256, idx.shape, generator=torch.Generator().manual_seed(seed))
     return error_of(lambda: fxpar.parallelize(model, mesh, example_args=(mine,), loss_fn=loss_with_target,
-                                               example_target=mine))
+                                              example_target=mine))
 
 
 def test_data_parallel_replicas_take_their_own_batch_but_their_tp_ranks_share_it(pools):

@@ -151,10 +151,10 @@ def input_names(forward, args, kwargs) -> list[str]:
     return names
 
 
-def input_summaries(forward, args, kwargs, dynamic: dict | None) -> tuple[dict, dict]:
+def input_summaries(forward, args, kwargs, dynamic: dict | None, digests: bool = True) -> tuple[dict, dict]:
     """``(signature, contents)`` of a call's inputs: what every rank must agree on (structure,
     shapes with symbolic dims left out, dtypes, Python values) and what the ranks of one replica
-    must agree on besides (every tensor's exact digest)."""
+    must agree on besides (every tensor's exact digest; without ``digests``, none)."""
     leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
     names = input_names(forward, args, kwargs)
     signature, contents = {"structure": str(spec)}, {}
@@ -167,7 +167,8 @@ def input_summaries(forward, args, kwargs, dynamic: dict | None) -> tuple[dict, 
             shape = ", ".join("*" if d in dims else str(s) for d, s in enumerate(x.shape))
             dtype = str(x.dtype).replace("torch.", "")
             signature[name] = f"({shape}) {dtype}" + (" on the meta device" if meta else "")
-            contents[name] = [list(x.shape), dtype, "meta" if meta else tensor_digest(x)]
+            value = "meta" if meta else tensor_digest(x) if digests else None
+            contents[name] = [list(x.shape), dtype, value]
         else:
             signature[name] = repr(x)
     return signature, contents

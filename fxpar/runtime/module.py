@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from .. import report
 from ..capture import TARGET, capture, meta_skeleton
 from ..errors import CaptureError, FxparError
-from ..mesh import DIM_ORDER, Mesh, as_mesh
+from ..mesh import DIM_ORDER, Mesh, as_mesh, ensure_process_group
 from ..options import timeout as as_timeout
 from ..placement import REPLICATE, Shard
 from ..options import PlanOptions, check_inputs_mode
@@ -85,6 +85,15 @@ class ParallelModule(nn.Module):
         plain = as_mesh(mesh)
         device = torch.device(device) if device is not None else _default_device()
         plan_options = plan_options.replace(device_type=device.type)
+        if isinstance(mesh, Mesh):
+            ensure_process_group(device.type, timeout)
+        everyone = _everyone(plain, timeout, device, isinstance(mesh, Mesh))
+        # the mesh and the options agree before any process group is made for the mesh
+        agree(everyone, {
+            "mesh": repr(plain), **plan_options.summary(), "dynamic_shapes": repr(dynamic_shapes), "seed": seed,
+            "loss_fn": callable_name(loss_fn), "init_fn": callable_name(init_fn), "compile": repr(compile_options),
+            "check_inputs": check_inputs, "device": device.type, "example_target": example_target is not None,
+        }, explain_options)
         device_mesh = plain.bind(device.type, timeout) if isinstance(mesh, Mesh) else mesh
         names = tuple(device_mesh.mesh_dim_names)
         comms = {}
@@ -98,7 +107,6 @@ class ParallelModule(nn.Module):
             c = plain.coordinate(r)
             return int(device_mesh.mesh[tuple(c[n] for n in names)])
 
-        everyone = _everyone(plain, to_global, timeout, device)
         replica_of = [0] * plain.size  # by global rank: the part of the batch it trains on
         for r in range(plain.size):
             replica_of[to_global(r)] = plain.replica(r)
@@ -144,11 +152,6 @@ class ParallelModule(nn.Module):
             _dynamic=None,
             _held=None,
         )
-        agree(everyone, {
-            "mesh": repr(plain), **plan_options.summary(), "dynamic_shapes": repr(dynamic_shapes), "seed": seed,
-            "loss_fn": callable_name(loss_fn), "init_fn": callable_name(init_fn), "compile": repr(compile_options),
-            "check_inputs": check_inputs, "device": device.type, "example_target": example_target is not None,
-        }, explain_options)
         agree(everyone, model_structure(model), explain_structure)
         agree(everyone, model_values(model), explain_values)
         built = None
@@ -271,8 +274,9 @@ class ParallelModule(nn.Module):
 
     def _check_inputs(self, args, kwargs) -> None:
         """The ranks agree on the inputs' kinds, and the ranks of a replica on their values."""
-        signature, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic)
-        if self._check_mode != "never":
+        check = self._check_mode != "never" and self._everyone.world > 1
+        signature, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic, digests=check)
+        if check:
             agree(self._everyone, signature, explain_signature)
             if self._mesh.size > self._mesh.replicas:  # a replica spans several ranks
                 classes = self._replica_of
@@ -604,13 +608,15 @@ class ParallelModule(nn.Module):
         return f"{self._mesh}, rank {self._rank}, device {self._device}"
 
 
-def _everyone(mesh: Mesh, to_global, timeout, device) -> Group:
-    """The ranks that check they agree: the whole world, which the mesh covers."""
+def _everyone(mesh: Mesh, timeout, device, plain: bool) -> Group:
+    """The ranks that check they agree: the whole world (a ``Mesh`` must cover it; the checks of
+    a torch ``DeviceMesh`` over part of the world are skipped, with a warning)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if mesh.size == 1 or world != mesh.size:
-        if world != mesh.size:
-            warnings.warn(f"fxpar: {mesh} covers {mesh.size} of the {world} ranks; the checks that ranks agree on "
-                          "their model, options and inputs are skipped", stacklevel=4)
+    if world == 1:
+        return Group(LocalComm(), device)
+    if world != mesh.size and not plain:
+        warnings.warn(f"fxpar: the DeviceMesh covers {mesh.size} of the {world} ranks; the checks that ranks agree "
+                      "on their model, options and inputs are skipped", stacklevel=4)
         return Group(LocalComm(), device)
     return Group(DistComm(dist.group.WORLD, timeout, "world"), device)
 
