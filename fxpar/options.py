@@ -46,11 +46,17 @@ def default_timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=seconds)
 
 
-def timeout(value) -> datetime.timedelta:
+def timeout(value, fallback: bool = False) -> datetime.timedelta:
     """``value`` (a ``datetime.timedelta``, a number of seconds or None for ``default_timeout``)
-    as a positive ``timedelta``."""
+    as a positive ``timedelta``. ``fallback``: a bad ``$FXPAR_TIMEOUT`` gives the default
+    instead of an error (for waiting on the ranks that report it)."""
     if value is None:
-        return default_timeout()
+        try:
+            return default_timeout()
+        except OptionError:
+            if fallback:
+                return datetime.timedelta(seconds=DEFAULT_SECONDS)
+            raise
     if isinstance(value, datetime.timedelta):
         seconds = value.total_seconds()
     elif isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -127,6 +133,8 @@ class PlanOptions:
             points = ()
         if isinstance(points, str):
             points = (points,)
+        if isinstance(points, (set, frozenset)):  # a set's order differs from process to process
+            points = sorted(points)
         if not all(isinstance(p, str) for p in points):
             raise OptionError(f"split_points={self.split_points!r}: give module names, e.g. ['transformer.h.2']")
         object.__setattr__(self, "split_points", tuple(points))
@@ -173,7 +181,7 @@ class PlanOptions:
 
     def summary(self) -> dict:
         """The options as plain values, for comparing ranks and for printing."""
-        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.name not in INTERNAL}
+        return {f.name: plain(getattr(self, f.name)) for f in fields(self) if f.name not in INTERNAL}
 
 
 INTERNAL = frozenset({"device_type", "param_stages", "fixed_weights"})
@@ -197,11 +205,24 @@ def _positive_int(name: str, value) -> None:
         raise OptionError(f"{name}={value!r}: give a positive int")
 
 
-def _plain(value):
+def plain(value):
+    """``value`` as JSON-able data that is the same in every process for equal values: dict
+    keys and sets sorted, functions by their qualified names, other objects by their ``repr``
+    unless it is ``object``'s (which shows an address), then by their type."""
+    import functools
+
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): plain(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (set, frozenset)):
+        return sorted((plain(v) for v in value), key=repr)
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, functools.partial):
+        return {"partial": plain(value.func), "args": plain(value.args), "keywords": plain(value.keywords)}
+    if callable(value) and hasattr(value, "__qualname__"):
+        return f"{getattr(value, '__module__', '')}.{value.__qualname__}"
+    if type(value).__repr__ is object.__repr__:
+        return f"<{type(value).__module__}.{type(value).__qualname__}>"
     return repr(value)

@@ -30,7 +30,7 @@ from .pipeline import debug_level, run_pipeline
 from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
-from .runtime.checks import input_names
+from .runtime.checks import check_not_meta, input_summaries
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
 from .runtime.rank import RankProgram
@@ -478,10 +478,7 @@ def compile(
 
 def _real(forward, args, kwargs, what: str) -> None:
     """Running needs values: a meta-device input is named (the model may be planned on meta)."""
-    for name, leaf in zip(input_names(forward, args, kwargs), pytree.tree_leaves((tuple(args), dict(kwargs)))):
-        if isinstance(leaf, torch.Tensor) and leaf.device.type == "meta":
-            raise FxparError(f"plan.{what}: input '{name}' is on the meta device, which holds no values; run the "
-                             "plan on real tensors (fxpar.compile plans with meta inputs fine)")
+    check_not_meta(input_summaries(forward, args, kwargs, None, digests=False)[1], f"plan.{what}: ")
 
 
 def first_microbatch(args, kwargs, microbatches: int, replicas: int = 1):

@@ -381,7 +381,9 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
                 key = f"{key}:{node.name}"
             ctx.decisions[key] = text
             weight = _weight_name(node)
-            if weight and d.why.get(node) not in (None, "tp=1", "user override") and text.startswith("replicate"):
+            # a fallback: the planner turned a split its op could make back (not tp=1, not the user)
+            fallback = node in d.why and node not in d.forced and node.meta[PLACEMENT] is REPLICATE
+            if weight and ctx.world > 1 and fallback:
                 ctx.replicated.append(Replicated(weight, static_numel(_weight_node(node)) or 0, module_path(node),
                                                  node.name, source_line(node), d.why[node]))
     for node, inp, actual, req in rnd.edges():

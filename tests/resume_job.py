@@ -44,10 +44,10 @@ def main() -> None:
     # the process group comes from torchrun's environment (fxpar.Mesh.bind), one per attempt
     pm = fxpar.parallelize(model, fxpar.Mesh(tp=2), example_args=(idx,), loss_fn=loss_fn, example_target=target)
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
-    step = 0
+    step, resumed_from = 0, None
     last = fxpar.latest_checkpoint(args.ckpt)
     if last is not None:
-        step = fxpar.load(pm, last, optimizer=opt).extra["step"]
+        step = resumed_from = fxpar.load(pm, last, optimizer=opt).extra["step"]
     first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
     while step < args.steps:
         idx, target = batch()
@@ -61,7 +61,8 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
     full = pm.full_state_dict()
     if dist.get_rank() == 0:
-        torch.save({"step": step, "restarts": os.environ.get("TORCHELASTIC_RESTART_COUNT"), "state": full}, args.out)
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        torch.save({"step": step, "resumed_from": resumed_from, "restarts": restarts, "state": full}, args.out)
     dist.destroy_process_group()
 
 

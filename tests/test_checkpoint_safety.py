@@ -315,3 +315,65 @@ def test_save_and_load_time_out_with_fxpars_timeout_on_a_stuck_peer(tmp_path):
         assert seconds < 20, msg
         assert f"{'saving' if what == 'save' else 'loading'} checkpoint" in msg, msg
         assert "timeout 3s" in msg, msg
+
+
+def _named_optimizer(path: str, mesh: dict, save: bool):
+    torch.manual_seed(0)
+    m = fxpar.Mesh(**mesh)
+    idx = torch.randint(0, CFG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(1))
+    pm = fxpar.parallelize(gpt.GPT(gpt.GPTConfig(**CFG)), m, example_args=(idx,), loss_fn=loss_with_target,
+                           example_target=idx, microbatches=2 if m.pp > 1 else 1)
+    opt = torch.optim.AdamW(pm.named_parameters(), lr=1e-2)  # its groups list the parameters' names
+    if save:
+        _step(pm, opt, idx)
+        fxpar.save(pm, path, optimizer=opt)
+        return None
+    names = list(opt.param_groups[0]["param_names"])
+    fxpar.load(pm, path, optimizer=opt)
+    return opt.param_groups[0]["param_names"] == names and len(opt.state) == len(names)
+
+
+def test_an_optimizer_made_from_named_parameters_reshards(pools, tmp_path):
+    path = str(tmp_path / "named")
+    pools(2).run(_named_optimizer, path, dict(pp=2), True)
+    assert pools(2).run(_named_optimizer, path, dict(tp=2), False) == [True, True]
+
+
+def _optimizer_with_a_grown_model(path: str):
+    pm, opt, idx = _parallel(n_layer=3)
+    _step(pm, opt, idx)
+    grown = {k: v.clone() for k, v in opt.state[dict(pm.named_parameters())["transformer.h.2.mlp.c_fc.weight"]].items()}
+    result = fxpar.load(pm, path, optimizer=opt, strict=False)
+    kept = opt.state[dict(pm.named_parameters())["transformer.h.2.mlp.c_fc.weight"]]
+    return result.missing_keys, all(torch.equal(grown[k], kept[k]) for k in grown)
+
+
+def test_strict_false_loads_the_optimizer_state_of_what_matches(pools, tmp_path):
+    path = str(tmp_path / "two_layers")
+    pools(2).run(_save, path)
+    missing, kept = pools(2).run(_optimizer_with_a_grown_model, path)[0]
+    assert missing and all(k.startswith("transformer.h.2.") for k in missing) and kept
+
+
+def test_a_hugging_face_cache_folder_of_links_is_read(tmp_path):
+    from fxpar.checkpoint.weights import weight_files
+
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    save_file({"w": torch.zeros(2)}, str(blobs / "1234"))
+    os.symlink(blobs / "1234", snapshot / "model-00001-of-00001.safetensors")
+    with open(snapshot / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"w": "model-00001-of-00001.safetensors"}}, f)
+    assert weight_files(str(snapshot)) == {"w": str(snapshot / "model-00001-of-00001.safetensors")}
+
+
+def test_a_commit_cut_between_its_renames_is_finished_by_the_next_save(tmp_path):
+    from fxpar.checkpoint import manifest
+
+    path = str(tmp_path / "ck")
+    for folder, step in ((path + ".old", 1), (path + ".partial", 2)):  # the old one moved, the new one whole
+        os.makedirs(folder)
+        manifest.write(folder, {"extra": {"step": step}})
+    manifest.recover(path)
+    assert manifest.read(path)["extra"] == {"step": 2} and manifest.latest(str(tmp_path)) == path

@@ -41,6 +41,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_identical(tmp_path):
     a = torch.load(tmp_path / "plain.pt", weights_only=True)
     b = torch.load(tmp_path / "killed.pt", weights_only=True)
     assert a["restarts"] == "0" and b["restarts"] == "1" and a["step"] == b["step"] == 6
+    assert a["resumed_from"] is None and b["resumed_from"] == 2  # the restart loaded step 2's checkpoint
     assert a["state"].keys() == b["state"].keys()
     for name, t in a["state"].items():
         assert torch.equal(t, b["state"][name]), f"{name} differs after the restart"

@@ -127,3 +127,17 @@ def test_simulating_a_meta_input_is_named():
     plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx.to("meta"),))  # planning on meta is fine
     with pytest.raises(fxpar.FxparError, match=r"plan.simulate: input 'idx' is on the meta device"):
         plan.simulate(idx.to("meta"))
+
+
+def test_options_are_compared_as_data_the_same_in_every_process():
+    from fxpar.options import plain
+
+    def backend(gm, inputs):
+        return gm
+
+    assert plain({"backend": backend}) == {"backend": f"{__name__}.test_options_are_compared_as_data_the_same_in_"
+                                                      "every_process.<locals>.backend"}
+    assert plain({"b", "a", "c"}) == ["a", "b", "c"]  # a set's order is per process
+    assert "0x" not in str(plain(object()))
+    plan_sets = fxpar.options.PlanOptions(split_points={"h.2", "h.1"}).split_points
+    assert plan_sets == ("h.1", "h.2")

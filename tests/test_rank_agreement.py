@@ -144,3 +144,28 @@ def test_a_rank_that_fails_alone_while_planning_stops_every_rank(pools):
     assert rank1.startswith("CaptureError"), rank1
     assert rank0.startswith("FxparError: rank 1 failed to capture and plan the model"), rank0
     assert "CaptureError" in rank0
+
+
+def _new_shape_on_one_rank():
+    model, (idx,) = build("gpt")
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2), example_args=(idx,), timeout=60)
+    pm(idx)
+    # rank 0 has a program for this call, rank 1 has none: it must not be left checking alone
+    return error_of(lambda: pm(idx if dist.get_rank() == 0 else idx[:, :8]))
+
+
+def test_a_call_new_on_one_rank_only_is_refused_at_once(pools):
+    for msg in pools(2).run(_new_shape_on_one_rank, timeout=50):
+        assert msg.startswith("RankMismatchError: the ranks were called with inputs of different shapes"), msg
+        assert "(2, 16) int64 on rank 0; (2, 8) int64 on rank 1" in msg
+
+
+def _target_on_the_last_stage_only():
+    model, (idx,) = build("gpt")
+    pm = fxpar.parallelize(model, fxpar.Mesh(pp=2), example_args=(idx,), loss_fn=loss_with_target, microbatches=2)
+    return error_of(lambda: pm.train_step(idx, target=idx if dist.get_rank() == 1 else None))
+
+
+def test_a_target_given_to_some_ranks_only_is_refused_on_every_rank(pools):
+    for msg in pools(2).run(_target_on_the_last_stage_only, timeout=50):
+        assert msg.startswith("RankMismatchError") and "target: None on rank 0; (2, 16) int64 on rank 1" in msg, msg

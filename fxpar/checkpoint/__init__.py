@@ -10,6 +10,7 @@ never through DCP's pickled ``.metadata``, unless the caller passes ``trusted=Tr
 from __future__ import annotations
 
 import os
+import warnings
 
 from ..errors import CheckpointError
 from . import dcp
@@ -62,8 +63,10 @@ def load(pm, path, optimizer=None, *, strict: bool = True, rename=None, trusted:
     if dcp.looks_like_checkpoint(path):
         if rename is not None:
             raise CheckpointError("rename= applies to weight files; a checkpoint of fxpar.save has the model's names")
-        missing, unexpected, extra = dcp.load(pm, path, optimizer, strict=strict, trusted=trusted,
-                                              restore_rng=restore_rng)
+        missing, unexpected, extra, notes = dcp.load(pm, path, optimizer, strict=strict, trusted=trusted,
+                                                     restore_rng=restore_rng)
+        for note in notes:
+            warnings.warn(f"fxpar: {note}", stacklevel=2)
         return LoadResult(missing, unexpected, extra)
     if optimizer is not None:
         raise CheckpointError(f"'{path}' holds weights only, not optimizer state: load it without optimizer=...")

@@ -23,14 +23,17 @@ _GROUPS: dict = {}
 
 
 def distributed() -> bool:
+    """Whether a torch.distributed world exists (else a save or load is one process's)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
+    """This process's rank in the world (0 alone)."""
     return dist.get_rank() if distributed() else 0
 
 
 def world() -> int:
+    """How many processes save or load together."""
     return dist.get_world_size() if distributed() else 1
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
-import zlib
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -127,10 +125,7 @@ class _Reader(FileSystemReader):
         expect = self._checksums.get(info.relative_path, {}).get(str(info.offset))
         if key in self._checked or (expect is None and self._metadata is None):
             return
-        with open(os.path.join(self.path, info.relative_path), "rb") as f:
-            f.seek(info.offset)
-            data = f.read(info.length)
-        if expect is None or len(data) != info.length or zlib.crc32(data) != expect:
+        if expect is None or manifest.crc(self.path, info) != expect:
             raise CheckpointError(
                 f"checkpoint '{self.path}' is damaged: the stored '{_user_key(fqn)}' (in {info.relative_path} at byte "
                 f"{info.offset}) does not match the checksum written when it was saved"
@@ -145,6 +140,11 @@ def _user_key(fqn: str) -> str:
     if fqn.startswith(optim.STATE):
         return "optimizer state " + fqn[len(optim.STATE):]
     return fqn
+
+
+def _stored(aliases, stored) -> str | None:
+    """The key a tensor known by ``aliases`` is stored under (the first of its names there)."""
+    return next((f"model.{a}" for a in aliases if f"model.{a}" in stored), None)
 
 
 def _model_entries(tensors) -> dict:
@@ -188,25 +188,36 @@ def _save(pm, path: str, optimizer, extra) -> None:
 
     state = agree_on_failure(group, prepare, f"to prepare saving '{path}'")
     tmp = path + manifest.PARTIAL
-    if coordination.rank() == 0:
-        manifest.clear_partial(path)  # a save that did not finish
-    group.comm.exchange(torch.zeros(1))  # the partial folder is gone before anyone writes
+    rank0 = coordination.rank() == 0
+
+    def clear():  # a save that did not finish, or one cut between its two renames
+        if rank0:
+            manifest.recover(path)
+            manifest.clear_partial(path)
+
+    agree_on_failure(group, clear, f"to clear what an earlier save to '{path}' left")
     try:
         md = dcp.save(state, storage_writer=FileSystemWriter(tmp), planner=_SavePlanner(),
                       process_group=coordination.process_group(pm.timeout))
     except CheckpointException as e:
         raise CheckpointError(_failure(e, f"saving checkpoint '{path}' failed")) from None
-    parts = group.gather_json(manifest.checksums(tmp, md, (coordination.rank(), coordination.world())))
-    if coordination.rank() == 0:
-        merged: dict = {}
-        for part in parts:
-            merged.update(part)
-        manifest.write(tmp, {
-            "mesh": _mesh_of(pm), "world": coordination.world(), "optimizer": optimizer is not None,
-            "extra": extra, **manifest.metadata_to_json(md), "checksums": merged,
-        })
-        manifest.commit(tmp, path)
-    group.comm.exchange(torch.zeros(1))  # returns once the checkpoint is in place for everyone
+    share = (coordination.rank(), coordination.world())
+    sums = agree_on_failure(group, lambda: manifest.checksums(tmp, md, share), f"to check what it wrote to '{tmp}'")
+    parts = group.gather_json(sums)
+
+    def commit():
+        if rank0:
+            merged: dict = {}
+            for part in parts:
+                merged.update(part)
+            manifest.write(tmp, {
+                "mesh": _mesh_of(pm), "world": coordination.world(), "device": pm.device.type,
+                "optimizer": optimizer is not None, "extra": extra, **manifest.metadata_to_json(md),
+                "checksums": merged,
+            })
+            manifest.commit(tmp, path)
+
+    agree_on_failure(group, commit, f"to commit '{path}'")  # returns once the checkpoint is in place
 
 
 def _check_extra(extra) -> None:
@@ -241,8 +252,9 @@ def looks_like_checkpoint(path: str) -> bool:
 
 def load(pm, path: str, optimizer=None, *, strict: bool = True, trusted: bool = False, restore_rng: bool = True):
     """Fill ``pm``'s shards (and ``optimizer``'s state) from the checkpoint folder ``path``, on
-    whatever mesh it was saved; ``(missing, unexpected, extra)``. A collective: call it on every
-    rank. On any error, on any rank, the model and the optimizer are left as they were."""
+    whatever mesh it was saved; ``(missing, unexpected, extra, notes)``, notes being what the
+    caller should warn about. A collective: call it on every rank. On any error, on any rank, the
+    model and the optimizer are left as they were."""
     path = os.fspath(path).rstrip("/")
     with coordination.failures_as_collective_errors(f"loading checkpoint '{path}'", pm.timeout):
         return _load(pm, path, optimizer, strict, trusted, restore_rng)
@@ -265,7 +277,7 @@ def _load(pm, path: str, optimizer, strict: bool, trusted: bool, restore_rng: bo
             raise CheckpointError(error)
         staged = {}
         for lt in tensors:
-            key = next((f"model.{a}" for a in lt.aliases if f"model.{a}" in saved), None)
+            key = _stored(lt.aliases, saved)
             if key is not None:
                 local = torch.empty(tuple(lt.tensor.shape), dtype=saved[key].properties.dtype)
                 staged[key] = Pieces(lt.shape, pm._pieces(lt.name, local), local)
@@ -273,13 +285,13 @@ def _load(pm, path: str, optimizer, strict: bool, trusted: bool, restore_rng: bo
             if doc is not None and not doc.get("optimizer", True):
                 raise CheckpointError(
                     f"checkpoint '{path}' was saved without optimizer state; load it without optimizer=...")
-            staged.update(optim.staging(pm, optimizer, tensors, saved, path))
-        rng = _rng_keys(pm, doc, saved, path) if restore_rng else {}
+            staged.update(optim.staging(pm, optimizer, tensors, saved, path, missing))
+        rng, notes = _rng_keys(pm, doc, saved, path) if restore_rng else ({}, [])
         staged.update(rng)
-        return doc, reader, tensors, staged, (missing, unexpected)
+        return doc, reader, tensors, staged, (missing, unexpected), notes
 
     prepared = agree_on_failure(group, prepare, f"to prepare loading '{path}'")
-    doc, reader, tensors, staged, (missing, unexpected) = prepared
+    doc, reader, tensors, staged, (missing, unexpected), notes = prepared
     try:
         dcp.load(staged, storage_reader=reader, planner=_LoadPlanner(trusted),
                  process_group=coordination.process_group(pm.timeout))
@@ -287,23 +299,28 @@ def _load(pm, path: str, optimizer, strict: bool, trusted: bool, restore_rng: bo
         raise CheckpointError(_failure(e, f"loading checkpoint '{path}' failed")) from None
 
     def ready():  # everything that could still fail, before anything changes
-        return optim.state_dict(optimizer, tensors, staged) if optimizer is not None else None
+        return optim.state_dict(optimizer, tensors, staged, missing) if optimizer is not None else None
 
     optimizer_state = agree_on_failure(group, ready, f"to load '{path}'")
     _commit(pm, tensors, staged, optimizer, optimizer_state)
-    return missing, unexpected, (doc or {}).get("extra")
+    return missing, unexpected, (doc or {}).get("extra"), notes
 
 
 def _open(path: str, trusted: bool):
     """``(manifest, DCP metadata, reader)`` of a checkpoint folder; only a trusted folder may
     lack a manifest (its metadata is then DCP's pickle)."""
     if path.endswith(manifest.PARTIAL):
-        raise CheckpointError(f"'{path}' is a save that did not finish; it cannot be loaded")
+        raise CheckpointError(f"'{path}' is a save that did not finish; it cannot be loaded: load the checkpoint "
+                              "saved before it (fxpar.latest_checkpoint finds it)")
     if not os.path.isdir(path):
+        if manifest.is_checkpoint(path + manifest.OLD):
+            raise CheckpointError(f"no checkpoint at '{path}': a save replacing it was cut short; the previous one is "
+                                  f"whole at '{path + manifest.OLD}' (the next fxpar.save to '{path}' puts it back)")
         if os.path.isdir(path + manifest.PARTIAL):
             raise CheckpointError(f"no checkpoint at '{path}': a save to it did not finish "
-                                  f"('{path + manifest.PARTIAL}' is what it left)")
-        raise CheckpointError(f"no checkpoint at '{path}'")
+                                  f"('{path + manifest.PARTIAL}' is what it left); load an earlier checkpoint")
+        raise CheckpointError(f"no checkpoint at '{path}': give the folder fxpar.save wrote "
+                              "(fxpar.latest_checkpoint(root) finds the newest in a folder of them)")
     doc = manifest.read(path)
     if doc is None or doc.get("format") != manifest.FORMAT:
         if not trusted:
@@ -336,7 +353,7 @@ def _compare_model(names: dict, saved: dict, path: str):
     kind that differs."""
     missing = []
     for name, (aliases, shape, _) in names.items():
-        key = next((f"model.{a}" for a in aliases if f"model.{a}" in saved), None)
+        key = _stored(aliases, saved)
         if key is None:
             missing.append(name)
             continue
@@ -368,29 +385,40 @@ def _check_files(md, path: str) -> str | None:
     for index, info in md.storage_data.items():
         file = os.path.join(path, info.relative_path)
         if info.relative_path not in sizes:
+            if os.path.islink(file):  # a checkpoint's data files are its own, never links elsewhere
+                return (f"checkpoint '{path}' is not one fxpar wrote: its data file {info.relative_path} is a link; "
+                        "copy the checkpoint with its files (cp -rL) and load the copy")
             sizes[info.relative_path] = os.path.getsize(file) if os.path.isfile(file) else -1
         have = sizes[info.relative_path]
         if have < 0:
-            return f"checkpoint '{path}' is incomplete: {info.relative_path}, which holds '{_user_key(index.fqn)}', is missing"
+            return (f"checkpoint '{path}' is incomplete: {info.relative_path}, which holds "
+                    f"'{_user_key(index.fqn)}', is missing")
         if have < info.offset + info.length:
             return (f"checkpoint '{path}' is truncated: '{_user_key(index.fqn)}' is stored at bytes "
                     f"{info.offset}..{info.offset + info.length} of {info.relative_path}, which has {have} bytes")
     return None
 
 
-def _rng_keys(pm, doc, saved: dict, path: str) -> dict:
-    """Staging for this rank's random states, when the checkpoint was saved on this mesh (a
-    rank's states mean nothing to another rank's position)."""
+def _rng_keys(pm, doc, saved: dict, path: str) -> tuple[dict, list[str]]:
+    """Staging for this rank's random states, and notes for the user: states are restored only
+    where the checkpoint was saved on this mesh, with generators of the same kinds (a rank's
+    states mean nothing to another rank's position, a CPU generator's nothing to a GPU's)."""
     mine = f"{RNG}{coordination.rank()}."
-    keys = {k: md for k, md in saved.items() if k.startswith(mine)}
+    keys = {k[len(mine):]: (k, md) for k, md in saved.items() if k.startswith(mine)}
     if not keys:
-        return {}
-    if doc is None or doc.get("mesh") != _mesh_of(pm) or doc.get("world") != coordination.world():
-        warnings.warn(f"fxpar: '{path}' was saved on {doc.get('mesh') if doc else 'another mesh'}; random states are "
-                      f"per rank, so they are not restored on {pm.mesh}", stacklevel=4)
-        return {}
-    return {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in keys.items()
-            if isinstance(md, TensorStorageMetadata)}
+        return {}, []
+    current = pm.rng_state()
+    where = doc.get("mesh") if doc else None
+    if doc is None or where != _mesh_of(pm) or doc.get("world") != coordination.world():
+        return {}, [f"'{path}' was saved on {where or 'another mesh'}; random states are per rank, so they are not "
+                    f"restored on {pm.mesh}"]
+    same = set(keys) == set(current) and doc.get("device") in (None, pm.device.type) and all(
+        isinstance(md, TensorStorageMetadata) and tuple(md.size) == tuple(current[name].shape)
+        and md.properties.dtype == current[name].dtype for name, (_, md) in keys.items())
+    if not same:
+        return {}, [f"the random states in '{path}' are of other generators than this run's "
+                    f"({doc.get('device')} against {pm.device.type}); they are not restored"]
+    return {k: torch.empty(tuple(md.size), dtype=md.properties.dtype) for k, md in keys.values()}, []
 
 
 @torch.no_grad()
@@ -399,7 +427,7 @@ def _commit(pm, tensors, staged: dict, optimizer, optimizer_state) -> None:
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
     for lt in tensors:
-        key = next((f"model.{a}" for a in lt.aliases if f"model.{a}" in staged), None)
+        key = _stored(lt.aliases, staged)
         if key is not None:
             lt.tensor.copy_(staged[key].local)
     prefix = f"{RNG}{coordination.rank()}."

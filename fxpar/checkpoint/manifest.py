@@ -37,8 +37,8 @@ MANIFEST = "fxpar.json"
 PARTIAL = ".partial"
 OLD = ".old"
 FORMAT = 2
-_DATA_FILE = re.compile(r"^__\d+_\d+\.distcp$")  # the only files a manifest may point at
-_OWN_FILES = re.compile(r"^(\.metadata|__\d+_\d+\.distcp|fxpar\.json)$")
+_DATA_FILE = re.compile(r"__\d+_\d+\.distcp")  # the only files a manifest may point at
+_OWN_FILES = re.compile(r"\.metadata|__\d+_\d+\.distcp|fxpar\.json")
 
 
 def metadata_to_json(md: Metadata) -> dict:
@@ -80,14 +80,15 @@ def metadata_from_json(doc: dict, path: str) -> Metadata:
         storage = {}
         for item in doc["storage"]:
             file = str(item["file"])
-            if not _DATA_FILE.match(file):
+            if not _DATA_FILE.fullmatch(file):
                 raise ValueError(f"a data file named {file!r}")
             offset = None if item["offset"] is None else _ints(item["offset"])
             index = MetadataIndex(str(item["fqn"]), offset, None if item["index"] is None else int(item["index"]))
             storage[index] = _StorageInfo(file, _int(item["at"]), _int(item["length"]))
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(
-            f"checkpoint '{path}' is damaged: {MANIFEST} does not describe its tensors ({e})") from None
+            f"checkpoint '{path}' is damaged: {MANIFEST} does not describe its tensors ({e}); load an earlier "
+            "checkpoint") from None
     version = doc.get("version")
     return Metadata(state_dict_metadata=state, storage_data=storage, storage_meta=StorageMeta(),
                     version=str(version) if version is not None else None)
@@ -105,6 +106,14 @@ def _ints(xs) -> list[int]:
     return [_int(x) for x in xs]
 
 
+def crc(folder: str, info) -> int:
+    """CRC-32 of the stored box ``info`` (a DCP ``_StorageInfo``) of ``folder`` (-1: cut short)."""
+    with open(os.path.join(folder, info.relative_path), "rb") as f:
+        f.seek(info.offset)
+        data = f.read(info.length)
+    return zlib.crc32(data) if len(data) == info.length else -1
+
+
 def checksums(folder: str, md: Metadata, share: tuple[int, int] = (0, 1)) -> dict:
     """CRC-32 of every stored box in this rank's share (rank, world) of the data files."""
     files = sorted({info.relative_path for info in md.storage_data.values()})
@@ -113,9 +122,7 @@ def checksums(folder: str, md: Metadata, share: tuple[int, int] = (0, 1)) -> dic
     out: dict = {}
     for info in md.storage_data.values():
         if info.relative_path in mine:
-            with open(os.path.join(folder, info.relative_path), "rb") as f:
-                f.seek(info.offset)
-                out.setdefault(info.relative_path, {})[str(info.offset)] = zlib.crc32(f.read(info.length))
+            out.setdefault(info.relative_path, {})[str(info.offset)] = crc(folder, info)
     return out
 
 
@@ -137,9 +144,11 @@ def read(path: str) -> dict | None:
         with open(file) as f:
             doc = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint '{path}' is damaged: {MANIFEST} is not readable ({e})") from e
+        raise CheckpointError(f"checkpoint '{path}' is damaged: {MANIFEST} is not readable ({e}); load an "
+                              "earlier checkpoint") from e
     if not isinstance(doc, dict):
-        raise CheckpointError(f"checkpoint '{path}' is damaged: {MANIFEST} is not an object")
+        raise CheckpointError(f"checkpoint '{path}' is damaged: {MANIFEST} is not an object; load an earlier "
+                              "checkpoint")
     return doc
 
 
@@ -163,7 +172,7 @@ def check_target(path: str) -> None:
     if os.path.lexists(tmp) and not os.path.isdir(tmp):
         raise CheckpointError(f"cannot save a checkpoint to '{path}': '{tmp}' exists and is not a folder; remove it")
     if os.path.isdir(tmp):
-        strange = [f for f in os.listdir(tmp) if not _OWN_FILES.match(f)]
+        strange = [f for f in os.listdir(tmp) if not _OWN_FILES.fullmatch(f)]
         if strange:
             raise CheckpointError(f"cannot save a checkpoint to '{path}': '{tmp}' holds files a save does not write "
                                   f"({strange[:3]}); remove it")
@@ -174,6 +183,17 @@ def clear_partial(path: str) -> None:
     tmp = path + PARTIAL
     if os.path.isdir(tmp):
         shutil.rmtree(tmp)
+
+
+def recover(path: str) -> None:
+    """Finish a commit cut short between its renames: ``path`` is gone, and either the new
+    checkpoint is whole in ``path.partial`` (its manifest written) or the old one in ``path.old``."""
+    if os.path.lexists(path):
+        return
+    if is_checkpoint(path + PARTIAL):
+        os.rename(path + PARTIAL, path)
+    elif is_checkpoint(path + OLD):
+        os.rename(path + OLD, path)
 
 
 def commit(tmp: str, path: str) -> None:

@@ -19,6 +19,10 @@ from .pieces import Pieces
 
 STATE = "optim.state."
 GROUPS = "optim.param_groups."
+# keys of a param group that list its parameters rather than set them: not stored per parameter
+# (``param_names`` is what an optimizer made from ``named_parameters()`` keeps; it is this mesh's)
+LISTS = ("params", "param_names")
+SMALL = 1 << 16  # elements a hyperparameter or a state not shaped like its parameter may have
 
 
 def _by_param(optimizer, tensors) -> list[tuple[dict, torch.Tensor, object]]:
@@ -29,7 +33,8 @@ def _by_param(optimizer, tensors) -> list[tuple[dict, torch.Tensor, object]]:
         for p in group["params"]:
             lt = by_id.get(id(p))
             if lt is None:
-                raise CheckpointError("the optimizer steps a tensor that is not a parameter of this ParallelModule")
+                raise CheckpointError("the optimizer steps a tensor that is not a parameter of this ParallelModule: "
+                                      "make it from pm.parameters() (after the first call)")
             out.append((group, p, lt))
     return out
 
@@ -39,7 +44,7 @@ def entries(pm, optimizer, tensors) -> dict:
     out = {}
     for group, p, lt in _by_param(optimizer, tensors):
         for k, v in group.items():
-            if k != "params":
+            if k not in LISTS:
                 out[f"{GROUPS}{lt.name}.{k}"] = v
         for k, v in optimizer.state.get(p, {}).items():
             key = f"{STATE}{lt.name}.{k}"
@@ -55,18 +60,22 @@ def entries(pm, optimizer, tensors) -> dict:
     return out
 
 
-def staging(pm, optimizer, tensors, saved: dict, path: str) -> dict:
+def staging(pm, optimizer, tensors, saved: dict, path: str, missing=()) -> dict:
     """Places to load the stored state of ``optimizer`` into, made from the checkpoint's own
-    listing (``saved``): nothing of the optimizer is touched until the whole load succeeded."""
+    listing (``saved``): nothing of the optimizer is touched until the whole load succeeded.
+    Parameters in ``missing`` (not in the checkpoint, loaded with ``strict=False``) keep theirs."""
     out = {}
     for group, p, lt in _by_param(optimizer, tensors):
+        if lt.name in missing:
+            continue
         if f"{GROUPS}{lt.name}.lr" not in saved:
             raise CheckpointError(
                 f"checkpoint '{path}' has no optimizer hyperparameters for '{lt.name}': it was saved without this "
-                "parameter in its optimizer, or with another model")
+                "parameter in its optimizer, or from another model; load it without optimizer=..., or give the "
+                "optimizer the parameters it was saved with")
         for k in group:
             key = f"{GROUPS}{lt.name}.{k}"
-            if k != "params" and key in saved:
+            if k not in LISTS and key in saved:
                 out[key] = _place(saved[key], None)
         prefix = f"{STATE}{lt.name}."
         for key, md in saved.items():
@@ -86,31 +95,40 @@ def _place(md, param):
         return None
     dtype = md.properties.dtype
     if not len(md.size) or param is None:
+        if md.size.numel() > SMALL:  # sizes come from the folder: never allocate what it says blindly
+            raise CheckpointError(f"a stored hyperparameter or state of size {tuple(md.size)} is not one an optimizer "
+                                  "keeps: the checkpoint is damaged or was not written by fxpar.save")
         return torch.empty(tuple(md.size), dtype=dtype)
     pm, lt, p = param
     local = torch.empty(tuple(p.shape), dtype=dtype)
     return Pieces(lt.shape, pm._pieces(lt.name, local), local)
 
 
-def state_dict(optimizer, tensors, staged: dict) -> dict:
-    """The loaded state in ``optimizer.state_dict()`` form (parameters by position)."""
+def state_dict(optimizer, tensors, staged: dict, missing=()) -> dict:
+    """The loaded state in ``optimizer.state_dict()`` form (parameters by position); the
+    parameters in ``missing`` keep the state they have."""
     out: dict = {"state": {}, "param_groups": []}
     index = 0
     names = {id(lt.tensor): lt.name for lt in tensors if lt.is_param}
     for group in optimizer.param_groups:
         loaded = {k: v for k, v in group.items() if k != "params"}
-        for k in loaded:
+        for k in [k for k in loaded if k not in LISTS]:
             values = [_value(staged[f"{GROUPS}{names[id(p)]}.{k}"]) for p in group["params"]
                       if f"{GROUPS}{names[id(p)]}.{k}" in staged]
             if values and any(not _same(v, values[0]) for v in values[1:]):
-                raise CheckpointError(f"the checkpoint gives the parameters of one optimizer group different '{k}'")
+                raise CheckpointError(
+                    f"the checkpoint gives the parameters of one optimizer group different '{k}': group the "
+                    "optimizer's parameters as they were grouped when it was saved")
             if values:
                 loaded[k] = values[0]
         ids = []
         for p in group["params"]:
             prefix = f"{STATE}{names[id(p)]}."
-            state = {key[len(prefix):]: _value(v) for key, v in staged.items()
-                     if key.startswith(prefix) and "." not in key[len(prefix):]}
+            if names[id(p)] in missing:
+                state = dict(optimizer.state.get(p, {}))
+            else:
+                state = {key[len(prefix):]: _value(v) for key, v in staged.items()
+                         if key.startswith(prefix) and "." not in key[len(prefix):]}
             if state:
                 out["state"][index] = state
             ids.append(index)

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..errors import FxparError
+from ..errors import CheckpointError, FxparError
 from .layout import full_names, local_tensors
 
 BUDGET = 16 * 2**20  # bytes of tensors read through one mapping before it is dropped
@@ -58,12 +58,15 @@ def weight_files(path: str) -> dict[str, str]:
 
 
 def _inside(folder: str, file, index: str) -> str:
-    """A file an index names, which must lie in the index's folder (an index is read from a
-    folder anyone may have written: it must not make a rank read files elsewhere)."""
-    full = os.path.realpath(os.path.join(folder, str(file)))
-    if not full.startswith(os.path.realpath(folder) + os.sep):
-        raise FxparError(f"'{os.path.join(folder, index)}' names the weight file {file!r}, which is outside '{folder}'")
-    return full
+    """A file an index names, which must be named inside the index's folder (an index is read
+    from a folder anyone may have written: it must not make a rank read files elsewhere). The
+    name is checked as written: a Hugging Face cache links every file to a blob elsewhere."""
+    name = os.path.normpath(str(file))
+    if os.path.isabs(name) or name == ".." or name.startswith(".." + os.sep):
+        raise CheckpointError(
+            f"'{os.path.join(folder, index)}' names the weight file {file!r}, which is outside '{folder}': an index "
+            "names files of its own folder; fix the index, or load the file itself")
+    return os.path.join(folder, name)
 
 
 def _is_safetensors(file: str) -> bool:

@@ -21,9 +21,11 @@ from typing import Callable
 
 import torch
 
-from ..errors import FxparError, RankMismatchError
+from ..errors import CollectiveError, FxparError, RankMismatchError
 
-_PRIME = 2039  # a word's weight is its position mod this prime, so moved words change the digest
+_PRIME = 2039  # a word's weight is its position mod this prime: a word moved by other than a
+# multiple of it changes the digest (a check against accidents, not against an adversary)
+_MAX_JSON = 1 << 28  # bytes of one rank's summary
 _CHUNK = _PRIME * 514  # words hashed per kernel (about 2**20): the int64 copy stays at 8 MiB
 
 
@@ -49,6 +51,9 @@ class Group:
         """Every member's ``obj`` (anything JSON can hold): lengths first, then the padded bytes."""
         blob = json.dumps(obj, default=repr).encode()
         lengths = [n for (n,) in self.gather_ints([len(blob)])]
+        if any(not 0 <= n <= _MAX_JSON for n in lengths):  # a group left in disorder by an earlier failure
+            raise CollectiveError(f"ranks sent summaries of impossible lengths {lengths}: the process group is not "
+                                  "usable after an earlier failure; restart the job")
         buf = torch.zeros(max(lengths), dtype=torch.uint8)
         if blob:
             buf[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
@@ -68,6 +73,9 @@ def tensor_digest(t: torch.Tensor) -> int:
     if t.device.type == "meta":
         raise FxparError("a tensor on the meta device has no values to compare")
     x = t.detach()
+    if x.is_sparse:
+        x = x.to_dense()
+    x = x.resolve_conj().resolve_neg()
     if x.dtype == torch.bool:
         x = x.to(torch.uint8)
     if x.is_complex():

@@ -19,6 +19,7 @@ from torch.utils import _pytree as pytree
 
 from ..capture import TARGET
 from ..errors import FxparError
+from ..options import plain
 from .agree import describe_ranks, differences, tensor_digest
 
 REPLICA_HINT = (
@@ -40,6 +41,7 @@ def callable_name(fn) -> str | None:
 
 # options ----------------------------------------------------------------------------------------
 def explain_options(summaries: list, ranks: list[int]) -> str:
+    """The error for ranks given different options (``summaries``: each rank's, by name)."""
     lines = differences(summaries, ranks)
     return ("the ranks were given different options for fxpar.parallelize:\n  " + "\n  ".join(lines)
             + "\nEvery rank must call fxpar.parallelize with the same mesh and options.")
@@ -68,6 +70,7 @@ def model_values(model: torch.nn.Module) -> dict:
 
 
 def explain_structure(summaries: list, ranks: list[int]) -> str:
+    """The error for ranks holding models of other structures (``model_structure`` of each)."""
     counts = [len(s) for s in summaries]
     if len(set(counts)) > 1:
         stack = _layer_stack(summaries)
@@ -93,6 +96,7 @@ def explain_structure(summaries: list, ranks: list[int]) -> str:
 
 
 def explain_values(summaries: list, ranks: list[int]) -> str:
+    """The error for ranks holding different values (``model_values`` of each)."""
     names = [k for k in summaries[0] if len({s.get(k) for s in summaries}) > 1]
     more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
     bad = [r for r, s in zip(ranks, summaries) if s.get(names[0]) != summaries[0].get(names[0])]
@@ -135,11 +139,11 @@ def _only_on(summaries: list, ranks: list[int]) -> str:
 def input_names(forward, args, kwargs) -> list[str]:
     """A name for every leaf of ``(args, kwargs)``, as the user knows it: ``idx``,
     ``attention_mask``, ``target``, ``args[2]`` or ``batch['ids']``."""
+    fn, bound = getattr(forward, "__func__", forward), hasattr(forward, "__func__")
     try:
-        params = list(inspect.signature(forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        positional = _positional(fn, bound)
+    except TypeError:  # an unhashable callable
+        positional = _positional.__wrapped__(fn, bound)
     names = []
     for path, _ in pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))[0]:
         top, key = path[0].idx, path[1]
@@ -149,6 +153,17 @@ def input_names(forward, args, kwargs) -> list[str]:
             base = "target" if key.key == TARGET else str(key.key)
         names.append(base + pytree.keystr(path[2:]))
     return names
+
+
+@functools.lru_cache(maxsize=64)
+def _positional(fn, bound: bool) -> list[str]:
+    """The names of ``fn``'s positional parameters (``self`` left out of a method's)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return []
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[1:] if bound else names
 
 
 def input_summaries(forward, args, kwargs, dynamic: dict | None, digests: bool = True) -> tuple[dict, dict]:
@@ -170,11 +185,12 @@ def input_summaries(forward, args, kwargs, dynamic: dict | None, digests: bool =
             value = "meta" if meta else tensor_digest(x) if digests else None
             contents[name] = [list(x.shape), dtype, value]
         else:
-            signature[name] = repr(x)
+            signature[name] = repr(plain(x))
     return signature, contents
 
 
 def explain_signature(summaries: list, ranks: list[int]) -> str:
+    """The error for ranks called with inputs of different kinds (``input_summaries``' first)."""
     lines = differences(summaries, ranks)
     return ("the ranks were called with inputs of different shapes, types or structure (*: a dynamic size):\n  "
             + "\n  ".join(lines)
@@ -210,14 +226,15 @@ def _shape_text(entry) -> str:
     return "missing" if entry is None else f"shape {tuple(entry[0])} {entry[1]}"
 
 
-def check_not_meta(contents: dict) -> None:
-    """Inputs must hold values: a model runs on real tensors (plan with ``fxpar.compile``)."""
+def check_not_meta(contents: dict, where: str = "") -> None:
+    """Inputs must hold values: a model runs on real tensors (plan with ``fxpar.compile``).
+    ``contents``: the second of ``input_summaries``; ``where``: the call, for the message."""
     meta = [name for name, v in contents.items() if v[2] == "meta"]
     if meta:
         raise FxparError(
-            f"input '{meta[0]}' is on the meta device, which holds no values: call the model with real tensors "
-            "(the model itself may be built on the meta device and filled with fxpar.load); to plan without "
-            "running, use fxpar.compile"
+            f"{where}input '{meta[0]}' is on the meta device, which holds no values: call the model with real "
+            "tensors (the model itself may be built on the meta device and filled with fxpar.load); to plan "
+            "without running, use fxpar.compile"
         )
 
 
@@ -232,6 +249,7 @@ def plan_summary(ctx) -> dict:
 
 
 def explain_plan(summaries: list, ranks: list[int]) -> str:
+    """The error for ranks whose plans differ (``plan_summary`` of each)."""
     lines = differences([{"placements": s["placements"]} for s in summaries], ranks, limit=1) or \
         differences(summaries, ranks, limit=1)
     return ("the ranks planned the model differently, though they agree on the model, the options and the inputs "

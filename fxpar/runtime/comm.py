@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveError
+from ..mesh import DIM_ORDER
 
 
 class Communicator:
@@ -114,8 +115,6 @@ class DistComm(Communicator):
         try:
             work.wait(timeout=self.timeout)
         except Exception as e:  # noqa: BLE001 - gloo and NCCL raise different types
-            from ..mesh import DIM_ORDER
-
             on_mesh = self.name in DIM_ORDER
             where = f"mesh dimension '{self.name}'" if on_mesh else f"the {self.name} process group"
             stopped = "stopped calling the model" if on_mesh else "did not make the same call"

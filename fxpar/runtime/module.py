@@ -22,9 +22,8 @@ from .. import report
 from ..capture import TARGET, capture, meta_skeleton
 from ..errors import CaptureError, FxparError
 from ..mesh import DIM_ORDER, Mesh, as_mesh, ensure_process_group
-from ..options import timeout as as_timeout
+from ..options import PlanOptions, check_inputs_mode, plain as plain_data, timeout as as_timeout
 from ..placement import REPLICATE, Shard
-from ..options import PlanOptions, check_inputs_mode
 from ..plan import first_microbatch, plan_graph
 from ..memory import expr
 from ..shards import local_shape
@@ -77,22 +76,32 @@ class ParallelModule(nn.Module):
         **options,
     ):
         super().__init__()
-        # every option is checked here, on every rank, before anything is bound or sent
-        timeout = as_timeout(timeout)
-        check_inputs = check_inputs_mode(check_inputs)
-        plan_options = PlanOptions.from_user("fxpar.parallelize()", overrides=overrides or {}, rng=rng, **options)
-        compile_options = _compile_options(compile)
+        # every option is checked here, on every rank, before anything is bound or sent; a rank
+        # whose options are refused makes the others raise too (once a process group exists)
         plain = as_mesh(mesh)
         device = torch.device(device) if device is not None else _default_device()
-        plan_options = plan_options.replace(device_type=device.type)
+        try:
+            timeout = as_timeout(timeout)
+            check_inputs = check_inputs_mode(check_inputs)
+            plan_options = PlanOptions.from_user("fxpar.parallelize()", overrides=overrides or {}, rng=rng,
+                                                 device_type=device.type, **options)
+            compile_options = _compile_options(compile)
+            refused = None
+        except FxparError as e:
+            if not dist.is_initialized():  # no peers to tell yet
+                raise
+            refused, timeout = e, None
+        wait = timeout or as_timeout(None, fallback=True)
         if isinstance(mesh, Mesh):
-            ensure_process_group(device.type, timeout)
-        everyone = _everyone(plain, timeout, device, isinstance(mesh, Mesh))
+            ensure_process_group(device.type, wait)
+        everyone = _everyone(plain, wait, device, isinstance(mesh, Mesh))
+        agree_on_failure(everyone, lambda: _reraise(refused), "to take the options of fxpar.parallelize")
         # the mesh and the options agree before any process group is made for the mesh
         agree(everyone, {
-            "mesh": repr(plain), **plan_options.summary(), "dynamic_shapes": repr(dynamic_shapes), "seed": seed,
-            "loss_fn": callable_name(loss_fn), "init_fn": callable_name(init_fn), "compile": repr(compile_options),
-            "check_inputs": check_inputs, "device": device.type, "example_target": example_target is not None,
+            "mesh": repr(plain), **plan_options.summary(), "dynamic_shapes": plain_data(dynamic_shapes),
+            "seed": seed, "loss_fn": callable_name(loss_fn), "init_fn": callable_name(init_fn),
+            "compile": plain_data(compile_options), "check_inputs": check_inputs, "device": device.type,
+            "example_target": example_target is not None, "timeout": timeout.total_seconds(),
         }, explain_options)
         device_mesh = plain.bind(device.type, timeout) if isinstance(mesh, Mesh) else mesh
         names = tuple(device_mesh.mesh_dim_names)
@@ -157,8 +166,11 @@ class ParallelModule(nn.Module):
         built = None
         if example_target is not None and loss_fn is not None:
             # the training graph decides how the weights are split (it knows what the loss reads)
-            built = self._loss_program(_as_tuple(example_args), {**(example_kwargs or {}), TARGET: example_target})
+            with_target = {**(example_kwargs or {}), TARGET: example_target}
+            self._check_call(_as_tuple(example_args), with_target)
+            built = self._loss_program(_as_tuple(example_args), with_target)
         if built is None and (example_args is not None or example_kwargs):
+            self._check_call(_as_tuple(example_args), dict(example_kwargs or {}))
             self._program(_as_tuple(example_args), dict(example_kwargs or {}))
 
     @property
@@ -167,6 +179,7 @@ class ParallelModule(nn.Module):
 
     # running -----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        self._check_call(args, kwargs)
         prog = self._program(args, kwargs)
         with running(self._ctx):
             if prog.full is not None and (self._mesh.replicas == 1 or not _training(self)):
@@ -200,9 +213,10 @@ class ParallelModule(nn.Module):
             raise FxparError("train_step needs the loss: pass loss_fn=... to fxpar.parallelize")
         if not torch.is_grad_enabled():
             raise FxparError("train_step computes gradients: call it outside torch.no_grad()")
+        with_target = {**kwargs, TARGET: target}
+        self._check_call(args, with_target)  # with or without a target, on every rank alike
         check_loss_call(self._loss_fn, target)
         m = self._microbatches
-        with_target = {**kwargs, TARGET: target}
         prog = self._loss_program(args, with_target)
         if prog is not None:
             mbs = split_microbatches(self._flat(prog, args, with_target), m)
@@ -261,27 +275,35 @@ class ParallelModule(nn.Module):
         return torch.zeros(shape, dtype=val.dtype, device=self._device)
 
     def _program(self, args, kwargs, loss: bool = False, inputs: dict | None = None):
-        """The program for these inputs, built at their signature's first call. ``inputs``: the
-        keyword inputs the ranks must agree on (default ``kwargs``; a target besides)."""
+        """The program for these inputs (their signature agreed by ``_check_call``), built at the
+        signature's first call. ``inputs``: the keyword inputs the ranks of a replica must agree
+        on the values of (default ``kwargs``; a target besides)."""
         prog = self._programs.get((loss, self._key(args, kwargs)))
         if prog is None or self._check_mode == "always":
-            self._check_inputs(args, kwargs if inputs is None else inputs)
+            self._check_contents(args, kwargs if inputs is None else inputs)
         if prog is None:
             prog = self._build(args, kwargs, loss)
             # keyed after building: the first capture tells which dims are symbolic
             self._programs[(loss, self._key(args, kwargs))] = prog
         return prog
 
-    def _check_inputs(self, args, kwargs) -> None:
-        """The ranks agree on the inputs' kinds, and the ranks of a replica on their values."""
+    def _check_call(self, args, kwargs) -> None:
+        """At every call, every rank agrees on the inputs' kinds (structure, shapes but for the
+        dynamic sizes, dtypes, Python values) and on train/eval mode: a call whose program is new
+        on one rank only would send that rank into checks its peers never join. One all-gather
+        of 8 bytes; ``check_inputs="never"`` skips it."""
         check = self._check_mode != "never" and self._everyone.world > 1
-        signature, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic, digests=check)
+        signature, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic, digests=False)
         if check:
-            agree(self._everyone, signature, explain_signature)
-            if self._mesh.size > self._mesh.replicas:  # a replica spans several ranks
-                classes = self._replica_of
-                agree(self._everyone, contents, explain_contents(classes), classes)
+            agree(self._everyone, {**signature, "mode": "train" if self.training else "eval"}, explain_signature)
         check_not_meta(contents)
+
+    def _check_contents(self, args, kwargs) -> None:
+        """The ranks of a replica agree on the values of the inputs."""
+        if self._check_mode == "never" or self._everyone.world == 1 or self._mesh.size == self._mesh.replicas:
+            return
+        _, contents = input_summaries(self._skeleton.forward, args, kwargs, self._dynamic)
+        agree(self._everyone, contents, explain_contents(self._replica_of), self._replica_of)
 
     def _key(self, args, kwargs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
@@ -556,6 +578,11 @@ class ParallelModule(nn.Module):
                 raise FxparError(f"set_rng_state: this rank has no random stream {name!r}")
 
     @property
+    def device(self) -> torch.device:
+        """Where this rank's shards and programs live."""
+        return self._device
+
+    @property
     def timeout(self) -> datetime.timedelta:
         """How long every collective of this module waits for the other ranks."""
         return self._p2p.timeout
@@ -606,6 +633,11 @@ class ParallelModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self._mesh}, rank {self._rank}, device {self._device}"
+
+
+def _reraise(error) -> None:
+    if error is not None:
+        raise error
 
 
 def _everyone(mesh: Mesh, timeout, device, plain: bool) -> Group:
