@@ -126,20 +126,35 @@ def invert_expand(node: Node, wanted):
     return {x: wanted.with_dim(d)}
 
 
+# every way of writing a transpose (``W.T`` exports as numpy_T, ``W.mT`` as mT, ...)
+PERMUTES = (aten.permute.default, aten.transpose.int, aten.t.default, aten.numpy_T.default, aten.mT.default,
+            aten.mH.default, aten.adjoint.default, aten.swapaxes.default, aten.swapdims.default, aten.movedim.int)
+
+
 def _perm(node: Node) -> list[int]:
+    """``perm`` such that output dim ``i`` is input dim ``perm[i]``."""
     nd = ndim(node)
     t = node.target
     if t == aten.permute.default:
         return [norm_dim(d, nd) for d in node.args[1]]
     if t == aten.t.default:
         return [1, 0] if nd == 2 else [0]
+    if t == aten.numpy_T.default:
+        return list(reversed(range(nd)))
+    if t in (aten.mT.default, aten.mH.default, aten.adjoint.default):
+        return list(range(nd - 2)) + [nd - 1, nd - 2]
+    if t == aten.movedim.int:
+        src, dst = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+        order = [d for d in range(nd) if d != src]
+        order.insert(dst, src)
+        return order
     a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
     perm = list(range(nd))
     perm[a], perm[b] = perm[b], perm[a]
     return perm
 
 
-@register(aten.permute.default, aten.transpose.int, aten.t.default)
+@register(*PERMUTES)
 def permute(node: Node, ctx: RuleContext) -> Sharding:
     perm = _perm(node)
     return _unary(node, ctx, lambda p: p.with_dim(perm.index(p.dim)))
@@ -222,9 +237,7 @@ def invert_identity(node: Node, wanted):
 INVERSES = {
     **{op: invert_reshape for op in RESHAPES},
     aten.expand.default: invert_expand,
-    aten.permute.default: invert_permute,
-    aten.transpose.int: invert_permute,
-    aten.t.default: invert_permute,
+    **{op: invert_permute for op in PERMUTES},
     aten.unsqueeze.default: invert_squeeze,
     aten.squeeze.default: invert_squeeze,
     aten.squeeze.dim: invert_squeeze,
