@@ -30,6 +30,8 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .canonical import filled_buffers_as_cat, index_runs_as_slices
+from .constants import RealConstants, check_constants
 from .errors import _TORCH_DIR, CaptureError
 
 _FXPAR_DIR = __file__.rsplit("/", 1)[0]
@@ -128,13 +130,18 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     )
     shapes, dim_names = _normalize_dynamic(dynamic_shapes)
     try:
-        ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
+        with RealConstants():
+            ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the user's module and line
         raise CaptureError(_explain(e, skeleton)) from e
     gm = ep.module()
     _drop_export_guards(gm)
     _portable(gm)
     aliases, persistent = _names(model)
+    lifted = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target not in aliases}
+    check_constants(gm, lifted)
+    index_runs_as_slices(gm)
+    filled_buffers_as_cat(gm)
     tensors = dict(skeleton.named_parameters())
     tensors.update(skeleton.named_buffers())
     sym_names = _symbol_names(gm, dim_names)

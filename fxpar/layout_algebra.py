@@ -82,11 +82,16 @@ def view_shard(in_shape, out_shape, shard: Shard) -> Shard | None:
     >>> view_shard((2, 8, 64), (2, 8, 4, 16), s)      # heads split over ranks
     S(2)
     """
+    if [size_token(x) for x in in_shape] == [size_token(x) for x in out_shape]:
+        return shard
     for gi, gj in view_groups(in_shape, out_shape):
         if shard.dim not in gi:
             continue
         if gj is None:
             return None
+        if shard.is_whole and gj:  # all of it on every rank stays so, along any dim of the group
+            size = size_token(out_shape[gj[0]])
+            return whole_everywhere(gj[0], size, shard.world) if isinstance(size, int) and size > 0 else None
         sizes_in = [size_token(in_shape[d]) for d in gi]
         sizes_out = [size_token(out_shape[d]) for d in gj]
         real_in = [d for d in gi if size_token(in_shape[d]) != 1]
@@ -174,3 +179,113 @@ def concat_layout(shards: list[Shard], sizes: list[int], dim: int) -> Shard:
             offset += n
         owned.append(np.concatenate(parts))
     return Shard.from_indices(dim, sum(sizes), owned)
+
+
+def whole_everywhere(dim: int, size: int, world: int) -> Shard:
+    """Every rank holds all of ``[0, size)``: a piece of a split tensor that every rank needs whole
+    (the key/value part of a fused projection with one key/value head)."""
+    return Shard(dim, size, tuple(((0, size),) for _ in range(world)))
+
+
+def group_layout(dim: int, groups: int, world: int) -> Shard | None:
+    """``groups`` (heads, say) over ``world`` ranks: an even split where they divide, else each
+    rank holds the group its position falls in (``r * groups // world``), so that ranks share a
+    group the way grouped-query attention shares a key/value head; None when neither divides."""
+    if groups % world == 0:
+        return Shard.even(dim, groups, world)
+    if world % groups == 0:
+        return Shard.from_indices(dim, groups, [[r * groups // world] for r in range(world)])
+    return None
+
+
+def with_piece(base: Shard, pieces: list[tuple[int, int]], index: int, wanted: Shard) -> Shard | None:
+    """A layout of ``base``'s dimension in which piece ``index`` of ``pieces`` (the cuts an op
+    makes) comes out as ``wanted`` and every other part keeps its layout in ``base``: evenly
+    split where ``base`` gives it no equal part on every rank, whole on every rank where it does
+    not divide. None when ``wanted`` does not fit the piece."""
+    lo, hi = pieces[index]
+    if wanted.size != hi - lo or wanted.world != base.world:
+        return None
+    edges = sorted({0, base.size, *(x for piece in pieces for x in piece)})
+    layouts, sizes = [], []
+    for a, b in zip(edges, edges[1:]):
+        if (a, b) == (lo, hi):
+            part = wanted
+        else:
+            placed = piece_layout(base, a, b)
+            if placed is not None:
+                part = placed[1]
+            elif (b - a) % base.world == 0:
+                part = Shard.even(base.dim, b - a, base.world)
+            else:
+                part = whole_everywhere(base.dim, b - a, base.world)
+        layouts.append(part)
+        sizes.append(b - a)
+    try:
+        return concat_layout(layouts, sizes, base.dim)
+    except ValueError:
+        return None
+
+
+def view_superset(in_shape, out_shape, shard: Shard, whole_dims) -> Shard | None:
+    """A layout of ``x`` (of ``in_shape``) from which every rank's part of ``x.view(out_shape)``
+    under ``shard`` can be picked locally, when no layout gives exactly that part: one dim of the
+    group holds the needed indices, and the dims in ``whole_dims`` (broadcast copies, free to hold
+    whole) hold all of theirs. ``repeat_kv``'s ``expand`` then ``reshape`` of key/value heads is
+    the case: each rank holds the key/value heads its query heads read, with every repeat.
+
+    >>> s = Shard.even(1, 4, 4)                       # 4 query heads, one per rank
+    >>> view_superset((2, 2, 2, 8, 16), (2, 4, 8, 16), s, {2}).runs   # 2 kv heads x 2 repeats
+    (((0, 1),), ((0, 1),), ((1, 2),), ((1, 2),))
+    """
+    for gi, gj in view_groups(out_shape, in_shape):
+        if shard.dim not in gi:
+            continue
+        if gj is None:
+            return None
+        sizes_out = [size_token(out_shape[d]) for d in gi]
+        sizes_in = [size_token(in_shape[d]) for d in gj]
+        if not all(isinstance(s, int) for s in sizes_out + sizes_in) or prod(sizes_out) > ENUMERATION_LIMIT:
+            return None
+        owned, dim = [], None
+        for r in range(shard.world):
+            flat = _local_flat(sizes_out, gi.index(shard.dim), shard.indices(r))
+            coords = np.unravel_index(flat, sizes_in)
+            partial = [(d, np.unique(c)) for d, c in zip(gj, coords)
+                       if d not in whole_dims and np.unique(c).size < sizes_in[gj.index(d)]]
+            if not partial:  # the rank needs all of the group: hold it whole on a dim of it
+                first = next((d for d in gj if d not in whole_dims), gj[0])
+                partial = [(first, np.arange(sizes_in[gj.index(first)]))]
+            if len(partial) != 1 or (dim is not None and partial[0][0] != dim):
+                return None
+            dim = partial[0][0]
+            owned.append(partial[0][1])
+        try:
+            return Shard.from_indices(dim, size_token(in_shape[dim]), owned)
+        except ValueError:
+            return None
+    return None
+
+
+def holds_all_of(have: Shard, want: Shard) -> bool:
+    """Every rank holds (at least) the elements ``want`` gives it: a local pick converts."""
+    if have.world != want.world:
+        return False
+    if have.dim != want.dim:  # whole on every rank, in order, along another dim: all of ``want``'s too
+        return all(runs == ((0, have.size),) for runs in have.runs)
+    if have.size != want.size:
+        return False
+    return all(np.isin(want.indices(r), have.indices(r)).all() for r in range(have.world))
+
+
+def union_layout(a: Shard, b: Shard) -> Shard | None:
+    """Each rank holds what ``a`` and what ``b`` give it (in index order): one layout for a value
+    two readers need in two layouts; None when the ranks would hold different counts."""
+    if a == b:
+        return a
+    if a.dim != b.dim or a.size != b.size or a.world != b.world:
+        return None
+    try:
+        return Shard.from_indices(a.dim, a.size, [np.union1d(a.indices(r), b.indices(r)) for r in range(a.world)])
+    except ValueError:
+        return None

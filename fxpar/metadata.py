@@ -84,10 +84,12 @@ GRAD_PARTIAL = "fxpar_grad_partial"
 class CommInfo:
     """What a collective node moves: ``kind`` is all_reduce, all_gather, gather_to_tp (all-gather
     forward, reduce-scatter backward), reduce_scatter, all_to_all (between even splits of two
-    dims), redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial (no
-    communication) or shard (a local slice whose backward
-    all-gathers). ``elements`` is the number of elements of the global tensor; ``bytes`` is what
-    one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends in backward."""
+    dims), redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial,
+    pick_local (no communication), shard (a local slice whose backward all-gathers) or
+    sum_duplicates (after a weight whose rows several ranks share: an all-reduce of those rows'
+    gradients in backward). ``elements`` is the number of elements of the global tensor;
+    ``bytes`` is what one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends
+    in backward."""
 
     kind: str
     group: str

@@ -156,6 +156,12 @@ class Shard(Placement):
         """Every element owned by exactly one rank: sums over the ranks count each element once."""
         return bool((self._owners == 1).all())
 
+    @cached_property
+    def is_whole(self) -> bool:
+        """Every rank holds every element (a split that is whole on each rank: a piece of a split
+        tensor that all ranks need, such as the one key/value head of multi-query attention)."""
+        return bool((self._owners == self.world).all())
+
     def primary(self, rank: int) -> np.ndarray:
         """Mask over ``rank``'s local elements: True where ``rank`` is the lowest rank owning it."""
         first = np.full(self.size, -1, dtype=np.int64)

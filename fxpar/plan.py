@@ -30,6 +30,7 @@ from .pipeline import debug_level, run_pipeline
 from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
+from .runtime import collectives as C
 from .runtime.checks import check_not_meta, input_summaries
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
@@ -371,6 +372,8 @@ class Plan:
             if grad and node.meta.get(GRAD_PARTIAL):
                 place = PARTIAL  # each rank's part of the gradient, until the all-reduce above it
                 grad = False  # summed as a value is
+            elif grad and any(u.target is C.sum_duplicates for u in node.users):
+                grad = False  # rows several ranks hold: each holds their summed gradient already
             whole = place == REPLICATE or (grad and not isinstance(place, Shard))
             if whole and any(not torch.equal(p, parts[0]) for p in parts[1:]):
                 raise DivergenceError(

@@ -142,6 +142,11 @@ def summary(gm: GraphModule, ctx) -> str:
         rows = [[r.weight, f"{s:.1%}", r.why] for r, s in found]
         lines.append("weights kept whole on every tp rank (fallbacks):\n"
                      + tabulate(rows, headers=["weight", "of params", "why"], maxcolwidths=[None, None, 80]))
+    held = held_beyond_share(gm, ctx, skip={r.weight for r, _ in found}) if ctx.mesh.tp > 1 else []
+    if held:
+        rows = [[w, f"{s:.1%}", f"{f:.2f}", why] for w, s, f, why in held]
+        table = tabulate(rows, headers=["weight", "of params", "per rank", "why"], maxcolwidths=[None, None, None, 70])
+        lines.append(f"other weights over 1% of the model that a tp rank holds more than 1/{ctx.mesh.tp} of:\n{table}")
     if ctx.warnings:
         lines.append("warnings:\n" + "\n".join("  - " + w for w in ctx.warnings))
     return "\n".join(lines)
@@ -175,6 +180,46 @@ def replicated_weights(gm: GraphModule, ctx) -> list[tuple[object, float]]:
         seen.add(r.weight)
         out.append((r, r.numel / total))
     return sorted(out, key=lambda rs: -rs[1])
+
+
+def held_beyond_share(gm: GraphModule, ctx, skip=(), min_share: float = 0.01) -> list[tuple]:
+    """``(weight, share of the model, fraction a rank holds, why)`` for each weight over
+    ``min_share`` of the parameters that a tp rank holds more than ``1/tp`` of, other than those in
+    ``skip`` (the fallbacks): tables kept whole by design, rows that several ranks share."""
+    params = [n for n in gm.graph.nodes if n.op == "get_attr" and isinstance(n.meta.get("val"), torch.Tensor)
+              and n.meta.get("fxpar_requires_grad")]
+    total = sum(n.meta["val"].numel() for n in params) or 1
+    tp, out, seen = ctx.mesh.tp, [], set(skip)
+    for n in params:
+        share = n.meta["val"].numel() / total
+        place = ctx.param_placements.get(n.target)
+        held = place.local_size / place.size if isinstance(place, Shard) else 1.0
+        if n.target in seen or share < min_share or held <= 1 / tp + 1e-9 or ctx.is_expert(n.target):
+            continue
+        seen.add(n.target)
+        out.append((n.target, share, held, _why_held(n, place)))
+    return sorted(out, key=lambda row: -row[1] * row[2])
+
+
+def _why_held(node, place) -> str:
+    if isinstance(place, Shard):
+        return (f"split with rows that {int(place.local_size * place.world / place.size)} ranks share "
+                "(fewer heads, or key/value heads, than ranks)")
+    user = next(iter(node.users), None)
+    while user is not None and user.meta.get(DECISION) is None and len(user.users) == 1 and user.op == "call_function" \
+            and not user.meta.get(FALLBACK) and user.target in _CARRIERS:
+        user = next(iter(user.users))
+    if user is None:
+        return "read by nothing"
+    where = f"({user.name} in '{module_path(user) or 'the root module'}')"
+    decision = user.meta.get(DECISION)
+    if decision:
+        return f"{decision} {where}"
+    return f"read whole by {getattr(user.target, '__name__', user.target)} {where}"
+
+
+_CARRIERS = {torch.ops.aten.t.default, torch.ops.aten.numpy_T.default, torch.ops.aten.permute.default,
+             torch.ops.aten.transpose.int, torch.ops.aten.to.dtype, torch.ops.aten._to_copy.default}
 
 
 def replication_warning(gm: GraphModule, ctx, limit: int = 8) -> str | None:

@@ -13,6 +13,8 @@ S          R                  ``all_gather``
 R          S                  ``shard`` (local slice; all-gathers in backward)
 R          P                  ``to_partial`` (the bias of a row-parallel matmul)
 S          P                  ``shard_to_partial`` (own slice, zeros elsewhere)
+S          S' (each rank's     ``pick_local`` (no communication)
+           part of S)
 S          S' (other layout)  ``redistribute``
 =========  =================  ==================================================
 
@@ -34,6 +36,7 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
+from fxpar.layout_algebra import holds_all_of
 from fxpar.metadata import COMM, GRAD_PARTIAL, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
@@ -61,6 +64,8 @@ def _call(src: Placement, dst: Placement):
         return C.to_partial, (), "to_partial"
     if isinstance(src, Shard) and dst is PARTIAL:
         return C.shard_to_partial, (src.dim, src.size, _runs(src)), "shard_to_partial"
+    if isinstance(src, Shard) and isinstance(dst, Shard) and holds_all_of(src, dst):
+        return C.pick_local, (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst)), "pick_local"
     if isinstance(src, Shard) and isinstance(dst, Shard):
         extra = (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst))
         a2a = src.is_even and dst.is_even and src.dim != dst.dim
@@ -89,6 +94,8 @@ def comm_info(kind: str, val, world: int, src: Placement, dst: Placement, group:
         "all_to_all": (ring / world, ring / world),  # of its own 1/world of the value
         "to_partial": (0, 0),
         "shard_to_partial": (0, 0),
+        "pick_local": (0, 0),
+        "sum_duplicates": (0, 2 * ring),  # of the shared rows only (``nbytes`` says how many)
     }[kind]
     return CommInfo(kind, group, n, fwd * n * e, bwd * n * e, repr(src), repr(dst))
 
@@ -164,9 +171,38 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             reqs[new.name] = want
             node.meta[INPUTS] = reqs
     _fuse_gathers(graph, world, group)
+    if world > 1:
+        _sum_duplicates(graph, world, group)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _sum_duplicates(graph, world: int, group: str) -> None:
+    """A trainable weight stored so that ranks share rows gets ``sum_duplicates`` right after it:
+    each owner's gradient of a shared row is the share of its own heads, the true one their sum."""
+    for node in list(graph.nodes):
+        place = node.meta.get(PLACEMENT)
+        if node.op != "get_attr" or not isinstance(place, Shard) or not place.has_duplicates:
+            continue
+        if not node.meta.get(REQUIRES_GRAD):
+            continue
+        users = list(node.users)
+        with graph.inserting_after(node):
+            new = graph.call_function(C.sum_duplicates, (node, place.dim, place.size, _runs(place)), {"group": group})
+        copy_meta(node, new)
+        info = comm_info("sum_duplicates", node.meta["val"], world, place, place, group)
+        frac = C.shared_count(place) / place.size
+        new.meta.update({"val": node.meta["val"], PLACEMENT: place, INPUTS: {node.name: place},
+                         REQUIRES_GRAD: True, ORIGIN: None,
+                         COMM: dataclasses.replace(info, bwd_bytes=int(info.bwd_bytes * frac))})
+        for u in users:
+            u.replace_input_with(node, new)
+            reqs = u.meta.get(INPUTS)
+            if reqs and node.name in reqs:
+                reqs = dict(reqs)
+                reqs[new.name] = reqs.pop(node.name)
+                u.meta[INPUTS] = reqs
 
 
 # ops that carry a value along unchanged in size: a gradient all-reduce may move past them

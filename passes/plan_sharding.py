@@ -19,15 +19,26 @@ result is inspected edge by edge:
   hidden size, a loss, the sharded dim merged away) means the column split that produced it does
   not pay: the matmuls that started that region are turned back to replicated;
 * a sharded value that an op wants in another layout (a split into q/k/v that wants each piece
-  evenly split) is carried back through the views to the matmul that produced it, which then
-  stores its weight in that layout;
+  evenly split, attention that wants the one key/value head whole on every rank) is carried back
+  through views, cuts, concatenations and elementwise ops to the matmul that produced it, which
+  then stores its weight in that layout; a request that reaches one piece of a cut changes that
+  piece only, and requests that reach one value along several paths are united. Layouts may give
+  several ranks the same rows (key/value heads shared by the ranks whose query heads read them):
+  ``insert_collectives`` then sums those rows' gradients over their owners;
 * a column split whose output would be added to the replicated residual stream (no row-parallel
   matmul closes the region) is turned back too, so the residual stream never becomes sharded;
 * a partial sum that some consumer needs whole is reduced where it is made (before casts and
   scalings that only carry it along), once for all consumers.
 
-The propagation is repeated until nothing changes. Each round can only turn column splits into
-replicated weights, refine a layout or move a reduction earlier, so it ends. Correctness never
+A column split that does not pay is turned back only after the round's layout requests are in
+(a split whose layout was just refined gets the next round to show that it helps), and it loses
+its column split only: should its input arrive split later, it still closes that region
+row-parallel, so one turned-back split never spreads to its neighbours. After the rounds settle,
+low-rank bottlenecks (``A (r) -> norm -> B (n)``, r small) are planned the other way too (A whole,
+B split by its outputs), and that plan is kept where it communicates less and B stays split.
+
+The propagation is repeated until nothing changes. Each round can only turn column splits back,
+refine a layout (never to one a split had before) or move a reduction earlier, so it ends. Correctness never
 depends on it: every round's placements already make a correct program, because
 ``insert_collectives`` converts wherever a producer and a consumer disagree; the rounds only
 remove communication. What remains are gathers that cannot be avoided (the model's outputs) or
@@ -41,14 +52,16 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from fxpar.layout_algebra import holds_all_of, union_layout, whole_everywhere
 from fxpar.errors import PlanError, describe_node, module_path, source_line
 from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext, Replicated
 from fxpar.rules import FREE, WEIGHT_TRANSPARENT, inverse_of, is_weight, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static_numel, tensor_args
-from fxpar.rules.matmul import decidable_ops
+from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static, static_numel, tensor_args
+from fxpar.rules.matmul import NO_COLUMN, decidable_ops, feature_dim
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
+from fxpar.rules.slicing import invert_cut
 
 aten = torch.ops.aten
 EMBEDDINGS = {aten.embedding.default}
@@ -63,8 +76,16 @@ class _Decisions:
         self.forced: set[Node] = set()
         self.why: dict[Node, str] = {}
         self.reduce_early: set[Node] = set()  # partial sums all-reduced where they are made
+        self.tried: dict[Node, set] = {}  # layouts each split has been given
+
         self.matmuls = decidable_ops()  # matmuls with a weight: column/row decisions
         self.seed_ops = self.matmuls | EMBEDDINGS  # where sharded regions start
+
+    def copy(self) -> "_Decisions":
+        other = _Decisions.__new__(_Decisions)
+        other.__dict__.update({k: (v.copy() if isinstance(v, dict | set) else v) for k, v in self.__dict__.items()})
+        other.tried = {k: set(v) for k, v in self.tried.items()}
+        return other
 
 
 class _Round:
@@ -77,6 +98,7 @@ class _Round:
         self.inputs: dict[Node, dict[Node, Placement]] = {}
         self.fallback: dict[Node, str] = {}
         self.seeds: dict[Node, frozenset] = {}  # the matmuls/embeddings whose split a value carries
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
 
     # the RuleContext protocol ---------------------------------------------------------------
     def placement(self, node):
@@ -163,11 +185,13 @@ class _Round:
             return
         seeds: frozenset = frozenset()
         grew = False
+        split_out = isinstance(out, Shard) or isinstance(out, tuple)
         for inp, req in s.inputs.items():
             actual = self.place.get(inp)
-            kept = (isinstance(actual, Shard) or actual is PARTIAL or isinstance(actual, tuple)) and (
-                isinstance(req, Shard) or req is PARTIAL
-            )
+            # a split output owes its split to split inputs: a partial sum that joins it (the
+            # output of a row-parallel block added to a split residual) closed its own region
+            carried = isinstance(actual, Shard) or isinstance(actual, tuple) or (actual is PARTIAL and not split_out)
+            kept = carried and (isinstance(req, Shard) or req is PARTIAL)
             if kept and not self.is_weight(inp):
                 seeds |= self.seeds.get(inp, frozenset())
                 grew = True
@@ -201,39 +225,62 @@ def _weight_name(node: Node) -> str:
     return w.target if w is not None else ""
 
 
-def _request(rnd: _Round, node: Node, wanted: Shard, seen=None) -> dict[Node, Shard] | None:
-    """Seed layouts that would make ``node`` come out as ``wanted``; None if no seed can."""
-    seen = seen if seen is not None else set()
-    if node in seen:
-        return None
-    seen.add(node)
-    if node.target in rnd.d.matmuls and rnd.seeds.get(node) == frozenset([node]):
-        if wanted.dim != ndim(node) - 1 or wanted.has_duplicates:
-            return None
-        return {node: wanted}
-    inv = inverse_of(node)
-    if inv is None:
-        return None
-    needed = inv(node, wanted)
-    if needed is None:
-        return None
+def _request(rnd: _Round, node: Node, wanted: Shard) -> dict[Node, Shard] | None:
+    """Seed layouts that would make ``node`` come out as ``wanted``; None if no seed can.
+
+    The request is carried back from ``node`` through views, elementwise ops and cuts, latest
+    node first, so that a value read along several paths (``k * cos + rotate_half(k) * sin``)
+    gets one layout that serves all of them: the union of what each path asks of it."""
+    pending: dict[Node, Shard] = {node: wanted}
     out: dict[Node, Shard] = {}
-    for inp, q in needed.items():
-        actual = rnd.place.get(inp)
-        if rnd.is_weight(inp):
-            continue  # weights are placed afresh every round
-        if actual == q or not isinstance(q, Shard) or not isinstance(actual, Shard):
-            if isinstance(actual, Shard) and not isinstance(q, Shard):
-                return None
-            continue
-        sub = _request(rnd, inp, q, seen)
-        if sub is None:
+    while pending:
+        n = max(pending, key=rnd.order.__getitem__)
+        w = pending.pop(n)
+        needed = _needed(rnd, n, w)
+        if needed is None:
             return None
-        for k, v in sub.items():
-            if out.get(k, v) != v:
-                return None
-            out[k] = v
+        if needed == "seed":
+            out[n] = w
+            continue
+        for inp, q in needed.items():
+            actual = rnd.place.get(inp)
+            if rnd.is_weight(inp):
+                continue  # weights are placed afresh every round
+            if isinstance(q, Shard) and q.is_whole and isinstance(actual, Shard) and q.dim != actual.dim:
+                # all of it on every rank is the same along any dim: ask along the one it is split on
+                q = whole_everywhere(actual.dim, actual.size, q.world)
+            if inp in pending:
+                q = union_layout(pending[inp], q)
+                if q is None:
+                    return None
+            elif actual == q or not isinstance(q, Shard) or not isinstance(actual, Shard):
+                if isinstance(actual, Shard) and not isinstance(q, Shard):
+                    return None
+                continue
+            pending[inp] = q
     return out
+
+
+def _needed(rnd: _Round, node: Node, wanted: Shard):
+    """``"seed"`` when ``node`` is a split matmul that can simply be stored as ``wanted``, else the
+    layouts its inputs need (None: none can)."""
+    if node.target in rnd.d.matmuls and rnd.seeds.get(node) == frozenset([node]):
+        return "seed" if wanted.dim == feature_dim(node) and wanted.covers_all else None
+    cut = invert_cut(node, wanted, _cut_base(rnd, node))
+    if cut is not None:
+        return {cut[0]: cut[1]}
+    inv = inverse_of(node)
+    return None if inv is None else inv(node, wanted)
+
+
+def _cut_base(rnd: _Round, node: Node):
+    """The layout the cut that made ``node`` took its input in (what the other pieces keep)."""
+    cut = node.args[0] if node.target is operator.getitem else node
+    if not isinstance(cut, Node) or not cut.args or not isinstance(cut.args[0], Node):
+        return None
+    x = cut.args[0]
+    taken = rnd.inputs.get(cut, {}).get(x)
+    return taken if isinstance(taken, Shard) else rnd.place.get(x)
 
 
 def _reduce_point(rnd: _Round, node: Node) -> Node:
@@ -259,17 +306,7 @@ def _reduce_point(rnd: _Round, node: Node) -> Node:
 def _resolve(rnd: _Round, d: _Decisions) -> bool:
     """Adjust decisions for the bad edges of a round; True if anything changed."""
     changed = False
-
-    def revert(seeds, why):
-        nonlocal changed
-        for s in seeds:
-            if s in d.forced or d.mode.get(s) == "replicate":
-                continue
-            d.mode[s] = "replicate"
-            d.why[s] = why
-            d.layout.pop(s, None)
-            changed = True
-
+    reverts: list[tuple] = []  # (seeds, why), applied once every request of the round is in
     set_now: dict[Node, Shard] = {}
     for node, inp, actual, req in rnd.edges():
         if actual is PARTIAL and req is not PARTIAL:
@@ -279,7 +316,7 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
                 changed = True
             continue
         if actual is REPLICATE and isinstance(req, Shard) and _swallows(rnd, node, inp):
-            revert(rnd.seeds.get(node, ()), f"it would split the replicated {inp.name} at {node.name}")
+            reverts.append((rnd.seeds.get(node, ()), f"it would split the replicated {inp.name} at {node.name}"))
             continue
         if actual == req or actual is None or not isinstance(actual, Shard):
             continue
@@ -287,28 +324,55 @@ def _resolve(rnd: _Round, d: _Decisions) -> bool:
             if node.op == "output":
                 continue
             if rnd.is_weight(inp):
-                revert(rnd.seeds.get(inp, ()), f"its weight is also used whole by {node.name} ({module_path(node)})")
+                why = f"its weight is also used whole by {node.name} ({module_path(node)})"
+                reverts.append((rnd.seeds.get(inp, ()), why))
                 continue
             reason = rnd.fallback.get(node) or f"{op_name(node)} needs it whole"
-            revert(rnd.seeds.get(inp, ()), f"its output is gathered before {node.name} ({reason})")
+            reverts.append((rnd.seeds.get(inp, ()), f"its output is gathered before {node.name} ({reason})"))
         elif isinstance(req, Shard):
-            if rnd.is_weight(inp):
-                continue  # weights are placed afresh every round
+            if rnd.is_weight(inp) or holds_all_of(actual, req):
+                continue  # weights are placed afresh every round; a superset converts locally
             wanted = _request(rnd, inp, req)
             if wanted and all(s not in d.forced or d.mode.get(s) == "colwise" for s in wanted):
                 progress = False
                 for s, layout in wanted.items():
-                    if s in set_now:  # several cuts of one output: cut it at all of their bounds
-                        layout = _merge_segments(set_now[s], layout) or layout
-                    if d.layout.get(s) != layout:
+                    if s in set_now:  # several consumers asked this round: a layout for both
+                        layout = _merge_requests(set_now[s], layout)
+                    if d.layout.get(s) != layout and layout not in d.tried.setdefault(s, set()):
                         d.layout[s] = set_now[s] = layout
                         progress = changed = True
                     elif s in set_now:
                         progress = True
                 if progress:
                     continue
-            revert(rnd.seeds.get(inp, ()), f"{node.name} needs it in another layout")
+            reverts.append((rnd.seeds.get(inp, ()), f"{node.name} needs it in another layout"))
+    # a split whose layout was just refined is given the next round to show whether that helps
+    # (the refinement an op further on asked for may be what another op needed too); layouts
+    # are never tried twice, so each split is refined finitely often before it may be reverted
+    for s, layout in set_now.items():
+        d.tried[s].add(layout)
+    for seeds, why in reverts:
+        for s in seeds:
+            if s in d.forced or d.mode.get(s) in ("replicate", NO_COLUMN) or s in set_now:
+                continue
+            # a matmul loses its column split only: should its input arrive split later (the
+            # region before it was reverted for reasons of its own and recovers), it can still
+            # close that region row-parallel, so one revert never spreads to its neighbours
+            d.mode[s] = NO_COLUMN if s.target in d.matmuls else "replicate"
+            d.why[s] = why
+            d.layout.pop(s, None)
+            changed = True
     return changed
+
+
+def _merge_requests(a: Shard, b: Shard) -> Shard:
+    """One layout for two consumers' requests of one split: segmented at the bounds of both
+    (several cuts of one fused output), else the one whose every rank holds what the other
+    needs (a key/value segment whole on every rank also serves a rotary's halves), else ``b``."""
+    merged = _merge_segments(a, b)
+    if merged is not None:
+        return merged
+    return a if holds_all_of(a, b) else b
 
 
 def _merge_segments(a: Shard, b: Shard) -> Shard | None:
@@ -326,12 +390,22 @@ def _swallows(rnd: _Round, node: Node, inp: Node) -> bool:
     """A sharded region that would split a replicated activation of its own size on the way
     (``residual + column_output``) has no row-parallel matmul to close it: the residual stream
     itself would become sharded, and every layer after it would pay for that."""
-    if rnd.is_weight(inp) or not inp.meta.get(REQUIRES_GRAD):
+    if rnd.is_weight(inp) or not inp.meta.get(REQUIRES_GRAD) or _rows_of_weight(inp):
         return False
     tags = getattr(node.target, "tags", ())
     if torch.Tag.pointwise not in tags and node.target not in EXTRA_ELEMENTWISE:
         return False
     return is_tensor_node(node) and tuple(shape(inp)) == tuple(shape(node))
+
+
+_PICKS = {aten.index.Tensor, aten.index_select.default, aten.select.int, aten.slice.Tensor, aten.embedding.default}
+
+
+def _rows_of_weight(node: Node) -> bool:
+    """Rows picked out of a parameter (each token's expert's bias): a weight, not a residual."""
+    while isinstance(node, Node) and node.op == "call_function" and (node.target in _PICKS or node.target in WEIGHT_TRANSPARENT):
+        node = node.args[0]
+    return isinstance(node, Node) and node.op == "get_attr"
 
 
 def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) -> GraphModule:
@@ -354,15 +428,85 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
                 d.why[n] = "tp=1"
         rnd.run()
     else:
-        for _ in range(max_rounds):
-            rnd = _Round(gm, ctx.world, d, user_dep, ctx.fixed_weights).run()
-            if not _resolve(rnd, d):
-                break
-        else:
-            ctx.warnings.append(f"the sharding plan did not settle in {max_rounds} rounds; it is correct but may communicate more than needed")
+        rnd = _settle(gm, ctx, d, user_dep, max_rounds)
+        d, rnd = _pair_bottlenecks(gm, ctx, d, rnd, user_dep, max_rounds)
     _annotate(gm, ctx, rnd, d)
     gm.graph.lint()
     return gm
+
+
+def _settle(gm: GraphModule, ctx: PlanContext, d: _Decisions, user_dep, max_rounds: int) -> _Round:
+    """Rounds of propagation and adjustment until nothing changes."""
+    for _ in range(max_rounds):
+        rnd = _Round(gm, ctx.world, d, user_dep, ctx.fixed_weights).run()
+        if not _resolve(rnd, d):
+            return rnd
+    ctx.warnings.append(f"the sharding plan did not settle in {max_rounds} rounds; "
+                        "it is correct but may communicate more than needed")
+    return rnd
+
+
+def _pair_bottlenecks(gm, ctx, d: _Decisions, rnd: _Round, user_dep, max_rounds: int):
+    """The greedy plan splits a low-rank down-projection by columns and its up-projection by rows;
+    the other pairing keeps the small one whole and splits the big one by its outputs (multi-head
+    latent attention's q and kv). Plan the pairs the other way, keep those whose up-projection
+    then stays split, and take that plan if it communicates less."""
+    pairs = _bottlenecks(rnd, d)
+    for _ in range(2):
+        if not pairs:
+            break
+        trial = d.copy()
+        for a, (_, why) in pairs.items():
+            trial.mode[a], trial.why[a] = NO_COLUMN, why
+        other = _settle(gm, ctx, trial, user_dep, max_rounds)
+        kept = {a: bw for a, bw in pairs.items() if isinstance(other.place.get(bw[0]), Shard)}
+        if kept == pairs:
+            return (trial, other) if _traffic(other) < _traffic(rnd) else (d, rnd)
+        pairs = kept  # some up-projections could not stay split: never trade memory for nothing
+    return d, rnd
+
+
+def _bottlenecks(rnd: _Round, d: _Decisions) -> dict[Node, tuple[Node, str]]:
+    """Column-split matmuls whose split is closed by a row-parallel matmul with more outputs than
+    the first has (``x -> A (r) -> norm -> B (n)``, r below both the input width and n): a
+    low-rank bottleneck, where the greedy pairing all-reduces B's wide output."""
+    out = {}
+    for b in rnd.gm.graph.nodes:
+        if b.target not in d.matmuls or rnd.place.get(b) is not PARTIAL or b in d.forced:
+            continue
+        x = next((i for i in tensor_args(b) if not rnd.is_weight(i)), None)
+        seeds = rnd.seeds.get(x, frozenset()) if x is not None else frozenset()
+        if len(seeds) != 1:
+            continue
+        (a,) = seeds
+        if a.target not in d.matmuls or a in d.forced or not isinstance(rnd.place.get(a), Shard):
+            continue
+        wa, wb = _weight_node(a), _weight_node(b)
+        if wa is None or wb is None or ndim(wa) != 2 or ndim(wb) != 2:
+            continue
+        r = static(shape(a)[feature_dim(a)])
+        h = static_numel(wa) // r if r and static_numel(wa) else None
+        n = static(shape(b)[feature_dim(b)])
+        if r and h and n and r < h and r < n:
+            out[a] = (b, f"a low-rank bottleneck ({h} -> {r} -> {n}): whole, so that {b.name} splits its {n} outputs")
+    return out
+
+
+def _traffic(rnd: _Round) -> int:
+    """Elements the plan of a round communicates per step, roughly: every reduction of a partial
+    sum, gather or re-layout, and the backward all-reduce of a whole value a split op reads."""
+    total = 0
+    for node, inp, actual, req in rnd.edges():
+        size = static_numel(inp) if is_tensor_node(inp) else None
+        if size is None or actual is None or actual is FREE or rnd.is_weight(inp):
+            continue
+        if actual is PARTIAL and req is not PARTIAL:
+            total += 2 * size
+        elif isinstance(actual, Shard) and actual != req and not (isinstance(req, Shard) and holds_all_of(actual, req)):
+            total += size
+        elif actual is REPLICATE and isinstance(req, Shard | type(PARTIAL)) and inp.meta.get(REQUIRES_GRAD):
+            total += 2 * size
+    return total
 
 
 def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> None:
@@ -374,7 +518,7 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
         if node.op == "get_attr" and isinstance(node.meta[PLACEMENT], Placement):
             ctx.param_placements[node.target] = node.meta[PLACEMENT]
         if node.target in d.seed_ops:
-            text = _decision_text(node, node.meta[PLACEMENT], d)
+            text = _decision_text(node, node.meta[PLACEMENT], d, rnd.user_dep)
             node.meta[DECISION] = text
             key = module_path(node) or node.name
             if key in ctx.decisions:
@@ -395,10 +539,13 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
             )
 
 
-def _decision_text(node: Node, out, d: _Decisions) -> str:
+def _decision_text(node: Node, out, d: _Decisions, user_dep=()) -> str:
     if out is PARTIAL:
         return "vocab" if node.target in EMBEDDINGS else "rowwise"
     if isinstance(out, Shard):
-        return "colwise" if out.dim == ndim(node) - 1 else f"follows input S({out.dim})"
+        features = feature_dim(node) if node.target in d.matmuls else ndim(node) - 1
+        return "colwise" if out.dim == features else f"follows input S({out.dim})"
     why = d.why.get(node)
+    if why is None and node.target in EMBEDDINGS and node.args[1] not in user_dep and not d.mode.get(node):
+        why = "looked up by computed positions, not the input's ids: whole, as an all-reduce would cost more"
     return f"replicate: {why}" if why else "replicate"

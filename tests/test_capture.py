@@ -73,3 +73,46 @@ def test_integer_histograms_run_on_the_cpu():
     idx = torch.tensor([0, 1, 1, 3, 3, 3])
     plan = fxpar.compile(Counts(), fxpar.Mesh(tp=1), (idx,))
     assert torch.equal(plan.simulate(idx), Counts()(idx))
+
+
+class Built(torch.nn.Module):
+    """Builds tensors in forward: a mask value on the input's device, a list index, a buffer
+    filled piece by piece."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 24), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x).view(*x.shape[:-1], 3, 8)  # 3 groups of 8
+        first, last = h[..., 0, :], h[..., [-1], :].squeeze(-2)
+        buf = first.new_empty(*first.shape[:-1], 16)
+        buf[..., :8].copy_(first)
+        buf[..., 8:].copy_(last)
+        masked = torch.where(buf > 0, buf, torch.tensor(-1e4, device=x.device))
+        return self.down(masked)
+
+
+def test_tensors_built_in_forward_keep_their_values():
+    torch.manual_seed(0)
+    model, x = Built(), torch.randn(2, 4, 8)
+    cap = capture(model, (x,))
+    targets = {n.target for n in cap.gm.graph.nodes}
+    # the list index is a slice, the filled buffer a cat; no constant is left without values
+    assert aten.index.Tensor not in targets and aten.copy_.default not in targets and aten.cat.default in targets
+    for n in cap.gm.graph.nodes:
+        if n.op == "get_attr" and "lifted" in n.target:
+            mod, _, attr = n.target.rpartition(".")
+            assert getattr(cap.gm.get_submodule(mod), attr).device.type == "cpu"
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (x,))
+    assert_close(plan.simulate(x), model(x), "output with tensors built in forward")
+
+
+def test_a_constant_without_values_is_refused_where_it_is_built():
+    class Table(torch.nn.Module):
+        def forward(self, x):
+            return x * torch.tensor([1.0, 2.0, 3.0, 4.0], device=x.device)  # on meta while captured
+
+    with pytest.raises(fxpar.CaptureError, match="no values") as e:
+        capture(Table(), (torch.randn(2, 4),))
+    assert "test_capture.py" in str(e.value) and "device='cpu'" in str(e.value)

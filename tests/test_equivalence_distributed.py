@@ -102,14 +102,15 @@ def _device_mesh_dynamic():
     assert len(pm.plans) == 1  # one program serves every batch and sequence size
 
 
-def test_clip_grad_norm_over_the_whole_model(pools):
-    pools(2).run(_clip)
+@pytest.mark.parametrize("name,tp", [("gpt", 2), ("llama", 4)])  # llama at tp=4: kv heads shared by 2 ranks
+def test_clip_grad_norm_over_the_whole_model(pools, name, tp):
+    pools(tp).run(_clip, name, tp)
 
 
-def _clip():
-    model, args = build("gpt")
+def _clip(name, tp):
+    model, args = build(name)
     ref = copy.deepcopy(model)
-    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=tp))
     pm.zero_grad()  # before the first call: nothing to zero, no error
     loss_fn(pm(*args)).backward()
     loss_fn(ref(*args)).backward()

@@ -51,6 +51,7 @@ def test_gpt_matmul_attention():
 def test_hugging_face(name):
     pytest.importorskip("transformers")
     plan = check_training(name, 2)
-    if name == "hf_llama":  # one key/value head for two ranks: both hold it
-        decisions = plan.ctx.decisions.values()
-        assert any(d.startswith("replicate") for d in decisions) and any(d == "colwise" for d in decisions)
+    if name == "hf_llama":  # one key/value head for two ranks: both hold it, its gradient summed over them
+        kv = plan.ctx.param_placements["model.layers.0.self_attn.k_proj.weight"]
+        assert kv.is_whole and plan.ctx.decisions["model.layers.0.self_attn.k_proj"] == "colwise"
+        assert plan.ctx.decisions["model.layers.0.self_attn.q_proj"] == "colwise"

@@ -88,3 +88,13 @@ def test_family(pools, name, mesh):
         # nothing else needs the whole sequence, but the routing of sorted experts (a sort over
         # all tokens) and the count of BERT's unshifted masked-LM labels
         assert decisions["cp gathers"] == 0 or name in ("mixtral", "qwen3_moe", "bert"), decisions
+
+
+@pytest.mark.parametrize("name,tp", [("phi3_gqa", 4), ("falcon", 2)])
+def test_shared_key_value_heads_over_processes(pools, name, tp):
+    """A fused q/k/v whose key/value rows several ranks hold (2 kv heads for 4 ranks; Falcon's one
+    for all), trained over real processes: the shared rows' gradients summed over their owners,
+    AdamW keeping the copies equal, the whole weights put back together once."""
+    pytest.importorskip("transformers")
+    decisions = pools(tp).run(train_family, name, dict(tp=tp))[0]
+    assert decisions.get("colwise", 0) and decisions.get("rowwise", 0), decisions

@@ -2,7 +2,11 @@
 
 import pytest
 
-from fxpar.layout_algebra import concat_layout, piece_layout, view_groups, view_shard
+from fxpar.layout_algebra import (
+    concat_layout, group_layout, holds_all_of, piece_layout, union_layout, view_groups, view_shard, view_superset,
+    whole_everywhere, with_piece,
+)
+from fxpar.rules.slicing import cut_layout
 from fxpar.placement import Shard
 from fxpar.rules.attention import gqa_layout
 
@@ -77,3 +81,32 @@ def test_gqa_layout_shares_kv_heads_between_ranks():
     assert kv.runs == (((0, 1),), ((0, 1),), ((1, 2),), ((1, 2),))
     assert kv.has_duplicates
     assert gqa_layout(Shard.even(1, 8, 2), 4) == Shard.even(1, 4, 2)
+
+
+def test_one_piece_of_a_fused_dim_changes_alone():
+    # q (8) | k (2) | v (2) of a fused projection over 4 ranks: q split, k and v whole everywhere
+    base = Shard.even(0, 12, 4)
+    k_whole = whole_everywhere(0, 2, 4)
+    fused = with_piece(base, [(0, 8), (8, 10), (10, 12)], 1, k_whole)
+    # q evenly (the old layout gave no rank an equal part of it), k whole, v whole (2 rows, 4 ranks)
+    assert list(fused.indices(1)) == [2, 3, 8, 9, 10, 11]
+    assert cut_layout(0, 12, 4, (8, 10)).runs[3] == ((6, 12),)
+    assert group_layout(1, 2, 4).runs == (((0, 1),), ((0, 1),), ((1, 2),), ((1, 2),))
+    assert group_layout(1, 3, 2) is None
+
+
+def test_local_picks_and_unions():
+    shared = Shard.from_indices(1, 4, [[0, 1], [0, 1], [2, 3], [2, 3]])  # repeats of shared kv heads
+    assert holds_all_of(shared, Shard.even(1, 4, 4))
+    assert not holds_all_of(Shard.even(1, 4, 4), shared)
+    assert holds_all_of(whole_everywhere(3, 16, 4), Shard.even(1, 4, 4))  # whole along another dim
+    # two readers of one value, one wanting halves, one every other element: each rank holds both
+    both = union_layout(Shard.even(0, 4, 2), Shard.from_indices(0, 4, [[0, 2], [1, 3]]))
+    assert both.runs == (((0, 3),), ((1, 4),))
+    assert union_layout(Shard.even(0, 4, 2), Shard.from_indices(0, 4, [[0, 1], [0, 1]])) is None  # 2 and 4
+
+
+def test_a_view_of_repeated_kv_heads_needs_the_heads_the_query_heads_read():
+    # (B, kv=2, rep=2, T, D) -> (B, 4, T, D), query heads one per rank: kv head r // 2 on rank r
+    need = view_superset((2, 2, 2, 8, 16), (2, 4, 8, 16), Shard.even(1, 4, 4), {2})
+    assert need.runs == (((0, 1),), ((0, 1),), ((1, 2),), ((1, 2),))

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxpar
-from tests.zoo import assert_close
+from tests.zoo import simulated_step_alike
 
 
 class Chain(nn.Module):
@@ -85,13 +85,7 @@ def test_outputs_and_gradients(name):
     model, x = cls(), torch.randn(*shape)
     plan = fxpar.compile(model, fxpar.Mesh(tp=2), (x,))
     assert plan.check(x, loss_fn=loss) > 0
-    got, grads = plan.simulate_train(loss, x)
-    ref = loss(model(x))
-    ref.backward()
-    assert_close(got, ref, f"{name} loss")
-    for pname, p in model.named_parameters():
-        if p.grad is not None:
-            assert_close(grads[pname], p.grad, f"{name} gradient of {pname}")
+    simulated_step_alike(plan, model, loss, x, what=name)
     assert set(plan.full_state_dict()) == set(model.state_dict())  # unused parameters too
 
 

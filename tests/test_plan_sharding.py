@@ -7,7 +7,7 @@ import fxpar
 from fxpar.metadata import COMM, DECISION
 from fxpar.placement import PARTIAL, Shard
 from fxpar.report import comm_totals
-from tests.zoo import assert_close, build
+from tests.zoo import assert_close, build, loss_fn
 
 
 def decisions(plan):
@@ -44,9 +44,19 @@ def test_llama_gqa_with_more_ranks_than_kv_heads():
     plan = fxpar.compile(model, fxpar.Mesh(tp=4), args)
     d = decisions(plan)
     assert d["layers.0.attention.wq"] == "colwise" and d["layers.0.attention.wo"] == "rowwise"
-    assert d["layers.0.attention.wk"] == "replicate" and d["layers.0.attention.wv"] == "replicate"
+    # each key/value head is stored on the two ranks whose query heads read it
+    assert d["layers.0.attention.wk"] == "colwise" and d["layers.0.attention.wv"] == "colwise"
+    kv = plan.ctx.param_placements["layers.0.attention.wk.weight"]
+    assert [list(kv.indices(r) // 16) for r in range(4)] == [[0] * 16, [0] * 16, [1] * 16, [1] * 16]
     assert d["layers.0.feed_forward.w1"] == "colwise" and d["layers.0.feed_forward.w2"] == "rowwise"
     assert plan.check(*args) > 0
+    # a shared head's gradient is the sum of its owners' shares
+    loss, grads = plan.simulate_train(loss_fn, *args)
+    ref = loss_fn(model(*args))
+    ref.backward()
+    assert_close(loss, ref, "loss")
+    for name, p in model.named_parameters():
+        assert_close(grads[name], p.grad, f"gradient of {name}")
     at_two = fxpar.compile(model, fxpar.Mesh(tp=2), args)
     assert decisions(at_two)["layers.0.attention.wk"] == "colwise"
 

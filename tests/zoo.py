@@ -72,15 +72,45 @@ MOE_FAMILIES = {
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(_DECODER, num_key_value_heads=2, num_local_experts=4,
                                                                      num_experts_per_tok=2)),
 }
+# families whose layouts defeat a name-free planner in other ways (parameter shares asserted in
+# tests/test_generality.py): fused projections with segments of different layouts, views that
+# regroup a fused dim, low-rank bottlenecks, ops with rules of their own, constants built in forward
+GENERALITY = {
+    # fused q/k/v with fewer key/value heads than tp ranks (2 kv heads, tp=4) or one for all
+    "phi3_gqa": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER, num_key_value_heads=2, pad_token_id=0)),
+    "phi3_mqa": ("Phi3Config", "Phi3ForCausalLM", dict(_DECODER, num_key_value_heads=1, pad_token_id=0)),
+    # fused q/k/v of multi-query attention viewed as heads + 2, key and value taken by list index;
+    # a mask value built in forward with torch.tensor(..., device=x.device)
+    "falcon": ("FalconConfig", "FalconForCausalLM", dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4)),
+    "gpt_neo": ("GPTNeoConfig", "GPTNeoForCausalLM", dict(num_layers=2, attention_types=[[["global", "local"], 1]],
+                                                         hidden_size=64, num_heads=4, max_position_embeddings=32)),
+    # multi-query attention: one key/value head next to the query heads in one projection
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", dict(n_layer=2, n_embd=64, n_head=4, n_positions=32,
+                                                                     multi_query=True)),
+    # per-head interleaved q/k/v, ALiBi scores through baddbmm
+    "bloom": ("BloomConfig", "BloomForCausalLM", dict(n_layer=2, hidden_size=64, n_head=4)),
+    # fused Wqkv viewed as (3, heads, head_dim)
+    "modernbert": ("ModernBertConfig", "ModernBertForMaskedLM", dict(num_hidden_layers=2, hidden_size=64,
+                                                                    intermediate_size=128, num_attention_heads=4,
+                                                                    pad_token_id=0, cls_token_id=0, sep_token_id=0)),
+    # a state-space mixer: depthwise conv1d, a weight-on-the-left matmul, the scan in Python
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(num_hidden_layers=2, hidden_size=64, state_size=8)),
+    # multi-head latent attention with q-LoRA, then a mixture-of-experts layer
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        _DECODER, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=16,
+        v_head_dim=16, first_k_dense_replace=1, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        n_group=1, topk_group=1)),
+}
 _DROPOUTS = ("attention_dropout", "hidden_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob",
-             "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout", "classifier_dropout")
+             "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout", "activation_dropout", "classifier_dropout",
+             "embed_dropout", "resid_dropout", "embedding_dropout", "mlp_dropout")
 
 
 def hf_family(name: str, seed: int = 0):
     """A small ``name`` model with random weights, ``input_ids`` and ``labels`` for them."""
     import transformers
 
-    config_cls, model_cls, fields = {**FAMILIES, **MOE_FAMILIES}[name]
+    config_cls, model_cls, fields = {**FAMILIES, **MOE_FAMILIES, **GENERALITY}[name]
     cfg = getattr(transformers, config_cls)(vocab_size=128, use_cache=False, bos_token_id=0, eos_token_id=0, **fields)
     for k in _DROPOUTS:
         if hasattr(cfg, k):
@@ -90,6 +120,28 @@ def hf_family(name: str, seed: int = 0):
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(1, 128, (4, 8), generator=g)
     return model, ids, torch.randint(0, 128, (4, 8), generator=g)
+
+
+class TorchEncoderLM(torch.nn.Module):
+    """A language model on ``nn.TransformerEncoder``: the fused ``in_proj_weight`` of
+    ``nn.MultiheadAttention``, cut by ``unflatten`` into q, k and v."""
+
+    def __init__(self, vocab=128, width=64, heads=4, layers=2):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        block = torch.nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, idx):
+        return self.head(self.encoder(self.embed(idx)))
+
+
+def torch_encoder():
+    return TorchEncoderLM(), (torch.randint(0, 128, (2, 8)),)
+
+
+REFERENCE["torch_encoder"] = torch_encoder
 
 
 def hf_loss(out):
@@ -124,6 +176,17 @@ def assert_close(got, expect, what: str, rtol=RTOL, atol=ATOL):
     if not torch.allclose(got, expect, rtol=rtol, atol=atol):
         diff = (got - expect).abs().max().item()
         raise AssertionError(f"{what}: max |difference| {diff:.3g} exceeds rtol={rtol}, atol={atol}")
+
+
+def simulated_step_alike(plan, model, loss, *args, what: str = "") -> None:
+    """``plan.simulate_train(loss, *args)`` gives the loss and every gradient of ``model``."""
+    got, grads = plan.simulate_train(loss, *args)
+    ref = loss(model(*args))
+    ref.backward()
+    assert_close(got, ref, f"{what} loss")
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert_close(grads[name], p.grad, f"{what} gradient of {name}")
 
 
 def adamw(params, lr=1e-3):

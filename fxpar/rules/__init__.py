@@ -34,7 +34,7 @@ def localizer_for(node: Node):
 
 # importing the rule modules registers them
 from . import (  # noqa: E402,F401
-    attention, collectives, embedding, experts, indexing, loss, matmul, pointwise, reductions, slicing, views,
+    attention, collectives, conv, embedding, experts, indexing, loss, matmul, pointwise, reductions, slicing, views,
 )
 
 aten = torch.ops.aten
@@ -49,6 +49,8 @@ WEIGHT_TRANSPARENT = frozenset(views.INVERSES) | {
     aten.contiguous.default,
     # context parallelism's all-reduce of a replicated weight's gradient over the cp ranks
     collectives.C.copy_to_tp,
+    # the sum of the gradients of rows several tp ranks hold
+    collectives.C.sum_duplicates,
 }
 
 
@@ -104,6 +106,8 @@ def inverse_of(node: Node):
     node's output come out as ``wanted``, for views and elementwise ops; None for other ops."""
     if node.target in views.INVERSES:
         return views.INVERSES[node.target]
+    if node.target == aten.cat.default:
+        return slicing.invert_cat
     tags = getattr(node.target, "tags", ())
     if node.target in (collectives.C.copy_to_tp, collectives.C.all_reduce):
         return pointwise.invert

@@ -39,6 +39,13 @@ def index_add(node: Node, ctx: RuleContext) -> Sharding:
 @register(aten.index.Tensor)
 def index(node: Node, ctx: RuleContext) -> Sharding:
     x, indices = node.args[0], [i for i in node.args[1] if isinstance(i, Node)]
-    if ctx.placement(x) is PARTIAL and x not in indices and all(ctx.placement(i) is not PARTIAL for i in indices):
+    p = ctx.placement(x)
+    if p is PARTIAL and x not in indices and all(ctx.placement(i) is not PARTIAL for i in indices):
         return Sharding(PARTIAL, {x: PARTIAL, **{i: REPLICATE for i in indices}})
+    given = [d for d, i in enumerate(node.args[1]) if i is not None]
+    if isinstance(p, Shard) and len(given) == 1 and p.dim != given[0] and x not in indices:
+        # rows picked along another dim (each token's expert output): the split dim stays split
+        k, idx = given[0], node.args[1][given[0]]
+        dim = p.dim if p.dim < k else p.dim + ndim(idx) - 1
+        return Sharding(p.with_dim(dim), {x: p, idx: REPLICATE})
     return replicated(node, ctx, reason="index of a sharded tensor")

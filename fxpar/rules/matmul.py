@@ -28,11 +28,21 @@ from .registry import register
 aten = torch.ops.aten
 
 
-def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, w_in: int, w_out: int) -> Sharding:
-    """``x @ W`` contracting ``x``'s last dim with ``W``'s dim ``w_in``; ``w_out`` is the output features."""
+# the decision of a matmul whose column split was turned back: replicated, or row-parallel when
+# its input arrives split along the contracted dim
+NO_COLUMN = "no-column"
+
+
+def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, w_in: int, w_out: int,
+             x_in: int | None = None) -> Sharding:
+    """``x @ W`` contracting ``x``'s dim ``x_in`` (default: the last) with ``W``'s dim ``w_in``;
+    ``w_out`` is the output features, which take the place of ``x_in`` in the output (``W @ x``,
+    the weight on the left, contracts ``x``'s second-to-last dim)."""
     px, pw = ctx.placement(x), ctx.placement(w)
     decision = ctx.decision(node)
     nd = ndim(node)
+    x_in = ndim(x) - 1 if x_in is None else x_in
+    features = x_in + nd - ndim(x)  # the output dim of the output features
 
     def result(out, px_req, pw_req, pb_req):
         inputs = {x: px_req, w: pw_req}
@@ -43,32 +53,34 @@ def weighted(node: Node, ctx: RuleContext, x: Node, w: Node, bias: Node | None, 
 
     if decision == "replicate":
         return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
-    if isinstance(px, Shard) and px.dim == ndim(x) - 1 and px.is_partition:
+    if isinstance(px, Shard) and px.dim == x_in and px.is_partition:
         wl = px.with_dim(w_in)
         if pw is FREE or wl == pw:
             # the bias is added once: on one rank, as its part of the partial sum
             return result(PARTIAL, px, wl, PARTIAL)
-    if isinstance(px, Shard) and px.dim < ndim(x) - 1 and pw in (FREE, REPLICATE):
+    if isinstance(px, Shard) and px.dim != x_in and pw in (FREE, REPLICATE):
         out = px.with_dim(px.dim + nd - ndim(x))
         return result(out, px, REPLICATE, REPLICATE)
+    if decision == NO_COLUMN:  # a column split was turned back: whole, whatever the weight's other uses
+        return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
     # the input is (made) replicated from here on
     out_features = static(shape(w)[w_out])
     if isinstance(pw, Shard) and pw.dim == w_out:
-        return result(pw.with_dim(nd - 1), REPLICATE, pw, pw)
+        return result(pw.with_dim(features), REPLICATE, pw, pw)
     if isinstance(pw, Shard) and pw.dim == w_in:
-        return result(PARTIAL, pw.with_dim(ndim(x) - 1), pw, PARTIAL)
+        return result(PARTIAL, pw.with_dim(x_in), pw, PARTIAL)
     if pw is FREE and decision == "rowwise":
         in_features = static(shape(w)[w_in])
         if in_features and in_features % ctx.world == 0:
             layout = Shard.even(w_in, in_features, ctx.world)
-            return result(PARTIAL, layout.with_dim(ndim(x) - 1), layout, PARTIAL)
+            return result(PARTIAL, layout.with_dim(x_in), layout, PARTIAL)
     if pw is FREE and decision in ("auto", "colwise") and out_features:
         layout = ctx.seed_layout(node)
         if layout is None and out_features % ctx.world == 0:
             layout = Shard.even(w_out, out_features, ctx.world)
         if layout is not None:
             layout = layout.with_dim(w_out)
-            return result(layout.with_dim(nd - 1), REPLICATE, layout, layout)
+            return result(layout.with_dim(features), REPLICATE, layout, layout)
     return result(REPLICATE, REPLICATE, REPLICATE, REPLICATE)
 
 
@@ -80,9 +92,11 @@ def activation_matmul(node: Node, ctx: RuleContext, a: Node, b: Node) -> Shardin
     na, nb, nd = ndim(a), ndim(b), ndim(node)
     if na < 2 or nb < 2:
         return _all_replicated(node, a, b, pa, pb)
-    if pa is PARTIAL and pb is not PARTIAL:
+    # a product is linear in a partial sum, but one met by a split operand is reduced instead
+    # of the split gathered to keep the sum
+    if pa is PARTIAL and pb is not PARTIAL and not isinstance(pb, Shard):
         return Sharding(PARTIAL, {a: PARTIAL, b: REPLICATE})
-    if pb is PARTIAL and pa is not PARTIAL:
+    if pb is PARTIAL and pa is not PARTIAL and not isinstance(pa, Shard):
         return Sharding(PARTIAL, {a: REPLICATE, b: PARTIAL})
     for p, this, other, n_this, n_other, is_a in ((pa, a, b, na, nb, True), (pb, b, a, nb, na, False)):
         if not isinstance(p, Shard):
@@ -134,7 +148,44 @@ def matmul(node: Node, ctx: RuleContext) -> Sharding:
     a, b = node.args[0], node.args[1]
     if ndim(b) == 2 and ctx.is_weight(b) and not ctx.is_weight(a):
         return weighted(node, ctx, a, b, None, w_in=0, w_out=1)
+    if ndim(a) == 2 and ndim(b) >= 2 and ctx.is_weight(a) and not ctx.is_weight(b):
+        # ``W @ x``: the output features are the output's second-to-last dim
+        return weighted(node, ctx, b, a, None, w_in=1, w_out=0, x_in=ndim(b) - 2)
     return activation_matmul(node, ctx, a, b)
+
+
+def feature_dim(node: Node) -> int:
+    """The dim of a weighted matmul's output that holds its output features."""
+    a, b = node.args[0], node.args[1]
+    weight_left = (node.target in (aten.mm.default, aten.matmul.default) and isinstance(a, Node)
+                   and isinstance(b, Node) and ndim(a) == 2 and ndim(b) >= 2 and _is_param(a) and not _is_param(b))
+    return ndim(node) - (2 if weight_left else 1)
+
+
+def _is_param(node: Node) -> bool:
+    from . import is_weight
+
+    return is_weight(node)
+
+
+@register(aten.baddbmm.default)
+def baddbmm(node: Node, ctx: RuleContext) -> Sharding:
+    """``beta * input + alpha * (batch1 @ batch2)`` (attention scores with an ALiBi bias): the
+    product's rule, and ``input`` brought to the product's layout (added once to a partial sum)."""
+    bias, a, b = node.args[0], node.args[1], node.args[2]
+    mm = activation_matmul(node, ctx, a, b)
+    out = mm.output
+    if out is PARTIAL:
+        want = PARTIAL
+    elif isinstance(out, Shard):
+        d = out.dim - (ndim(node) - ndim(bias))
+        want = REPLICATE if d < 0 or static(shape(bias)[d]) == 1 else out.with_dim(d)
+    else:
+        want = REPLICATE
+    pb = ctx.placement(bias)
+    if pb is PARTIAL and want is not PARTIAL:
+        want = REPLICATE
+    return Sharding(out, {**mm.inputs, bias: want})
 
 
 def grouped(node: Node, ctx: RuleContext) -> Sharding:

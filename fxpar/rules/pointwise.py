@@ -34,6 +34,9 @@ EXTRA_ELEMENTWISE = (
     aten.__xor__.Tensor,
     aten.polar.default,
     aten.complex.default,
+    aten.where.ScalarOther,
+    aten.where.ScalarSelf,
+    aten.floor_divide.default,
 )
 
 # ops linear in every tensor input when all of them are partial sums
@@ -77,7 +80,9 @@ def _is_float(node: Node) -> bool:
 @register(*EXTRA_ELEMENTWISE)
 def pointwise(node: Node, ctx: RuleContext) -> Sharding:
     ins = tensor_args(node)
-    if any(ctx.placement(n) is PARTIAL for n in ins) and _keeps_partial(node, ins, ctx):
+    # a partial sum met by a split value is reduced, not the split gathered to join the sum
+    split = any(isinstance(ctx.placement(n), Shard) for n in ins)
+    if not split and any(ctx.placement(n) is PARTIAL for n in ins) and _keeps_partial(node, ins, ctx):
         return Sharding(PARTIAL, {n: (PARTIAL if ctx.placement(n) is PARTIAL else REPLICATE) for n in ins})
     out_shape = shape(node)
     nd = len(out_shape)
@@ -95,7 +100,9 @@ def pointwise(node: Node, ctx: RuleContext) -> Sharding:
     inputs = {}
     for n in ins:
         d_in = leader.dim - (nd - ndim(n))
-        if d_in < 0 or static(shape(n)[d_in]) == 1:
+        # size 1 where the output is split: broadcast, read whole (unless the output's dim is of
+        # size 1 too, held whole on every rank: then the input is that same layout)
+        if d_in < 0 or (static(shape(n)[d_in]) == 1 and leader.size != 1):
             inputs[n] = REPLICATE
         else:
             inputs[n] = leader.with_dim(d_in)
@@ -152,3 +159,13 @@ def invert(node: Node, wanted) -> dict | None:
         else:
             out[n] = wanted.with_dim(d_in)
     return out
+
+
+@register(aten.new_empty.default, aten.new_zeros.default, aten.new_ones.default, aten.new_full.default,
+          aten.new_empty_strided.default)
+def new_tensor(node: Node, ctx: RuleContext) -> Sharding:
+    """``x.new_zeros(size)`` takes only the dtype and device of ``x``, whose layout stays as it is;
+    the new tensor has the size it is given, whole on every rank."""
+    x = node.args[0]
+    p = ctx.placement(x)
+    return Sharding(REPLICATE, {x: REPLICATE if p is FREE or p is None else p})

@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
-from ..layout_algebra import view_groups, view_shard
+from ..layout_algebra import group_layout, view_groups, view_shard, view_superset, whole_everywhere
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
 from .base import FREE, RuleContext, Sharding, arg, ndim, norm_dim, op_name, shape, static
 from .registry import localizer, register
+from .slicing import cut_layout, cuts_of
 
 aten = torch.ops.aten
 
@@ -44,7 +45,48 @@ def _unary(node: Node, ctx: RuleContext, forward, why=None) -> Sharding:
 @register(*RESHAPES)
 def reshape(node: Node, ctx: RuleContext) -> Sharding:
     x = node.args[0]
+    p = ctx.placement(x)
+    if isinstance(p, Shard) and view_shard(shape(x), shape(node), p) is None:
+        regrouped = regroup(node, p)
+        if regrouped is not None:
+            out, wanted = regrouped
+            return Sharding(out, {x: wanted})
     return _unary(node, ctx, lambda p: view_shard(shape(x), shape(node), p), lambda p: _indivisible(node, p))
+
+
+def regroup(node: Node, p: Shard):
+    """``(output layout, input layout)`` for a view that cuts a split dim into groups the split
+    does not follow (``(B, T, 3*H*D) -> (B, T, 3, H, D)`` after an even split, ``(B, T, 2*D) ->
+    (B, T, 2, D)`` with two key/value heads over four ranks): the output split by its outermost
+    group dim that divides over the ranks (``H``, not the ``3`` of q/k/v), else shared by
+    groups of ranks as grouped-query attention shares a head, else split along the innermost dim
+    (``(B, T, 3*E) -> (B, T, 3, E)`` of ``nn.MultiheadAttention``, whose ``E`` holds the heads),
+    and the input layout that view needs, for the planner to ask of the producer. None if no dim
+    fits."""
+    x = node.args[0]
+    for gi, gj in view_groups(shape(x), shape(node)):
+        if p.dim not in gi or not gj or len(gj) < 2:
+            continue
+        dims = [d for d in gj if isinstance(static(shape(node)[d]), int) and static(shape(node)[d]) > 1]
+        outer, inner = dims[:-1], dims[-1:]
+        tries = [(d, "even") for d in outer] + [(d, "share") for d in outer] + [(d, "cuts") for d in outer]
+        # the innermost dim only where a later view cuts a dim of its size again (the E of
+        # ``(3, E)`` becomes heads x head_dim), never a head's own features
+        inner = [d for d in inner if _cut_again_later(node, static(shape(node)[d]))]
+        for d, how in tries + [(d, "even") for d in inner]:
+            n = static(shape(node)[d])
+            if how == "cuts":  # the dim is cut into pieces later (query heads | key | value)
+                pieces = cuts_of(node, d)
+                out = cut_layout(d, n, p.world, [x for piece in pieces for x in piece]) if pieces else None
+                out = None if out is None or out.is_whole else out
+            elif (how == "even") != (n % p.world == 0):
+                continue
+            else:
+                out = group_layout(d, n, p.world)
+            wanted = None if out is None else view_shard(shape(node), shape(x), out)
+            if wanted is not None and wanted.covers_all:
+                return out, wanted
+    return None
 
 
 def _indivisible(node: Node, p: Shard) -> str | None:
@@ -61,12 +103,41 @@ def _indivisible(node: Node, p: Shard) -> str | None:
     return None
 
 
+def _cut_again_later(node: Node, size: int, depth: int = 8) -> bool:
+    """Whether a view within ``depth`` ops after ``node`` splits a dim of ``size`` into several."""
+    frontier, seen = [node], set()
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for u in n.users:
+                if u in seen or u.op != "call_function":
+                    continue
+                seen.add(u)
+                if u.target in RESHAPES and isinstance(u.args[0], Node):
+                    for gi, gj in view_groups(shape(u.args[0]), shape(u)):
+                        sizes = [static(shape(u.args[0])[i]) for i in gi]
+                        if gj and len([j for j in gj if static(shape(u)[j]) != 1]) > 1 and size in sizes:
+                            return True
+                nxt.append(u)
+        frontier = nxt
+    return False
+
+
 def invert_reshape(node: Node, wanted):
     x = node.args[0]
     if not isinstance(wanted, Shard):
         return {x: wanted}
     q = view_shard(shape(node), shape(x), wanted)
+    if q is None and x.op == "call_function" and x.target == aten.expand.default:
+        q = view_superset(shape(x), shape(node), wanted, _broadcast_dims(x))
     return None if q is None else {x: q}
+
+
+def _broadcast_dims(node: Node) -> set[int]:
+    """Dims of an ``expand``'s output that are copies (size 1, or absent, in its input)."""
+    x = node.args[0]
+    offset = ndim(node) - ndim(x)
+    return {d for d in range(ndim(node)) if d < offset or (static(shape(x)[d - offset]) == 1 != static(shape(node)[d]))}
 
 
 def _view_local(node: Node, rank: int, lctx, size_index: int, name: str):
@@ -121,8 +192,12 @@ def invert_expand(node: Node, wanted):
     if not isinstance(wanted, Shard):
         return {x: wanted}
     d = wanted.dim - (ndim(node) - ndim(x))
+    if d >= 0 and static(shape(x)[d]) == 1 != wanted.size:
+        # copies of one element, split over the ranks: every rank reads the element; "whole on
+        # every rank" as a split (not replicated) lets the request go on to a split producer
+        return {x: whole_everywhere(d, 1, wanted.world)}
     if d < 0 or static(shape(x)[d]) != wanted.size:
-        return {x: REPLICATE} if d < 0 or static(shape(x)[d]) == 1 else None
+        return {x: REPLICATE} if d < 0 else None
     return {x: wanted.with_dim(d)}
 
 
@@ -203,7 +278,22 @@ def invert_squeeze(node: Node, wanted):
     if not isinstance(wanted, Shard):
         return {x: wanted}
     m = _squeeze_map(node)
+    if wanted.dim not in m and wanted.is_whole:  # a new dim of size 1 every rank holds: all of x
+        return {x: whole_everywhere(0, static(shape(x)[0]) or 1, wanted.world)}
     return {x: wanted.with_dim(m.index(wanted.dim))} if wanted.dim in m else None
+
+
+@register(aten.repeat.default)
+def repeat(node: Node, ctx: RuleContext) -> Sharding:
+    """``x.repeat(*counts)`` tiles every dim: a split dim tiled once keeps its split."""
+    x = node.args[0]
+    counts = list(node.args[1])
+    offset = len(counts) - ndim(x)
+
+    def fwd(p: Shard):
+        return p.with_dim(p.dim + offset) if counts[p.dim + offset] == 1 else None
+
+    return _unary(node, ctx, fwd, lambda p: "repeat tiles the sharded dim")
 
 
 @register(aten.view_as_complex.default)
@@ -230,6 +320,16 @@ def sym_size(node: Node, ctx: RuleContext) -> Sharding:
     return Sharding(None, {x: REPLICATE if p is FREE else p})
 
 
+def invert_select(node: Node, wanted):
+    """``x.select(dim, i)`` keeps the other dims: a layout of the output is one of ``x`` (one
+    expert's matrix out of a stacked weight has the layout the stack is stored in)."""
+    x = node.args[0]
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    dim = norm_dim(node.args[1], ndim(x))
+    return {x: wanted.with_dim(wanted.dim + (wanted.dim >= dim))}
+
+
 def invert_identity(node: Node, wanted):
     return {node.args[0]: wanted}
 
@@ -242,6 +342,7 @@ INVERSES = {
     aten.squeeze.default: invert_squeeze,
     aten.squeeze.dim: invert_squeeze,
     aten.squeeze.dims: invert_squeeze,
+    aten.select.int: invert_select,
     aten.view_as_complex.default: invert_identity,
     aten.view_as_real.default: invert_identity,
 }

@@ -15,6 +15,10 @@ function            forward                       backward
                     all-to-all between even splits)
 ``to_partial``      R -> P: x on rank 0, else 0   identity
 ``shard_to_partial`` S -> P: own slice, 0 elsewhere  keep own slice
+``pick_local``      S -> S' (each rank holds its   scatter into own slice
+                    part of S' already)
+``sum_duplicates``  identity (a weight stored in a    sum over the owners of each
+                    layout where ranks share rows)    shared element
 ==================  ============================  =====================================
 
 ``dim`` is the sharded dimension; ``runs`` the layout of every rank as ``(start, stop)``
@@ -248,6 +252,54 @@ def shard_to_partial(x: torch.Tensor, dim: int, size: int, runs=None, group: str
     return _ShardToPartial.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
+class _SumDuplicates(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layout, comm):
+        ctx.layout, ctx.comm = layout, comm
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        shared, local_pos, global_pos = _shared_positions(ctx.layout, ctx.comm.rank)
+        if not shared:
+            return g, None, None
+        dim = ctx.layout.dim
+        buf = g.new_zeros(_full_shape(g, dim, shared))
+        buf.index_copy_(dim, torch.as_tensor(global_pos, device=g.device),
+                        g.index_select(dim, torch.as_tensor(local_pos, device=g.device)))
+        summed = ctx.comm.all_reduce(buf).index_select(dim, torch.as_tensor(global_pos, device=g.device))
+        return g.index_copy(dim, torch.as_tensor(local_pos, device=g.device), summed), None, None
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_positions(layout: Shard, rank: int):
+    """``(count, local positions, positions among the shared)`` of the elements of ``rank``'s
+    slice that other ranks hold too: only those need their gradients summed."""
+    owners = np.zeros(layout.size, dtype=np.int64)
+    for r in range(layout.world):
+        owners[layout.indices(r)] += 1
+    shared = np.flatnonzero(owners > 1)
+    where = np.full(layout.size, -1, dtype=np.int64)
+    where[shared] = np.arange(shared.size)
+    mine = layout.indices(rank)
+    local = np.flatnonzero(owners[mine] > 1)
+    return int(shared.size), local, where[mine[local]]
+
+
+def shared_count(layout: Shard) -> int:
+    """How many elements along ``layout.dim`` more than one rank holds."""
+    return _shared_positions(layout, 0)[0]
+
+
+def sum_duplicates(x: torch.Tensor, dim: int, size: int, runs, group: str = "tp") -> torch.Tensor:
+    """Identity in forward; in backward, the gradient of each element several ranks hold is summed
+    over those ranks. Follows a weight stored so that ranks share rows (a fused q/k/v projection
+    whose few key/value heads each serve several ranks): each owner's gradient is its own heads'
+    share of the true one. Only the shared rows travel."""
+    comm = current().comm(group)
+    return _SumDuplicates.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
 def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
     """The whole tensor from every rank's shard along ``dim`` (global extent ``size``)."""
     comm = current().comm(group)
@@ -283,6 +335,38 @@ def reduce_scatter(x: torch.Tensor, dim: int, size: int, runs=None, group: str =
     """This rank's shard of the sum of the partial tensors of all ranks."""
     comm = current().comm(group)
     return _ReduceScatter.apply(x, _layout(dim, size, runs, comm.world), comm)
+
+
+class _PickLocal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, positions):
+        ctx.dim, ctx.positions, ctx.size = dim, positions, x.shape[dim]
+        return x.index_select(dim, positions)
+
+    @staticmethod
+    def backward(ctx, g):
+        # the elements this rank did not pick get no gradient here: another owner picked them,
+        # and a shared element's gradient is the sum over its owners
+        full = g.new_zeros(_full_shape(g, ctx.dim, ctx.size))
+        return full.index_copy_(ctx.dim, ctx.positions, g), None, None
+
+
+@functools.lru_cache(maxsize=1024)
+def _pick_positions(src: Shard, dst: Shard, rank: int) -> np.ndarray:
+    if src.dim != dst.dim:  # src is whole along its dim: dst's dim is whole locally
+        return dst.indices(rank)
+    where = {int(g): i for i, g in enumerate(src.indices(rank))}
+    return np.array([where[int(g)] for g in dst.indices(rank)], dtype=np.int64)
+
+
+def pick_local(x: torch.Tensor, dim: int, size: int, runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):
+    """Another layout of ``x`` whose every rank's part this rank holds already (the query heads'
+    key/value heads out of all the repeats of a shared head, or out of a tensor every rank holds
+    whole): a local pick, no communication."""
+    comm = current().comm(group)
+    src, dst = _layout(dim, size, runs, comm.world), _layout(dst_dim, dst_size, dst_runs, comm.world)
+    positions = torch.as_tensor(_pick_positions(src, dst, comm.rank), device=x.device)
+    return _PickLocal.apply(x, dst_dim, positions)
 
 
 def redistribute(x, src_dim: int, src_size: int, src_runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):

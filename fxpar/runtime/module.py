@@ -470,7 +470,7 @@ class ParallelModule(nn.Module):
         """
         grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
         inf = norm_type == float("inf")
-        pp = self._pp_rank
+        pp, tp = self._pp_rank, self._mesh.coordinate(self._rank)["tp"]
 
         def reduce(gs):
             if not gs:
@@ -483,7 +483,9 @@ class ParallelModule(nn.Module):
         ctx = self._plan_ctx
 
         def norm_of(part):  # over the tp ranks: shards add up, replicated gradients count once
-            sharded = self._combine(reduce([g for n, g in part if isinstance(self.placement_of(n), Shard)]), "tp", inf)
+            sharded = [_counted_once(g, self.placement_of(n), tp) for n, g in part
+                       if isinstance(self.placement_of(n), Shard)]
+            sharded = self._combine(reduce(sharded), "tp", inf)
             whole = reduce([g for n, g in part if not isinstance(self.placement_of(n), Shard)])
             return torch.maximum(sharded, whole) if inf else sharded + whole
 
@@ -718,3 +720,14 @@ def write_chrome_trace(path: str, events) -> None:
     trace += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}} for r in sorted({e[0] for e in events})]
     with open(path, "w") as f:
         json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, f)
+
+
+def _counted_once(g: torch.Tensor, place: Shard, rank: int) -> torch.Tensor:
+    """``g`` with zeros where a lower tp rank holds the same rows (shared key/value heads), so
+    that a sum over the ranks counts every element once."""
+    if not place.has_duplicates:
+        return g
+    keep = torch.as_tensor(place.primary(rank), device=g.device)
+    shape = [1] * g.dim()
+    shape[place.dim] = -1
+    return g * keep.view(shape).to(g.dtype)
