@@ -66,11 +66,46 @@ class Conv1DStyle(nn.Module):
         return torch.addmm(self.b2, h, self.w2).view(x.shape)
 
 
+class Einsum(nn.Module):
+    """Products written as einsum: the split feature index survives into each output."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        pairs = torch.einsum("btf,bsf->btsf", h, h)
+        return self.down(torch.einsum("btsf,bsf->btf", pairs, torch.relu(h)))
+
+
+class GroupedScan(nn.Module):
+    """A state-space-style mixer: one projection cut into channels | groups, a depthwise causal
+    convolution, groups repeated for the heads, the sequence padded."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(16, 32 + 2 * 4, bias=False)  # 4 heads x 8 channels | 2 groups x 4
+        self.conv = nn.Conv1d(40, 40, 3, groups=40, padding=2)
+        self.out = nn.Linear(32, 16, bias=False)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.conv(self.inp(x).transpose(1, 2))[..., :t].transpose(1, 2)
+        chans, groups = h.split([32, 8], dim=-1)
+        per_head = groups.view(b, t, 2, 4).repeat_interleave(2, dim=2)  # 2 groups -> 4 heads
+        mixed = chans.view(b, t, 4, 8) * per_head.sum(-1, keepdim=True)
+        mixed = F.pad(mixed, (0, 0, 0, 0, 0, 2))[:, :t]  # pad the sequence, then drop it
+        return self.out(mixed.reshape(b, t, 32))
+
+
 CASES = {
     "chain": (Chain, (4, 8)),
     "square": (Square, (4, 8)),
     "gqa_from_row": (GQAFromRow, (2, 4, 16)),
     "conv1d": (Conv1DStyle, (2, 4, 8)),
+    "einsum": (Einsum, (2, 4, 8)),
+    "grouped_scan": (GroupedScan, (2, 6, 16)),
 }
 
 

@@ -1,6 +1,7 @@
 """The sharding plan: decided from the data flow, with the Megatron layout where one exists, and
 overridable by name."""
 
+import pytest
 import torch
 
 import fxpar
@@ -152,3 +153,19 @@ def test_views_sized_by_a_symbolic_sequence_on_a_tensor_split_by_heads():
     assert plan.ctx.decisions == {"q": "colwise", "o": "rowwise"}
     x = torch.randn(2, 9, 32)
     assert_close(plan.simulate(x), model(x), "output with a symbolic sequence")
+
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_a_turned_back_split_does_not_spread(tp):
+    """Phi-3 with one key/value head: while its attention is being worked out, early rounds turn
+    splits back; those must not undo the MLP pairs the residual stream connects them to (they
+    once did, and the rank held 0.76 of the model at tp=2)."""
+    pytest.importorskip("transformers")
+    from tests.zoo import hf_family
+
+    model, ids, _ = hf_family("phi3_mqa")
+    d = decisions(fxpar.compile(model, fxpar.Mesh(tp=tp), (ids,)))
+    for layer in (0, 1):
+        assert d[f"model.layers.{layer}.mlp.gate_up_proj"] == "colwise", d
+        assert d[f"model.layers.{layer}.mlp.down_proj"] == d[f"model.layers.{layer}.self_attn.o_proj"] == "rowwise", d

@@ -108,6 +108,8 @@ def inverse_of(node: Node):
         return views.INVERSES[node.target]
     if node.target == aten.cat.default:
         return slicing.invert_cat
+    if node.target in conv.CONVS:
+        return conv.invert_conv
     tags = getattr(node.target, "tags", ())
     if node.target in (collectives.C.copy_to_tp, collectives.C.all_reduce):
         return pointwise.invert

@@ -50,3 +50,11 @@ def local_conv(node: Node, rank: int, lctx):
         args[i] = node.kwargs.get(("input", "weight", "bias", "stride", "padding", "dilation", "groups")[i], defaults[i])
     args[6] = out.local_size
     return LocalCall(node.target, tuple(args), {})
+
+
+def invert_conv(node: Node, wanted):
+    """The input layout that makes a depthwise convolution come out as ``wanted``: the same
+    channels (a request from the pieces the output is cut into reaches the projection before)."""
+    if not (isinstance(wanted, Shard) and wanted.dim == 1 and _depthwise(node)):
+        return None
+    return {node.args[0]: wanted}

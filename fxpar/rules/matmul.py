@@ -221,3 +221,42 @@ def grouped_ops() -> frozenset:
 def decidable_ops() -> frozenset:
     """``DECIDABLE`` and the grouped matmuls of libraries imported by now."""
     return frozenset(DECIDABLE) | grouped_ops()
+
+
+@register(aten.einsum.default)
+def einsum(node: Node, ctx: RuleContext) -> Sharding:
+    """``einsum(equation, operands)``: a split index letter stays split where it survives into the
+    output, and makes a partial sum where it is summed over (each element held once); operands
+    without that letter are read whole. A partial operand with whole others stays partial."""
+    equation, ops = node.args[0], list(node.args[1])
+    tensors = [o for o in ops if isinstance(o, Node)]
+    whole = Sharding(REPLICATE, {o: REPLICATE for o in tensors})
+    if "..." in equation or "->" not in equation or len(tensors) != len(ops):
+        return Sharding(REPLICATE, {o: REPLICATE for o in tensors},
+                        fallback="einsum with an ellipsis" if any(isinstance(ctx.placement(o), Shard) for o in tensors) else None)
+    lhs, out = equation.replace(" ", "").split("->")
+    subs = lhs.split(",")
+    places = [ctx.placement(o) for o in ops]
+    places = [REPLICATE if p is FREE else p for p in places]
+    partial = [i for i, p in enumerate(places) if p is PARTIAL]
+    if partial:
+        if len(partial) == 1 and all(p is REPLICATE for i, p in enumerate(places) if i not in partial):
+            return Sharding(PARTIAL, {o: places[i] for i, o in enumerate(ops)})
+        return whole
+    lead = next(((i, p) for i, p in enumerate(places) if isinstance(p, Shard)), None)
+    if lead is None:
+        return whole
+    i, p = lead
+    letter = subs[i][p.dim]
+    if any(s.count(letter) > 1 for s in subs) or out.count(letter) > 1:
+        return Sharding(REPLICATE, {o: REPLICATE for o in tensors}, fallback="einsum repeating a split index")
+    inputs = {}
+    for o, s in zip(ops, subs):
+        d = s.find(letter)
+        inputs[o] = p.with_dim(d) if d >= 0 and static(shape(o)[d]) == p.size else REPLICATE
+    if letter in out:
+        return Sharding(p.with_dim(out.index(letter)), inputs)
+    if not p.is_partition or any(isinstance(q, Shard) and q.dim == s.find(letter) and q != p.with_dim(q.dim)
+                                 for q, s in zip(places, subs)):
+        return Sharding(REPLICATE, {o: REPLICATE for o in tensors}, fallback="einsum summing a split index held twice")
+    return Sharding(PARTIAL, inputs)

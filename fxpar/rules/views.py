@@ -7,6 +7,7 @@ fused q/k/v output in three segments) can be carried back to the weight that pro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.fx import Node
 
@@ -296,6 +297,62 @@ def repeat(node: Node, ctx: RuleContext) -> Sharding:
     return _unary(node, ctx, fwd, lambda p: "repeat tiles the sharded dim")
 
 
+@register(aten.repeat_interleave.self_int)
+def repeat_interleave(node: Node, ctx: RuleContext) -> Sharding:
+    """``x.repeat_interleave(k, dim)``: each element ``k`` times in a row. A split of another dim
+    stays; a split of ``dim`` gives each rank the repeats of its own elements (the key/value
+    groups of a state-space mixer repeated for its heads)."""
+    x, k = node.args[0], node.args[1]
+    dim = arg(node, 2, "dim")
+    if dim is None:
+        return _unary(node, ctx, lambda p: None, lambda p: "repeat_interleave of a flattened split tensor")
+    dim = norm_dim(dim, ndim(x))
+
+    def fwd(p: Shard):
+        if p.dim != dim:
+            return p
+        return Shard.from_indices(dim, p.size * k, [np.repeat(p.indices(r) * k, k) + np.tile(np.arange(k), p.local_size)
+                                                   for r in range(p.world)])
+
+    return _unary(node, ctx, fwd)
+
+
+def invert_repeat_interleave(node: Node, wanted):
+    """The elements whose repeats each rank needs (all repeats of them, a superset it picks from)."""
+    x, k = node.args[0], node.args[1]
+    dim = arg(node, 2, "dim")
+    if not isinstance(wanted, Shard):
+        return {x: wanted}
+    if dim is None:
+        return None
+    if wanted.dim != norm_dim(dim, ndim(x)):
+        return {x: wanted}
+    try:
+        return {x: Shard.from_indices(wanted.dim, wanted.size // k, [np.unique(wanted.indices(r) // k)
+                                                                     for r in range(wanted.world)])}
+    except ValueError:
+        return None
+
+
+def _padded_dims(node: Node) -> set[int]:
+    """Dims ``pad`` / ``constant_pad_nd`` pads (its list pairs dims from the last one back)."""
+    pads, nd = list(node.args[1]), ndim(node.args[0])
+    return {nd - 1 - i for i in range(len(pads) // 2) if pads[2 * i] != 0 or pads[2 * i + 1] != 0}
+
+
+@register(aten.pad.default, aten.constant_pad_nd.default)
+def pad(node: Node, ctx: RuleContext) -> Sharding:
+    """Padding other dims keeps a split (a state-space scan padding the sequence to whole chunks)."""
+    return _unary(node, ctx, lambda p: p if p.dim not in _padded_dims(node) else None,
+                  lambda p: "padding of the sharded dim")
+
+
+def invert_pad(node: Node, wanted):
+    if isinstance(wanted, Shard) and wanted.dim in _padded_dims(node):
+        return None
+    return {node.args[0]: wanted}
+
+
 @register(aten.view_as_complex.default)
 def view_as_complex(node: Node, ctx: RuleContext) -> Sharding:
     """(..., n, 2) real -> (..., n) complex: any dim but the last pair dim keeps its shard."""
@@ -343,6 +400,9 @@ INVERSES = {
     aten.squeeze.dim: invert_squeeze,
     aten.squeeze.dims: invert_squeeze,
     aten.select.int: invert_select,
+    aten.repeat_interleave.self_int: invert_repeat_interleave,
+    aten.pad.default: invert_pad,
+    aten.constant_pad_nd.default: invert_pad,
     aten.view_as_complex.default: invert_identity,
     aten.view_as_real.default: invert_identity,
 }
