@@ -226,3 +226,39 @@ def test_a_checkpoint_without_optimizer_state_says_so(pools, tmp_path):
     for msg in pools(2).run(_load_error, path, dict(tp=2)):
         assert "without optimizer state" in msg, msg
     assert pools(2).run(_load_error, path, dict(tp=2), optimizer=False) == ["loaded", "loaded"]
+
+
+def _shared_heads(path: str, mesh: dict, save: bool) -> dict:
+    """The reference Llama (4 query, 2 key/value heads): at tp=4 each key/value head is held by
+    2 ranks. Train, save (or load), return the whole weights and the next step's loss."""
+    from models import llama
+
+    torch.manual_seed(0)
+    model, (idx,) = llama.build()
+    pm = fxpar.parallelize(model, fxpar.Mesh(**mesh), example_args=(idx,))
+    opt = adamw(pm.parameters(), lr=LR)
+    target = torch.randint(0, 256, idx.shape, generator=torch.Generator().manual_seed(3))
+    if save:
+        for _ in range(2):
+            loss_with_target(pm(idx), target).backward()
+            opt.step()
+            opt.zero_grad()
+        fxpar.save(pm, path, optimizer=opt)
+    else:
+        fxpar.load(pm, path, optimizer=opt)
+    whole = pm.full_state_dict()
+    loss = loss_with_target(pm(idx), target)
+    loss.backward()
+    opt.step()
+    return {"loss": loss.item(), "state": whole, "after": pm.full_state_dict()}
+
+
+def test_key_value_heads_shared_by_ranks_save_once_and_reshard(pools, tmp_path):
+    path = str(tmp_path / "shared")
+    saved = pools(4).run(_shared_heads, path, dict(tp=4), True)[0]
+    loaded = pools(2).run(_shared_heads, path, dict(tp=2), False)[0]
+    for key, value in saved["state"].items():
+        assert torch.equal(loaded["state"][key], value), f"{key} after loading at tp=2"
+    assert loaded["loss"] == pytest.approx(saved["loss"], rel=1e-6)
+    for key, value in saved["after"].items():  # the optimizer state came along: the same step
+        assert_close(loaded["after"][key], value, f"{key} one step after loading", rtol=1e-5, atol=1e-6)
