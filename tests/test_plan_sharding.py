@@ -31,7 +31,9 @@ def test_gpt_gets_the_megatron_plan():
         assert d[f"transformer.h.{i}.attn.c_proj"] == "rowwise"
         assert d[f"transformer.h.{i}.mlp.c_fc"] == "colwise"
         assert d[f"transformer.h.{i}.mlp.c_proj"] == "rowwise"
-    assert d["transformer.wpe"] == "replicate"  # indexed by positions, not by user ids
+    # indexed by positions, not by user ids, but added to the token embeddings' partial sum:
+    # split by rows as well, it joins their all-reduce (the count below stays Megatron's)
+    assert d["transformer.wpe"] == "vocab"
     places = plan.ctx.param_placements
     assert places["lm_head.weight"] == Shard.even(0, 256, 2)
     # the fused q/k/v projection is split within each of its three segments

@@ -64,7 +64,8 @@ def _keeps_partial(node: Node, ins: list[Node], ctx: RuleContext) -> bool:
     partial = [a for a in operands if ctx.placement(a) is PARTIAL]
     scalars = [a for a in node.args[1:2] if not isinstance(a, Node)]
     if node.target in _SUM_LINEAR:
-        return len(partial) == len(operands) and not scalars
+        # a whole addend joins the sum as one rank's part (``to_partial``, as a row-parallel bias)
+        return bool(partial) and not scalars and all(ctx.placement(a) in (PARTIAL, REPLICATE) for a in operands)
     if node.target in _FIRST_LINEAR:
         return len(partial) == 1 and (node.target != aten.div.Tensor or operands[0] is partial[0])
     if node.target in _UNARY_LINEAR:
@@ -83,7 +84,8 @@ def pointwise(node: Node, ctx: RuleContext) -> Sharding:
     # a partial sum met by a split value is reduced, not the split gathered to join the sum
     split = any(isinstance(ctx.placement(n), Shard) for n in ins)
     if not split and any(ctx.placement(n) is PARTIAL for n in ins) and _keeps_partial(node, ins, ctx):
-        return Sharding(PARTIAL, {n: (PARTIAL if ctx.placement(n) is PARTIAL else REPLICATE) for n in ins})
+        summed = node.target in _SUM_LINEAR
+        return Sharding(PARTIAL, {n: (PARTIAL if ctx.placement(n) is PARTIAL or summed else REPLICATE) for n in ins})
     out_shape = shape(node)
     nd = len(out_shape)
     candidates = ins[:1] if torch.Tag.inplace in getattr(node.target, "tags", ()) else ins
