@@ -292,7 +292,7 @@ def compile_7b(tp):
     from fxpar.capture import capture
     from fxpar.codegen import rank_graph
     from fxpar.plan import plan_graph
-    from models import llama
+    from fxpar.models import llama
 
     with torch.device("meta"):
         model = llama.Transformer(llama.ModelArgs())  # 32 layers, 4096 wide, 32 heads

@@ -23,7 +23,7 @@ BATCH, SEQ = 4, 128
 
 
 def make_moe():
-    from models import moe
+    from fxpar.models import moe
 
     torch.manual_seed(0)
     model = moe.Transformer(moe.MoEArgs(**MOE_CFG))

@@ -111,7 +111,7 @@ def with_loss(model: nn.Module, loss_fn) -> nn.Module:
 def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an ATen-level ``GraphModule`` on the meta device.
 
-    >>> from models import mlp
+    >>> from fxpar.models import mlp
     >>> model, args = mlp.build()
     >>> cap = capture(model, args)
     >>> any(n.target == torch.ops.aten.linear.default for n in cap.gm.graph.nodes)

@@ -29,7 +29,7 @@ def load_model(spec: str, settings: list[str]):
     if ":" in spec:
         mod_name, fn_name = spec.split(":", 1)
     else:
-        mod_name, fn_name = f"models.{spec}", "build"
+        mod_name, fn_name = f"fxpar.models.{spec}", "build"
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:

@@ -28,7 +28,7 @@ def _batch():
 
 
 def _model():
-    from models import gpt
+    from fxpar.models import gpt
 
     torch.manual_seed(0)
     model, _ = gpt.build(**CONFIG)

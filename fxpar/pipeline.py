@@ -15,18 +15,18 @@ from typing import Callable
 
 from torch.fx import GraphModule
 
-from passes.annotate_tensors import annotate_tensors
-from passes.assign_rng import assign_rng
-from passes.context_parallel import context_parallel
-from passes.cut_stages import cut_stages
-from passes.estimate_memory import estimate_memory
-from passes.expert_parallel import expert_parallel
-from passes.insert_collectives import insert_collectives
-from passes.localize_shapes import localize_shapes
-from passes.plan_sharding import plan_sharding
-from passes.recompute_gathers import recompute_gathers
-from passes.sequence_parallel import sequence_parallel
-from passes.split_loss_means import split_loss_means
+from fxpar.passes.annotate_tensors import annotate_tensors
+from fxpar.passes.assign_rng import assign_rng
+from fxpar.passes.context_parallel import context_parallel
+from fxpar.passes.cut_stages import cut_stages
+from fxpar.passes.estimate_memory import estimate_memory
+from fxpar.passes.expert_parallel import expert_parallel
+from fxpar.passes.insert_collectives import insert_collectives
+from fxpar.passes.localize_shapes import localize_shapes
+from fxpar.passes.plan_sharding import plan_sharding
+from fxpar.passes.recompute_gathers import recompute_gathers
+from fxpar.passes.sequence_parallel import sequence_parallel
+from fxpar.passes.split_loss_means import split_loss_means
 
 from .errors import FxparError, PlanError
 from .plan_context import PlanContext

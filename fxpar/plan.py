@@ -452,7 +452,7 @@ def compile(
     parameters'), and ``sizes`` (values of symbolic sizes to plan for). The example inputs are a whole batch: the graph is captured for one
     microbatch of one data-parallel replica.
 
-    >>> from models import gpt
+    >>> from fxpar.models import gpt
     >>> model, (idx,) = gpt.build()
     >>> plan = compile(model, Mesh(tp=2), (idx,))
     >>> torch.allclose(plan.simulate(idx), model(idx), atol=1e-5)

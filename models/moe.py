@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import llama
-from models.llama import Attention, ModelArgs, RMSNorm
+from fxpar.models import llama
+from fxpar.models.llama import Attention, ModelArgs, RMSNorm
 
 
 @dataclass

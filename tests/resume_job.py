@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import fxpar
-from models import gpt
+from fxpar.models import gpt
 
 
 def loss_fn(logits, target):

@@ -5,7 +5,7 @@ import torch
 
 import fxpar
 from fxpar.capture import capture, meta_skeleton
-from models import gpt, llama, mlp
+from fxpar.models import gpt, llama, mlp
 from tests.zoo import assert_close, build
 
 aten = torch.ops.aten

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import fxpar
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import adamw, assert_close, loss_with_target
 
 CFG = dict(block_size=64, vocab_size=128, n_layer=2, n_head=4, n_embd=64)
@@ -231,7 +231,7 @@ def test_a_checkpoint_without_optimizer_state_says_so(pools, tmp_path):
 def _shared_heads(path: str, mesh: dict, save: bool) -> dict:
     """The reference Llama (4 query, 2 key/value heads): at tp=4 each key/value head is held by
     2 ranks. Train, save (or load), return the whole weights and the next step's loss."""
-    from models import llama
+    from fxpar.models import llama
 
     torch.manual_seed(0)
     model, (idx,) = llama.build()

@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 
 import fxpar
-from models import gpt
+from fxpar.models import gpt
 from tests.distributed import _free_port
 from tests.zoo import adamw, error_of, loss_with_target
 

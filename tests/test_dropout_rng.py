@@ -10,7 +10,7 @@ import fxpar
 from fxpar.metadata import PLACEMENT, RNG
 from fxpar.placement import Shard
 from fxpar.simulate import Recorder, run_ranks
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import assert_close, loss_fn
 
 

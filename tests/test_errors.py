@@ -89,7 +89,7 @@ def test_unknown_override_style():
 
 
 def test_meta_buffers_without_values_are_named():
-    from models import gpt
+    from fxpar.models import gpt
 
     with torch.device("meta"):
         model, _ = gpt.build(flash=False)  # registers a causal-mask buffer

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import fxpar
 from fxpar.shards import shard_tensor
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import hf_family
 
 MESHES = [(2, dict(tp=2)), (2, dict(pp=2)), (4, dict(tp=2, pp=2))]

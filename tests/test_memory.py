@@ -7,7 +7,7 @@ import fxpar
 from fxpar.errors import module_path
 from fxpar.memory import stage_memory
 from fxpar.simulate import run_ranks
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import build
 
 

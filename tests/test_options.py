@@ -11,7 +11,7 @@ import torch
 
 import fxpar
 from fxpar.options import default_timeout
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import build
 
 

@@ -10,7 +10,7 @@ from fxpar.capture import capture
 from fxpar.metadata import COMM, INPUTS, LOCAL, ORIGIN, PLACEMENT, REQUIRES_GRAD
 from fxpar.pipeline import PIPELINE, run_pipeline
 from fxpar.plan_context import PlanContext
-from models import gpt, mlp
+from fxpar.models import gpt, mlp
 from tests.zoo import assert_close
 
 aten = torch.ops.aten

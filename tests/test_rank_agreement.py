@@ -7,7 +7,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import fxpar
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import build, error_of, loss_with_target
 
 

@@ -104,7 +104,7 @@ def test_with_pipelines_and_replicas(name, dp, pp, schedule):
 
 
 def test_dropout_in_the_stream_draws_the_single_device_masks_in_exact_mode():
-    from models import gpt
+    from fxpar.models import gpt
 
     torch.manual_seed(0)
     model, (idx,) = gpt.build(dropout=0.1, flash=False)

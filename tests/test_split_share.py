@@ -43,7 +43,7 @@ def test_summary_names_every_weight_held_beyond_its_share():
         for proj in ("wk", "wv"):
             assert f"layers.{layer}.attention.{proj}.weight" in summary
     assert "rows that 2 ranks share" in summary
-    from models import gpt
+    from fxpar.models import gpt
 
     model, args = gpt.build(block_size=30)  # 30 learned positions do not divide over 4 ranks
     summary = fxpar.compile(model, fxpar.Mesh(tp=4), args).summary()

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import fxpar
-from models import llama
+from fxpar.models import llama
 from tests.zoo import assert_close, build
 
 
@@ -98,7 +98,7 @@ def test_values_that_need_no_gradient_are_recomputed_not_sent():
 def test_the_cut_optimizes_the_memory_it_reports(name, schedule):
     """The fast cost the cutter minimizes is the stage memory the plan reports."""
     from fxpar.stages import compute_nodes, replicable
-    from passes.cut_stages import _Costs
+    from fxpar.passes.cut_stages import _Costs
 
     model, args = build(name)
     args = (torch.cat([args[0]] * 4),)

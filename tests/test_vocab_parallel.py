@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 import fxpar
 from fxpar.metadata import COMM
-from models import gpt
+from fxpar.models import gpt
 from tests.zoo import HF, assert_close, build, loss_with_target
 
 

@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from models import gpt, llama, mlp, moe
+from fxpar.models import gpt, llama, mlp, moe
 
 REFERENCE = {
     "gpt": lambda: gpt.build(),
