@@ -12,8 +12,8 @@ from torch.fx import GraphModule
 from torch.fx.node import Node, map_aggregate
 
 from .codegen import get_path
-from .runtime.comm import shape_comms
-from .runtime.context import RankContext, running
+from .ops.comm import shape_comms
+from .ops.context import RankContext, running
 
 
 def fake_mode(gm: GraphModule):

@@ -154,9 +154,9 @@ def data_dependent_sizes(gm) -> dict:
 
 
 def _received_rows(gm, known: dict) -> dict:
-    """Rows an ep rank's experts receive (``fxpar/runtime/experts.py``) at a balanced load: as
+    """Rows an ep rank's experts receive (``fxpar/ops/experts.py``) at a balanced load: as
     many as the rank sends, shared evenly by its experts."""
-    from .runtime import experts
+    from .ops import experts
 
     out = {}
     for node in gm.graph.nodes:

@@ -30,7 +30,7 @@ from .pipeline import debug_level, run_pipeline
 from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
-from .runtime import collectives as C
+from .ops import collectives as C
 from .runtime.checks import check_not_meta, input_summaries
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches

@@ -13,10 +13,10 @@ from torch.utils import _pytree as pytree
 from .errors import FxparError
 from .mesh import DIM_ORDER, Mesh
 from .placement import PARTIAL, Shard
-from .runtime.collectives import _assemble
+from .ops.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
 from .runtime.p2p import ThreadP2P
-from .runtime.context import RankContext, RNGStreams, context_streams, running, stream_seeds
+from .ops.context import RankContext, RNGStreams, context_streams, running, stream_seeds
 
 
 

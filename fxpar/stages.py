@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from .memory import StageMemory
 from .metadata import COMM, REQUIRES_GRAD
 from .rules.base import is_tensor_node
-from .runtime.ops import dropout
+from .ops.local import dropout
 
 
 

@@ -1,7 +1,7 @@
 """Pass (rewrite): give every dropout the random stream its placement needs.
 
 Reads ``fxpar_placement`` of each ``aten.dropout`` node and ``ctx.rng``. Replaces the node's
-target with ``fxpar.runtime.ops.dropout`` and writes ``fxpar_rng``:
+target with ``fxpar.ops.local.dropout`` and writes ``fxpar_rng``:
 
 * replicated value -> ``"replicated"``: every tp rank draws the same mask from the same stream;
 * sharded value -> ``"sharded"``: each rank draws its own slice from its own stream (Megatron's
@@ -27,7 +27,7 @@ from fxpar.metadata import PLACEMENT, RNG
 from fxpar.placement import Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import arg
-from fxpar.runtime.ops import dropout
+from fxpar.ops.local import dropout
 
 aten = torch.ops.aten
 

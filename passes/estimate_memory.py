@@ -28,8 +28,8 @@ from fxpar.memory import NodeMemory, expr
 from fxpar.metadata import MEMORY
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
-from fxpar.runtime.comm import shape_comms
-from fxpar.runtime.context import RankContext, running
+from fxpar.ops.comm import shape_comms
+from fxpar.ops.context import RankContext, running
 
 
 def _bytes(t: torch.Tensor):

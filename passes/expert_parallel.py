@@ -6,7 +6,7 @@ data-parallel replicas for everything else: the graph is captured for one replic
 batch, its dense weights are replicated (their gradients averaged over dp x ep after backward,
 as data parallelism does), and only the experts' computations change. Reads ``val``; writes a
 graph in which every expert region is fed by a dispatch and read through a combine
-(``fxpar/runtime/experts.py``, ``fxpar_comm`` with ``group="ep"``), ``ctx.expert_layers``,
+(``fxpar/ops/experts.py``, ``fxpar_comm`` with ``group="ep"``), ``ctx.expert_layers``,
 ``ctx.expert_shards`` and ``ctx.expert_slots``, and new ``val``s (what an ep rank's experts
 receive is known only at run time).
 
@@ -56,7 +56,7 @@ from fxpar.plan_context import ExpertLayer, PlanContext
 from fxpar.rules import WEIGHT_TRANSPARENT, is_weight
 from fxpar.rules.base import is_tensor_node, shape, static
 from fxpar.rules.matmul import grouped_ops
-from fxpar.runtime import experts as X
+from fxpar.ops import experts as X
 
 aten = torch.ops.aten
 

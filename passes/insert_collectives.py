@@ -2,7 +2,7 @@
 
 Reads ``fxpar_placement`` (what each producer gives), ``fxpar_inputs`` (what each consumer takes)
 and ``fxpar_requires_grad``. For each edge where the two differ it inserts one call to a function
-of ``fxpar.runtime.collectives``, shared by every consumer that needs the same conversion:
+of ``fxpar.ops.collectives``, shared by every consumer that needs the same conversion:
 
 =========  =================  ==================================================
 producer   consumer wants     node inserted
@@ -41,7 +41,7 @@ from fxpar.metadata import COMM, GRAD_PARTIAL, INPUTS, ORIGIN, PLACEMENT, REQUIR
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import static_numel
-from fxpar.runtime import collectives as C
+from fxpar.ops import collectives as C
 
 
 def _runs(s: Shard):

@@ -21,7 +21,7 @@ from torch.fx import GraphModule, Node
 from fxpar.metadata import COMM, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, copy_meta, replace_uses
 from fxpar.plan_context import PlanContext
 from fxpar.rules import is_weight
-from fxpar.runtime import collectives as C
+from fxpar.ops import collectives as C
 
 aten = torch.ops.aten
 

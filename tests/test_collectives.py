@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fxpar.placement import Shard
-from fxpar.runtime import collectives as C
+from fxpar.ops import collectives as C
 from fxpar.runtime.comm import DistComm
-from fxpar.runtime.context import RankContext, running
+from fxpar.ops.context import RankContext, running
 from fxpar.simulate import rank_contexts, run_ranks
 
 

@@ -233,7 +233,7 @@ def test_checkpoint_saved_at_ep_resumes_on_other_meshes(pools, tmp_path):
 def test_dispatch_and_combine_when_a_rank_gets_no_rows():
     """Every row comes back to where it was, through forward and backward, when the experts of
     one rank get nothing and another sends nothing to some of them."""
-    from fxpar.runtime import experts as X
+    from fxpar.ops import experts as X
     from fxpar.simulate import mesh_contexts, run_ranks
 
     counts = [[3, 0, 0, 0], [0, 5, 0, 0]]  # experts 2 and 3 (ep rank 1) get no rows at all

@@ -75,17 +75,17 @@ def test_assign_rng_picks_the_stream_from_the_placement():
 GOLDEN_RANK1 = """
 linear = torch.ops.aten.linear.default(x, inp_weight, inp_bias);  x = inp_weight = inp_bias = None
 layer_norm = torch.ops.aten.layer_norm.default(linear, [16], blocks_0_norm_weight, blocks_0_norm_bias, 1e-05, False);  blocks_0_norm_weight = blocks_0_norm_bias = None
-copy_to_tp = fxpar_runtime_collectives_copy_to_tp(layer_norm, group = 'tp');  layer_norm = None
+copy_to_tp = fxpar_ops_collectives_copy_to_tp(layer_norm, group = 'tp');  layer_norm = None
 linear_1 = torch.ops.aten.linear.default(copy_to_tp, blocks_0_fc1_weight, blocks_0_fc1_bias);  copy_to_tp = blocks_0_fc1_weight = blocks_0_fc1_bias = None
 gelu = torch.ops.aten.gelu.default(linear_1);  linear_1 = None
-to_partial = fxpar_runtime_collectives_to_partial(blocks_0_fc2_bias, group = 'tp');  blocks_0_fc2_bias = None
+to_partial = fxpar_ops_collectives_to_partial(blocks_0_fc2_bias, group = 'tp');  blocks_0_fc2_bias = None
 linear_2 = torch.ops.aten.linear.default(gelu, blocks_0_fc2_weight, to_partial);  gelu = blocks_0_fc2_weight = to_partial = None
-all_reduce = fxpar_runtime_collectives_all_reduce(linear_2, group = 'tp');  linear_2 = None
-dropout = fxpar_runtime_ops_dropout(all_reduce, 0.0, True);  all_reduce = None
+all_reduce = fxpar_ops_collectives_all_reduce(linear_2, group = 'tp');  linear_2 = None
+dropout = fxpar_ops_local_dropout(all_reduce, 0.0, True);  all_reduce = None
 add = torch.ops.aten.add.Tensor(linear, dropout);  linear = dropout = None
-copy_to_tp_1 = fxpar_runtime_collectives_copy_to_tp(add, group = 'tp');  add = None
+copy_to_tp_1 = fxpar_ops_collectives_copy_to_tp(add, group = 'tp');  add = None
 linear_3 = torch.ops.aten.linear.default(copy_to_tp_1, head_weight, head_bias);  copy_to_tp_1 = head_weight = head_bias = None
-all_gather = fxpar_runtime_collectives_all_gather(linear_3, 1, 4, None, group = 'tp');  linear_3 = None
+all_gather = fxpar_ops_collectives_all_gather(linear_3, 1, 4, None, group = 'tp');  linear_3 = None
 """
 
 
@@ -95,6 +95,6 @@ def test_golden_rank_code_of_a_one_block_mlp():
     by columns and gathered for the output."""
     model, args = small_mlp()
     plan = fxpar.compile(model, fxpar.Mesh(tp=2), args)
-    body = [line.strip() for line in plan.rank_code(1).splitlines() if "torch.ops" in line or "fxpar_runtime" in line]
+    body = [line.strip() for line in plan.rank_code(1).splitlines() if "torch.ops" in line or "fxpar_ops" in line]
     assert body == textwrap.dedent(GOLDEN_RANK1).strip().splitlines()
     assert_close(plan.simulate(*args), model(*args), "golden plan output")

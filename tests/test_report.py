@@ -16,7 +16,7 @@ def test_dump_writes_every_rank_annotated(tmp_path):
     files = plan.dump(str(tmp_path))
     assert sorted(os.path.basename(f) for f in files) == ["plan.txt", "rank0.py", "rank1.py", "summary.txt"]
     code = (tmp_path / "rank1.py").read_text()
-    assert "fxpar_runtime_collectives_all_reduce(" in code and "group = 'tp'" in code
+    assert "fxpar_ops_collectives_all_reduce(" in code and "group = 'tp'" in code
     assert "all_reduce: sends 8.0 KiB fwd" in code
     assert "# S(2) (2, 16, 2, 16)" in code  # local shape of the heads of rank 1
     assert "models/gpt.py:49: k = k.view(B, T, self.n_head, C // self.n_head)" in code

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from ..placement import REPLICATE, Shard
-from ..runtime import collectives as C
+from ..ops import collectives as C
 from .base import FREE, RuleContext, Sharding, arg, ndim, shape, static
 from .registry import register
 

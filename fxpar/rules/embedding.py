@@ -16,7 +16,7 @@ from torch.fx import Node
 
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
-from ..runtime.ops import vocab_parallel_embedding
+from ..ops.local import vocab_parallel_embedding
 from .base import FREE, RuleContext, Sharding, arg, ndim, shape, static
 from .registry import localizer, register
 

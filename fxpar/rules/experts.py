@@ -1,4 +1,4 @@
-"""Expert parallelism's dispatch and combine (``fxpar/runtime/experts.py``) as tensor
+"""Expert parallelism's dispatch and combine (``fxpar/ops/experts.py``) as tensor
 parallelism sees them.
 
 ``passes/expert_parallel.py`` puts them into the graph before tensor parallelism is planned.
@@ -13,7 +13,7 @@ from __future__ import annotations
 from torch.fx import Node
 
 from ..placement import REPLICATE, Shard
-from ..runtime import experts as X
+from ..ops import experts as X
 from .base import FREE, RuleContext, Sharding
 from .registry import register
 

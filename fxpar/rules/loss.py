@@ -15,7 +15,7 @@ from torch.fx import Node
 
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
-from ..runtime.ops import vocab_parallel_cross_entropy
+from ..ops.local import vocab_parallel_cross_entropy
 from .base import RuleContext, Sharding, arg, ndim, replicated
 from .registry import localizer, register
 

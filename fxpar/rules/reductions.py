@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from ..metadata import LocalCall
 from ..placement import PARTIAL, REPLICATE, Shard
-from ..runtime.ops import partial_mean
+from ..ops.local import partial_mean
 from .base import RuleContext, Sharding, arg, ndim, norm_dim, op_name, shape, tensor_args
 from .registry import localizer, output_like, register
 

@@ -1,2 +1,3 @@
-"""What runs on each rank: communicators, collectives as graph-callable autograd functions,
-parallel-aware ops (vocab-parallel embedding, dropout with RNG streams) and ``ParallelModule``."""
+"""What binds a plan to processes: communicators over ``torch.distributed`` (and threads),
+point-to-point sends, the pipeline executor, ``RankProgram`` and ``ParallelModule``. The ops the
+per-rank programs call live in ``fxpar.ops``."""

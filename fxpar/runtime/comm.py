@@ -5,99 +5,20 @@ every collective with a timeout, so a rank whose peer died raises instead of han
 ``ThreadComm`` gives simulated ranks, one per thread in one process, the same semantics; sums
 are taken in rank order on every rank, so all ranks get bit-identical results.
 
-Every communicator counts what it sends (ring algorithm: an all-reduce of N elements sends
-``2(t-1)/t * N`` per rank, an all-gather or reduce-scatter ``(t-1)/t * N``, an all-to-all of
-a local ``N`` ``(t-1)/t * N``), for the reports.
+Both implement ``fxpar.ops.comm.Communicator``, which counts what is sent for the reports.
 """
 
 from __future__ import annotations
 
 import datetime
-import math
 import threading
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
 from ..errors import CollectiveError
 from ..mesh import DIM_ORDER
-
-
-class Communicator:
-    rank: int
-    world: int
-
-    def __init__(self):
-        self.sent_bytes: Counter = Counter()
-        self.calls: Counter = Counter()
-
-    def _count(self, kind: str, numel: int, elem: int, factor: float) -> None:
-        self.calls[kind] += 1
-        self.sent_bytes[kind] += int(factor * (self.world - 1) / self.world * numel * elem)
-
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks, returned as a new tensor."""
-        self._count("all_reduce", t.numel(), t.element_size(), 2)
-        return self._all_reduce(t.contiguous())
-
-    def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks into ``t`` itself (contiguous), which is returned: no copy of a large
-        flat buffer made only to be reduced (the gradient buckets of data parallelism)."""
-        self._count("all_reduce", t.numel(), t.element_size(), 2)
-        return self._all_reduce_(t)
-
-    def _all_reduce_(self, t):
-        # the peers of a simulated group read what this rank hands them after the exchange:
-        # hand them a copy, never ``t`` itself, which is written here
-        return t.copy_(self._all_reduce(t.clone()))
-
-    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
-        """Elementwise maximum over ranks, returned as a new tensor."""
-        self._count("all_reduce", t.numel(), t.element_size(), 2)
-        return self._all_reduce_max(t.contiguous())
-
-    def _all_reduce_max(self, t):
-        return torch.stack(self._all_gather(t)).amax(0)
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's tensor (all of the same shape), in rank order."""
-        self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
-        return self._all_gather(t.contiguous())
-
-    def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's tensor, like ``all_gather``, for fxpar's own checks between ranks: not
-        counted in the traffic reports, which are the model's."""
-        return self._all_gather(t.contiguous())
-
-    def reduce_scatter(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """Sum over ranks, keeping this rank's even chunk along ``dim``."""
-        self._count("reduce_scatter", t.numel(), t.element_size(), 1)
-        return self._reduce_scatter(t.contiguous(), dim)
-
-    def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
-        """Chunk ``i`` of ``t`` (its dim 0 split evenly) goes to rank ``i``; returns the chunks
-        received, in rank order, stacked the same way."""
-        self._count("all_to_all", t.numel(), t.element_size(), 1)
-        return self._all_to_all(t.contiguous())
-
-    def _all_to_all(self, t):
-        # any communicator can do it with an all-gather; the real ones send only what is needed
-        mine = [p.chunk(self.world)[self.rank] for p in self._all_gather(t)]
-        return torch.cat(mine)
-
-    def all_to_all_v(self, t: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
-        """Rows ``send[i]`` of ``t`` (its dim 0 cut in rank order) go to rank ``i``; returns the
-        ``recv[i]`` rows from each rank ``i``, in rank order. Both lists come from an exchange of
-        counts (``all_to_all`` of them) made before: every rank knows what it gets."""
-        row = math.prod(t.shape[1:])  # a rank may send no rows at all
-        self.calls["all_to_all"] += 1
-        self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
-        return self._all_to_all_v(t.contiguous(), list(send), list(recv))
-
-    def reset_counters(self) -> None:
-        self.sent_bytes.clear()
-        self.calls.clear()
+from ..ops.comm import Communicator
 
 
 class DistComm(Communicator):
@@ -219,40 +140,6 @@ class ThreadComm(Communicator):
         if [g.shape[0] for g in got] != recv:
             raise CollectiveError(f"simulated rank {self.rank} expected rows {recv} from the ranks, got {[g.shape[0] for g in got]}")
         return torch.cat(got)
-
-
-class ShapeComm(Communicator):
-    """Collectives of the right shapes on fake tensors, as rank 0 of ``world`` (nothing is sent,
-    nothing is counted): for running a rank's program to learn its sizes and memory."""
-
-    def __init__(self, world: int):
-        super().__init__()
-        self.rank, self.world = 0, world
-
-    def all_reduce(self, t):
-        return t.clone()
-
-    def all_reduce_(self, t):
-        return t
-
-    def all_reduce_max(self, t):
-        return t.clone()
-
-    def all_gather(self, t):
-        return [t.clone() for _ in range(self.world)]
-
-    def reduce_scatter(self, t, dim):
-        return t.chunk(self.world, dim)[0].clone()
-
-    def all_to_all(self, t):
-        return t.clone()
-
-
-def shape_comms(mesh) -> dict:
-    """A ``ShapeComm`` for every dimension of ``mesh``."""
-    from ..mesh import DIM_ORDER
-
-    return {d: ShapeComm(getattr(mesh, d)) for d in DIM_ORDER}
 
 
 class LocalComm(Communicator):

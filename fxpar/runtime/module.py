@@ -27,14 +27,14 @@ from ..placement import REPLICATE, Shard
 from ..plan import first_microbatch, plan_graph
 from ..memory import expr
 from ..shards import local_shape
-from .collectives import _assemble
+from ..ops.collectives import _assemble
 from .agree import Group, agree, agree_on_failure
 from .checks import (
     callable_name, check_loss_call, check_not_meta, explain_contents, explain_options, explain_plan, explain_signature,
     explain_structure, explain_values, input_summaries, model_structure, model_values, plan_summary,
 )
 from .comm import DistComm, LocalComm
-from .context import RankContext, RNGStreams, context_streams, running, stream_seeds
+from ..ops.context import RankContext, RNGStreams, context_streams, running, stream_seeds
 from .p2p import DistP2P
 from .pipeline import join_microbatches, microbatch_size, split_microbatches
 from .rank import RankProgram
@@ -377,7 +377,7 @@ class ParallelModule(nn.Module):
 
     def _check_rng(self, gm) -> None:
         """Replicated dropout needs the same random state on every tp rank: warn if it is not."""
-        from .ops import dropout
+        from ..ops.local import dropout
 
         if self._comm.world == 1 or not any(n.target is dropout and n.args[1] for n in gm.graph.nodes):
             return

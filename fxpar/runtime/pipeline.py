@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FxparError
 from ..schedule import Schedule
 from ..stages import PipelineSpec
-from .context import current
+from ..ops.context import current
 
 BUCKET_BYTES = 25 << 20  # gradient bytes per data-parallel all-reduce (DDP's default bucket)
 
