@@ -291,7 +291,7 @@ def compile_7b(tp):
     import fxpar
     from fxpar.capture import capture
     from fxpar.codegen import rank_graph
-    from fxpar.plan import plan_graph
+    from fxpar.planning import plan_graph
     from fxpar.models import llama
 
     with torch.device("meta"):

@@ -21,7 +21,7 @@ sys.path.insert(0, ROOT)
 
 import fxpar  # noqa: E402
 from fxpar.capture import capture  # noqa: E402
-from fxpar.plan import plan_graph  # noqa: E402
+from fxpar.planning import plan_graph  # noqa: E402
 from fxpar.models import llama  # noqa: E402
 
 GIB = 1 << 30

@@ -7,8 +7,6 @@ A ``Plan`` can be printed (every value's placement, every collective's size), du
 
 from __future__ import annotations
 
-import difflib
-import fnmatch
 import os
 import warnings
 
@@ -20,13 +18,14 @@ from torch.utils import _pytree as pytree
 
 from . import report
 from .capture import TARGET, Captured, capture
-from .codegen import build_module, copy_graph, get_path, rank_graph
-from .errors import DivergenceError, FxparError, OptionError, describe_node, module_path
+from .codegen import build_module, get_path, rank_graph
+from .errors import DivergenceError, FxparError, describe_node
 from .holder import populate, retarget_submodules
 from .memory import per_device
 from .mesh import Mesh, as_mesh
 from .metadata import GRAD_PARTIAL, ORIGIN, PLACEMENT
-from .pipeline import debug_level, run_pipeline
+from .pipeline import debug_level
+from .planning import check_overrides, first_microbatch, plan_graph  # noqa: F401 - also importable from here
 from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
@@ -36,41 +35,6 @@ from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
 from .runtime.rank import RankProgram
 from .simulate import Recorder, assemble, mesh_contexts, run_ranks
-
-
-def plan_graph(cap: Captured, mesh: Mesh, options: PlanOptions | None = None,
-               **changes) -> tuple[GraphModule, PlanContext]:
-    """Run the pass pipeline on a copy of the captured graph, with ``options`` (or options given
-    by keyword, as ``compile`` takes them; both: ``options`` with those ``changes``)."""
-    if options is None:
-        options = PlanOptions.from_user("plan_graph()", **changes)
-    elif changes:
-        options = options.replace(**changes)
-    check_overrides(cap, options.overrides)
-    values = {name: getattr(options, name) for name in PlanOptions.__dataclass_fields__}
-    ctx = PlanContext(mesh=mesh, dim_names=dict(cap.dim_names), **values)
-    gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
-    gm = run_pipeline(gm, ctx)
-    return gm, ctx
-
-
-def check_overrides(cap: Captured, overrides: dict) -> None:
-    """Every pattern of ``overrides`` names some module or parameter of the model: a misspelled
-    one would otherwise change nothing, silently."""
-    if not overrides:
-        return
-    names = set(cap.aliases) | set(cap.tensors)
-    names |= {name.rsplit(".", i)[0] for name in list(names) for i in range(1, name.count(".") + 1)}
-    names |= {module_path(n) for n in cap.gm.graph.nodes if n.op == "call_function"}
-    names.discard("")
-    for pattern in overrides:
-        if not any(fnmatch.fnmatchcase(n, pattern) or n.startswith(pattern + ".") for n in names):
-            close = difflib.get_close_matches(pattern, sorted(names), n=4, cutoff=0.5)
-            raise OptionError(
-                f"override {pattern!r} matches no module or parameter of the model"
-                + (f"; the closest names are {', '.join(repr(c) for c in close)}" if close else "")
-                + " (patterns are names or globs over them, e.g. 'lm_head' or 'transformer.h.*.attn.c_attn')"
-            )
 
 
 class Plan:
@@ -482,17 +446,6 @@ def compile(
 def _real(forward, args, kwargs, what: str) -> None:
     """Running needs values: a meta-device input is named (the model may be planned on meta)."""
     check_not_meta(input_summaries(forward, args, kwargs, None, digests=False)[1], f"plan.{what}: ")
-
-
-def first_microbatch(args, kwargs, microbatches: int, replicas: int = 1):
-    """The first microbatch of the first replica's part of the inputs: every tensor cut along
-    dim 0 into ``replicas`` parts, the first of them into ``microbatches`` pieces."""
-    if microbatches * replicas == 1:
-        return args, kwargs
-    flat, spec = pytree.tree_flatten((args, dict(kwargs or {})))
-    if replicas > 1:
-        flat = split_microbatches(flat, replicas, "data-parallel replicas (dp x ep)")[0]
-    return pytree.tree_unflatten(split_microbatches(flat, microbatches)[0], spec)
 
 
 def _replica(flat: list, mesh: Mesh, rank: int) -> list:

@@ -24,7 +24,7 @@ from ..errors import CaptureError, FxparError
 from ..mesh import DIM_ORDER, Mesh, as_mesh, ensure_process_group
 from ..options import PlanOptions, check_inputs_mode, plain as plain_data, timeout as as_timeout
 from ..placement import REPLICATE, Shard
-from ..plan import first_microbatch, plan_graph
+from ..planning import first_microbatch, plan_graph
 from ..memory import expr
 from ..shards import local_shape
 from ..ops.collectives import _assemble
