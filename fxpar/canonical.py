@@ -38,7 +38,10 @@ def index_runs_as_slices(gm: GraphModule) -> None:
             continue
         if not isinstance(size, int):
             continue
-        pos = [int(v) % size for v in value.tolist()]
+        values = value.tolist()
+        if not all(-size <= v < size for v in values):
+            continue  # out of range: left for the op to refuse, as it would on one device
+        pos = [v % size for v in values]
         if pos != list(range(pos[0], pos[0] + len(pos))):
             continue
         with gm.graph.inserting_before(node):
