@@ -48,7 +48,7 @@ def _runs(s: Shard):
     return None if s.is_even else s.runs
 
 
-def _call(src: Placement, dst: Placement):
+def conversion(src: Placement, dst: Placement):
     """(function, extra args, kind) converting ``src`` into ``dst``; None if nothing to do."""
     if src == dst:
         return None
@@ -139,7 +139,7 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             want = reqs[inp.name]
             have = out_placement(inp) or REPLICATE
             new = inp
-            conv = _call(have, want)
+            conv = conversion(have, want)
             if conv is not None:
                 new = convert(node, inp, *conv, have, want)
             # whole on every rank but used by a sharded op: each rank's backward sees only its
@@ -187,22 +187,16 @@ def _sum_duplicates(graph, world: int, group: str) -> None:
             continue
         if not node.meta.get(REQUIRES_GRAD):
             continue
-        users = list(node.users)
         with graph.inserting_after(node):
             new = graph.call_function(C.sum_duplicates, (node, place.dim, place.size, _runs(place)), {"group": group})
+        replace_uses(node, new)
+        new.args = (node, *new.args[1:])  # the one use of the weight that stays
         copy_meta(node, new)
         info = comm_info("sum_duplicates", node.meta["val"], world, place, place, group)
         frac = C.shared_count(place) / place.size
         new.meta.update({"val": node.meta["val"], PLACEMENT: place, INPUTS: {node.name: place},
                          REQUIRES_GRAD: True, ORIGIN: None,
                          COMM: dataclasses.replace(info, bwd_bytes=int(info.bwd_bytes * frac))})
-        for u in users:
-            u.replace_input_with(node, new)
-            reqs = u.meta.get(INPUTS)
-            if reqs and node.name in reqs:
-                reqs = dict(reqs)
-                reqs[new.name] = reqs.pop(node.name)
-                u.meta[INPUTS] = reqs
 
 
 # ops that carry a value along unchanged in size: a gradient all-reduce may move past them

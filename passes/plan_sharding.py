@@ -62,6 +62,7 @@ from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static, stati
 from fxpar.rules.matmul import NO_COLUMN, decidable_ops, feature_dim
 from fxpar.rules.pointwise import EXTRA_ELEMENTWISE
 from fxpar.rules.slicing import invert_cut
+from fxpar.passes.insert_collectives import comm_info, conversion
 
 aten = torch.ops.aten
 EMBEDDINGS = {aten.embedding.default}
@@ -493,19 +494,21 @@ def _bottlenecks(rnd: _Round, d: _Decisions) -> dict[Node, tuple[Node, str]]:
 
 
 def _traffic(rnd: _Round) -> int:
-    """Elements the plan of a round communicates per step, roughly: every reduction of a partial
-    sum, gather or re-layout, and the backward all-reduce of a whole value a split op reads."""
+    """Bytes the plan of a round sends per step (forward and backward): the collective
+    ``insert_collectives`` would put on each edge whose placements differ, and the backward
+    all-reduce of a whole value a split op reads."""
     total = 0
     for node, inp, actual, req in rnd.edges():
-        size = static_numel(inp) if is_tensor_node(inp) else None
-        if size is None or actual is None or actual is FREE or rnd.is_weight(inp):
+        if actual is None or actual is FREE or req is FREE or rnd.is_weight(inp) or static_numel(inp) is None:
             continue
-        if actual is PARTIAL and req is not PARTIAL:
-            total += 2 * size
-        elif isinstance(actual, Shard) and actual != req and not (isinstance(req, Shard) and holds_all_of(actual, req)):
-            total += size
-        elif actual is REPLICATE and isinstance(req, Shard | type(PARTIAL)) and inp.meta.get(REQUIRES_GRAD):
-            total += 2 * size
+        conv = conversion(actual, req)
+        out = rnd.place.get(node)
+        split = any(isinstance(p, Shard) or p is PARTIAL for p in (out if isinstance(out, tuple) else (out,)))
+        if conv is None and actual is REPLICATE and split and inp.meta.get(REQUIRES_GRAD):
+            conv = (None, (), "copy_to_tp")
+        if conv is not None:
+            info = comm_info(conv[2], inp.meta["val"], rnd.world, actual, req)
+            total += info.bytes + info.bwd_bytes
     return total
 
 

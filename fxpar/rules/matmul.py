@@ -148,7 +148,7 @@ def matmul(node: Node, ctx: RuleContext) -> Sharding:
     a, b = node.args[0], node.args[1]
     if ndim(b) == 2 and ctx.is_weight(b) and not ctx.is_weight(a):
         return weighted(node, ctx, a, b, None, w_in=0, w_out=1)
-    if ndim(a) == 2 and ndim(b) >= 2 and ctx.is_weight(a) and not ctx.is_weight(b):
+    if _weight_left(a, b, ctx.is_weight):
         # ``W @ x``: the output features are the output's second-to-last dim
         return weighted(node, ctx, b, a, None, w_in=1, w_out=0, x_in=ndim(b) - 2)
     return activation_matmul(node, ctx, a, b)
@@ -156,16 +156,17 @@ def matmul(node: Node, ctx: RuleContext) -> Sharding:
 
 def feature_dim(node: Node) -> int:
     """The dim of a weighted matmul's output that holds its output features."""
+    from . import is_weight  # the rules package imports this module
+
     a, b = node.args[0], node.args[1]
-    weight_left = (node.target in (aten.mm.default, aten.matmul.default) and isinstance(a, Node)
-                   and isinstance(b, Node) and ndim(a) == 2 and ndim(b) >= 2 and _is_param(a) and not _is_param(b))
+    weight_left = node.target in (aten.mm.default, aten.matmul.default) and _weight_left(a, b, is_weight)
     return ndim(node) - (2 if weight_left else 1)
 
 
-def _is_param(node: Node) -> bool:
-    from . import is_weight
-
-    return is_weight(node)
+def _weight_left(a, b, is_weight) -> bool:
+    """``a @ b`` with a 2-d weight ``a`` and an activation ``b``."""
+    return (isinstance(a, Node) and isinstance(b, Node) and ndim(a) == 2 and ndim(b) >= 2
+            and is_weight(a) and not is_weight(b))
 
 
 @register(aten.baddbmm.default)

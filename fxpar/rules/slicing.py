@@ -118,19 +118,15 @@ def cut(node: Node, ctx: RuleContext) -> Sharding:
         why = "strided slice of the sharded dim, not every other element of each rank's part" if strided \
             else "cut of a sharded dim with dynamic bounds"
         return Sharding(_wrap(node, REPLICATE), {x: REPLICATE}, fallback=why)
-    for layout in _candidate_layouts(p, pieces + _sibling_pieces(node)):
+    # the pieces the other cuts of the same tensor take too (q, k and v cut by three slices):
+    # one layout cut at all of their bounds serves all of them
+    for layout in _candidate_layouts(p, pieces + cuts_of(x, p.dim)):
         # an empty piece (the pass-through part of a rotary over every dim) holds nothing
         placed = [piece_layout(layout, a, b) if b > a else ([(0, 0)] * p.world, REPLICATE) for a, b in pieces]
         if all(pl is not None for pl in placed):
             outs = tuple(pl[1] for pl in placed)
             return Sharding(outs[0] if len(outs) == 1 and node.target in (aten.slice.Tensor, aten.narrow.default) else outs, {x: layout})
     return Sharding(_wrap(node, REPLICATE), {x: REPLICATE}, fallback=f"pieces of the sharded dim {p.dim} are not divisible over ranks")
-
-
-def _sibling_pieces(node: Node) -> list[tuple[int, int]]:
-    """The pieces the cuts of the same tensor along the same dim take (q, k and v of a
-    fused projection, cut by three slices): one layout cut at all of their bounds serves all."""
-    return cuts_of(node.args[0], _cut_dim(node))
 
 
 def _candidate_layouts(p: Shard, pieces):
