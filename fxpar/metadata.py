@@ -19,9 +19,9 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 ``fxpar_inputs`` : ``dict[str, Placement]``
     The placement in which this node consumes each tensor input, keyed by the input node's name.
     Where it differs from the producer's ``fxpar_placement``, ``insert_collectives`` converts.
-``fxpar_decision`` : ``str``
-    For matmuls with a weight and for embeddings: ``"colwise"``, ``"rowwise"``, ``"vocab"`` or
-    ``"replicate"``, and why (``"replicate: its output feeds layer_norm"``).
+``fxpar_decision`` : ``fxpar.plan_context.Decision``
+    For matmuls with a weight and for embeddings: ``.style`` ``"colwise"``, ``"rowwise"``,
+    ``"vocab"`` or ``"replicate"``, and ``.why`` (its text ``"replicate: its output feeds layer_norm"``).
 ``fxpar_fallback`` : ``str``
     Set on nodes that had no sharding rule for sharded inputs and so gathered them.
 ``fxpar_requires_grad`` : ``bool``

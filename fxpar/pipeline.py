@@ -1,4 +1,6 @@
-"""The compiler: one ordered list of passes, and the runner that applies them.
+"""The compiler: one ordered list of passes, each with the condition under which it runs, and
+the runner that applies them. ``passes_run(ctx)`` says which run for a mesh and options (also in
+``plan.summary()``).
 
 ``FXPAR_DEBUG`` selects what the runner prints (passes never print): ``1`` each pass and its
 time, ``2`` also the node count each pass adds or removes, ``3`` also every rank's generated code
@@ -11,13 +13,14 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from torch.fx import GraphModule
 
 from fxpar.passes.annotate_tensors import annotate_tensors
 from fxpar.passes.assign_rng import assign_rng
-from fxpar.passes.context_parallel import context_parallel
+from fxpar.passes.context_parallel import cp_context, cp_rank_program, split_sequence
 from fxpar.passes.cut_stages import cut_stages
 from fxpar.passes.estimate_memory import estimate_memory
 from fxpar.passes.expert_parallel import expert_parallel
@@ -31,19 +34,66 @@ from fxpar.passes.split_loss_means import split_loss_means
 from .errors import FxparError, PlanError
 from .plan_context import PlanContext
 
-PIPELINE: list[Callable[[GraphModule, PlanContext], GraphModule]] = [
-    split_loss_means,  # rewrite: with cp > 1, mean cross-entropies as sums over counts (partial sums over cp)
-    context_parallel,  # rewrite: with cp > 1, one cp rank's program: the sequence split, Ulysses attention
-    expert_parallel,  # rewrite: with ep > 1, experts split over the ep ranks, tokens sent to them by all-to-all
+Pass = Callable[[GraphModule, PlanContext], GraphModule]
+
+
+def always(ctx: PlanContext) -> bool:
+    return True
+
+
+def cp(ctx: PlanContext) -> bool:
+    return ctx.mesh.cp > 1
+
+
+def ep(ctx: PlanContext) -> bool:
+    return ctx.mesh.ep > 1
+
+
+def sp(ctx: PlanContext) -> bool:
+    return ctx.options.sequence_parallel and ctx.world > 1
+
+
+def recompute(ctx: PlanContext) -> bool:
+    return ctx.options.recompute_gathers and ctx.world > 1
+
+
+@dataclass(frozen=True)
+class Step:
+    """One entry of the pipeline: ``run`` (a pass, or ``steps`` run in the context ``context``
+    makes from the plan's) when ``when(ctx)`` holds."""
+
+    run: Pass | None
+    when: Callable[[PlanContext], bool] = always
+    steps: tuple = ()
+    context: Callable[[PlanContext], PlanContext] | None = None
+    label: str = ""
+
+    @property
+    def __name__(self) -> str:  # noqa: A003 - reads as the pass it runs
+        return self.label or self.run.__name__
+
+
+CONTEXT_PARALLEL = (  # the program of one cp rank: the sequence split planned as tp plans a split
     annotate_tensors,  # analysis: which values can carry a gradient
-    plan_sharding,  # analysis: every value's placement; column/row/vocab decisions from the data flow
-    sequence_parallel,  # analysis: with sequence_parallel, the activations between TP blocks split by sequence
-    insert_collectives,  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
-    recompute_gathers,  # rewrite: with recompute_gathers, column-parallel inputs kept as shards for backward
-    assign_rng,  # rewrite: dropout draws from a replicated or a per-rank random stream
-    localize_shapes,  # analysis: per-rank sizes for views, splits, slices, means and embeddings
-    estimate_memory,  # analysis: parameter and saved-activation bytes per node, on fake tensors
-    cut_stages,  # analysis: pipeline stages that minimize the largest per-device peak memory
+    split_sequence,  # analysis: every value's split over cp, from the inputs' sequence dim
+    insert_collectives,  # rewrite: the cp collectives (Ulysses' all-to-alls, sliced tables, gathers)
+    localize_shapes,  # analysis: one cp rank's sizes
+    cp_rank_program,  # rewrite: the graph of one cp rank, that the tp passes below plan
+)
+
+PIPELINE: list[Step] = [
+    Step(split_loss_means, cp),  # rewrite: mean cross-entropies as sums over counts (partial sums over cp)
+    Step(None, cp, CONTEXT_PARALLEL, cp_context, "context_parallel"),  # the steps above, over cp
+    Step(expert_parallel, ep),  # rewrite: experts split over the ep ranks, tokens sent to them by all-to-all
+    Step(annotate_tensors),  # analysis: which values can carry a gradient
+    Step(plan_sharding),  # analysis: every value's placement; column/row/vocab decisions from the data flow
+    Step(sequence_parallel, sp),  # analysis: the activations between TP blocks split by sequence
+    Step(insert_collectives),  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
+    Step(recompute_gathers, recompute),  # rewrite: column-parallel inputs kept as shards for backward
+    Step(assign_rng),  # rewrite: dropout draws from a replicated or a per-rank random stream
+    Step(localize_shapes),  # analysis: per-rank sizes for views, splits, slices, means and embeddings
+    Step(estimate_memory),  # analysis: parameter and saved-activation bytes per node, on fake tensors
+    Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
 ]
 
 
@@ -54,32 +104,68 @@ def debug_level() -> int:
         return 0
 
 
+def passes_run(ctx: PlanContext, steps=None) -> list[str]:
+    """The passes the pipeline runs for ``ctx``'s mesh and options, in order (the
+    context-parallel steps as ``context_parallel.<pass>``)."""
+    out = []
+    for step in PIPELINE if steps is None else steps:
+        if not step.when(ctx):
+            continue
+        out += [f"{step.__name__}.{p.__name__}" for p in step.steps] if step.steps else [step.__name__]
+    return out
+
+
 def run_pipeline(gm: GraphModule, ctx: PlanContext, passes=None) -> GraphModule:
-    """Apply ``passes`` (default ``PIPELINE``) in order; a failure names the pass and those before it."""
+    """Apply ``passes`` (default ``PIPELINE``: steps, or bare passes) in order, each step only
+    where its condition holds; a failure names the pass and those before it."""
     passes = PIPELINE if passes is None else passes
     level = debug_level()
+    ctx.passes = passes_run(ctx, [p if isinstance(p, Step) else Step(p) for p in passes])
     done: list[str] = []
-    for i, p in enumerate(passes):
-        name = getattr(p, "__name__", repr(p))
-        before = len(gm.graph.nodes)
-        t0 = time.perf_counter()
-        try:
-            gm = p(gm, ctx)
-        except FxparError:
-            raise
-        except Exception as e:  # noqa: BLE001 - re-raised with the pass that failed
-            raise PlanError(
-                f"pass {name} failed (after {', '.join(done) or 'no passes'}): {type(e).__name__}: {e}"
-            ) from e
-        done.append(name)
-        if level >= 1:
-            line = f"[fxpar] pass {i + 1}/{len(passes)} {name}: {1000 * (time.perf_counter() - t0):.1f} ms"
-            if level >= 2:
-                line += f", nodes {before} -> {len(gm.graph.nodes)} ({len(gm.graph.nodes) - before:+d})"
-            print(line, file=sys.stderr)
-        if level >= 4:
-            folder = os.environ.get("FXPAR_DEBUG_DIR", "fxpar_debug")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, f"{i + 1:02d}_{name}.txt"), "w") as f:
-                f.write(gm.print_readable(print_output=False))
+    for i, step in enumerate(passes):
+        step = step if isinstance(step, Step) else Step(step)
+        where = f"{i + 1}/{len(passes)} {step.__name__}"
+        if not step.when(ctx):
+            if level >= 1:
+                print(f"[fxpar] pass {where}: skipped ({step.when.__name__} is off)", file=sys.stderr)
+            _write_debug(level, i, step.__name__, f"skipped: {step.when.__name__} is off for {ctx.mesh}")
+            continue
+        if step.steps:
+            sub = step.context(ctx)
+            for p in step.steps:
+                gm = _apply(p, gm, sub, f"{where}.{p.__name__}", done, level)
+            ctx.warnings.extend(sub.warnings)
+        else:
+            gm = _apply(step.run, gm, ctx, where, done, level)
+        _write_debug(level, i, step.__name__, gm)
     return gm
+
+
+def _apply(p: Pass, gm: GraphModule, ctx: PlanContext, where: str, done: list, level: int) -> GraphModule:
+    name = getattr(p, "__name__", repr(p))
+    before = len(gm.graph.nodes)
+    t0 = time.perf_counter()
+    try:
+        gm = p(gm, ctx)
+    except FxparError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the pass that failed
+        raise PlanError(
+            f"pass {name} failed (after {', '.join(done) or 'no passes'}): {type(e).__name__}: {e}"
+        ) from e
+    done.append(name)
+    if level >= 1:
+        line = f"[fxpar] pass {where}: {1000 * (time.perf_counter() - t0):.1f} ms"
+        if level >= 2:
+            line += f", nodes {before} -> {len(gm.graph.nodes)} ({len(gm.graph.nodes) - before:+d})"
+        print(line, file=sys.stderr)
+    return gm
+
+
+def _write_debug(level: int, i: int, name: str, what) -> None:
+    if level < 4:
+        return
+    folder = os.environ.get("FXPAR_DEBUG_DIR", "fxpar_debug")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{i + 1:02d}_{name}.txt"), "w") as f:
+        f.write(what if isinstance(what, str) else what.print_readable(print_output=False))

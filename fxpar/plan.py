@@ -63,7 +63,7 @@ class Plan:
     @property
     def pipelined(self) -> bool:
         """Whether training goes through the schedule runner (stages, microbatches, replicas)."""
-        return self.mesh.pp > 1 or self.mesh.replicas > 1 or self.ctx.microbatches > 1
+        return self.mesh.pp > 1 or self.mesh.replicas > 1 or self.ctx.options.microbatches > 1
 
     # per-rank programs ----------------------------------------------------------------------
     def program(self, rank: int) -> RankProgram:
@@ -93,9 +93,11 @@ class Plan:
         return self.program(rank).stages[stage]
 
     def rank_code(self, rank: int) -> str:
+        """Rank ``rank``'s program as a listing (``fxpar/listing.py``): what ``dump`` writes to
+        ``rank{rank}.py``. ``rank_module(rank).code`` is the code that runs."""
         prog = self.program(rank)
-        mods = [prog.full] if prog.full is not None else list(prog.stages.values())
-        return "\n".join(m.code for m in mods)
+        mods = [prog.full] if prog.full is not None else [prog.stages[j] for j in sorted(prog.stages)]
+        return "\n\n".join(report.rank_source(m, rank, self.graph_module, self.mesh) for m in mods)
 
     def param_names(self) -> dict[str, str]:
         """Graph attribute name -> user-facing parameter name (as ``model.named_parameters()``)."""
@@ -113,7 +115,7 @@ class Plan:
             outs = run_ranks(lambda r: progs[r].full(*args, **kwargs), self._contexts(), self._p2p())
             return outs[0]
         flat = list(fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec))
-        m = self.ctx.microbatches
+        m = self.ctx.options.microbatches
         mbs = [split_microbatches(_replica(flat, self.mesh, r), m) for r in range(self.mesh.size)]
         outs = run_ranks(lambda r: progs[r].runner.forward(mbs[r]), self._contexts(), self._p2p())
         last = self.ctx.pipeline.stages[-1].rank
@@ -146,7 +148,7 @@ class Plan:
                 return loss.detach()
         else:
             flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
-            m = self.ctx.microbatches
+            m = self.ctx.options.microbatches
             chunks = [_replica(list(flat), self.mesh, r) for r in range(self.mesh.size)]
             targets = [None if target is None else split_microbatches([_replica([target], self.mesh, r)[0]], m) for r in range(self.mesh.size)]
 
@@ -174,7 +176,7 @@ class Plan:
         return self._contexts_p2p
 
     def _contexts(self):
-        contexts, _ = mesh_contexts(self.mesh, self.seed, self.ctx.rng == "exact")
+        contexts, _ = mesh_contexts(self.mesh, self.seed, self.ctx.options.rng == "exact")
         self._last_contexts = contexts
         return contexts
 
@@ -374,11 +376,9 @@ class Plan:
         os.makedirs(path, exist_ok=True)
         written = []
         for r in range(self.mesh.size):
-            prog = self.program(r)
-            mods = [prog.full] if prog.full is not None else [prog.stages[j] for j in sorted(prog.stages)]
             f = os.path.join(path, f"rank{r}.py")
             with open(f, "w") as fh:
-                fh.write("\n\n".join(report.rank_source(m, r, self.graph_module) for m in mods))
+                fh.write(self.rank_code(r))
             written.append(f)
         for name, text in (("plan.txt", self.table()), ("summary.txt", self.summary())):
             f = os.path.join(path, name)

@@ -1,6 +1,7 @@
-"""The state passes share: the mesh, the user's options, and the decisions passes make.
+"""The state passes share: what they plan for (the mesh and the user's options, frozen) and
+the results they write.
 
-Decisions are plain data keyed by original names (parameter and module names), so they can be
+Results are plain data keyed by original names (parameter and module names), so they can be
 printed, saved, diffed and overridden.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import OptionError
 from .mesh import Mesh
+from .options import PlanOptions
 from .placement import Placement
 
 
@@ -42,62 +44,60 @@ class Replicated:
     why: str
 
 
+class Decision(str):
+    """What the planner did with one splittable op (a matmul, an embedding): ``style`` is
+    ``"colwise"``, ``"rowwise"``, ``"vocab"``, ``"replicate"`` or ``"follows input S(d)"``, and
+    ``why`` the reason for a replicated one (``None`` where the style needs none). It is also its
+    text, ``"replicate: why"``, so that it prints, compares and pattern-matches as written.
+
+    >>> d = Decision("replicate", "user override")
+    >>> d.style, d.why, d == "replicate: user override"
+    ('replicate', 'user override', True)
+    """
+
+    style: str
+    why: str | None
+
+    def __new__(cls, style: str, why: str | None = None):
+        self = super().__new__(cls, f"{style}: {why}" if why else style)
+        self.style, self.why = style, why
+        return self
+
+
 @dataclass
 class PlanContext:
-    """Options in, decisions out.
+    """The state passes share: what they plan for (the mesh, the user's ``options``, the names
+    of the captured symbolic sizes), frozen, and the results they write, each a typed value.
 
-    ``overrides`` maps glob patterns over module or parameter names to a style:
-    ``{"lm_head": "replicate", "*.attn.c_attn": "colwise"}``. ``rng`` is ``"megatron"`` (each tp
-    rank draws its own dropout mask in sharded regions) or ``"exact"`` (the single-device masks,
-    for checking).
+    ``options`` is a ``PlanOptions`` (validated when built; passes never change it).
+    ``group`` is the mesh dimension the placements of this plan are over: ``"tp"``, or ``"cp"``
+    while the context-parallel steps of the pipeline split the sequence before tensor parallelism
+    is planned.
     """
 
     mesh: Mesh
-    # the mesh dimension the placements of this plan are over: "tp", or "cp" while
-    # passes/context_parallel.py splits the sequence before tensor parallelism is planned
+    options: PlanOptions = field(default_factory=PlanOptions)
     group: str = "tp"
-    overrides: dict[str, str] = field(default_factory=dict)
-    rng: str = "megatron"
-    device_type: str = "cpu"  # where the programs will run: memory estimates use its kernels
-    optimizer: str = "adamw"  # for memory estimates: the states it keeps per parameter
-    optimizer_dtype: object = None  # and their dtype (None: the parameter's)
-    # pipeline: schedule by name, microbatches per step, stages per rank (interleaved), explicit
-    # cuts by module name, a per-device memory cap in bytes, and values for symbolic sizes
-    schedule: str = "1f1b"
-    microbatches: int = 1
-    virtual: int | None = None  # stages per rank, interleaved only (default 2)
-    split_points: tuple = ()
-    memory_limit: float | None = None
-    sizes: dict = field(default_factory=dict)
-    dim_names: dict = field(default_factory=dict)
-    param_stages: dict = field(default_factory=dict)  # keep parameters in these stages (recapture)
-    fixed_weights: dict = field(default_factory=dict)  # keep weights placed this way (recapture)
-    # split the activations between tensor-parallel blocks along the sequence (Megatron SP)
-    sequence_parallel: bool = False
-    # keep the shard of each all-gathered column-parallel input for backward, gather it again there
-    recompute_gathers: bool = False
-    # written by passes
-    decisions: dict[str, str] = field(default_factory=dict)  # module name -> "colwise" / "replicate: why" ...
-    param_placements: dict[str, Placement] = field(default_factory=dict)  # parameter/buffer name -> placement
-    sequence_split: dict[str, Placement] = field(default_factory=dict)  # node name -> its sequence split
-    warnings: list[str] = field(default_factory=list)
-    replicated: list[Replicated] = field(default_factory=list)  # fallbacks to whole weights, by plan_sharding
-    pipeline: object = None  # fxpar.stages.PipelineSpec, written by cut_stages
-    # written by expert_parallel (ep > 1): stacked expert weights split over the ep ranks (by
-    # expert, dim 0), and per weight of the experts ep rank 0 runs, the same weight of each ep rank
+    dim_names: dict = field(default_factory=dict)  # symbol -> the name given in dynamic_shapes
+    # results, by the pass that writes them
+    decisions: dict[str, Decision] = field(default_factory=dict)  # plan_sharding: module name -> decision
+    param_placements: dict[str, Placement] = field(default_factory=dict)  # plan_sharding: weight -> placement
+    replicated: list[Replicated] = field(default_factory=list)  # plan_sharding: fallbacks to whole weights
+    sequence_split: dict[str, Placement] = field(default_factory=dict)  # sequence_parallel: node -> its split
+    pipeline: object = None  # cut_stages: fxpar.stages.PipelineSpec
+    # expert_parallel (ep > 1): stacked expert weights split over the ep ranks (by expert, dim 0),
+    # and per weight of the experts ep rank 0 runs, the same weight of each ep rank
     expert_shards: dict[str, Placement] = field(default_factory=dict)
     expert_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
     expert_held: dict[str, tuple[str, int]] = field(default_factory=dict)  # each rank's weight -> (slot, ep rank)
     expert_layers: list[ExpertLayer] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # any pass: what the user should know
+    passes: list[str] = field(default_factory=list)  # run_pipeline: the passes that ran, in order
 
     def __post_init__(self):
-        from .options import PlanOptions
-
-        # one validation for every way of building a context: the options' own
-        opts = PlanOptions(**{name: getattr(self, name) for name in PlanOptions.__dataclass_fields__})
-        for name in PlanOptions.__dataclass_fields__:
-            setattr(self, name, getattr(opts, name))
-        if self.sequence_parallel and self.mesh.tp == 1:
+        if not isinstance(self.options, PlanOptions):
+            raise TypeError(f"PlanContext.options must be a PlanOptions, not {type(self.options).__name__}")
+        if self.options.sequence_parallel and self.mesh.tp == 1:
             raise OptionError(
                 "sequence_parallel=True splits the activations between tensor-parallel blocks over the tp ranks, "
                 f"but {self.mesh} has tp=1: use a mesh with tp > 1 or drop sequence_parallel"
@@ -134,7 +134,7 @@ class PlanContext:
 
     def override_for(self, *names: str) -> str | None:
         """The style the user forced for a module/parameter known by any of ``names``."""
-        for pattern, style in self.overrides.items():
+        for pattern, style in self.options.overrides.items():
             for name in names:
                 if name and (fnmatch.fnmatchcase(name, pattern) or name.startswith(pattern + ".")):
                     return style

@@ -30,8 +30,7 @@ def plan_graph(cap: Captured, mesh: Mesh, options: PlanOptions | None = None,
     elif changes:
         options = options.replace(**changes)
     check_overrides(cap, options.overrides)
-    values = {name: getattr(options, name) for name in PlanOptions.__dataclass_fields__}
-    ctx = PlanContext(mesh=mesh, dim_names=dict(cap.dim_names), **values)
+    ctx = PlanContext(mesh=mesh, options=options, dim_names=dict(cap.dim_names))
     gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
     gm = run_pipeline(gm, ctx)
     return gm, ctx

@@ -1,10 +1,13 @@
 """Pass (rewrite): context parallelism — the sequence split over the ``cp`` ranks for every layer.
 
-Runs first, when the mesh has ``cp > 1``; returns the graph unchanged otherwise. Reads ``val``
-and writes a new graph: the program of one cp rank, in which every activation holds the rank's
-``T / cp`` positions. The rest of the pipeline (tensor parallelism over ``tp``, pipeline stages,
-memory) plans that graph as it would a model written for the shorter sequence; its cp
-collectives are ops with rules of their own (``fxpar/rules/collectives.py``).
+Runs first, when the mesh has ``cp > 1``, as the steps ``fxpar/pipeline.py`` lists under
+``context_parallel``: in ``cp_context``, ``annotate_tensors``, ``split_sequence`` (here),
+``insert_collectives`` and ``localize_shapes`` plan the split over cp as tensor parallelism plans
+one over tp, and ``cp_rank_program`` (here) writes a new graph: the program of one cp rank, in
+which every activation holds the rank's ``T / cp`` positions. The rest of the pipeline (tensor
+parallelism over ``tp``, pipeline stages, memory) plans that graph as it would a model written
+for the shorter sequence; its cp collectives are ops with rules of their own
+(``fxpar/rules/collectives.py``).
 
 How the split is found. User inputs with a sequence (token ids ``(B, T)``, embeddings
 ``(B, T, C)``) whose dim 1 has the first one's length are split along it; everything else
@@ -47,9 +50,6 @@ from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, SplitRuleContext, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
 
-from .annotate_tensors import annotate_tensors
-from .insert_collectives import insert_collectives
-from .localize_shapes import localize_shapes
 
 aten = torch.ops.aten
 
@@ -63,31 +63,18 @@ class _Split(SplitRuleContext):
         return self.given.get(node, REPLICATE)
 
 
-def context_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    """The program of one cp rank (a new ``GraphModule``), or ``gm`` itself when ``cp == 1``.
-
-    Reads ``val``. On the new graph every ``val`` has the rank's sizes and the only fxpar metadata
-    is ``fxpar_comm`` of the cp collectives (with ``group="cp"``) and ``fxpar_rng = "context"``
-    on dropouts of values split over cp; the passes after it write the rest.
-    """
-    if ctx.mesh.cp == 1:
-        return gm
-    cctx = dataclasses.replace(
+def cp_context(ctx: PlanContext) -> PlanContext:
+    """The context the context-parallel steps plan in: placements over ``cp``, every weight whole,
+    none of tensor parallelism's options, results of its own (its warnings reach the user)."""
+    return dataclasses.replace(
         ctx,
         group="cp",
-        sequence_parallel=False,
-        recompute_gathers=False,
+        options=ctx.options.replace(sequence_parallel=False, recompute_gathers=False),
         decisions={},
         param_placements={},
         sequence_split={},
         warnings=[],
     )
-    annotate_tensors(gm, cctx)
-    _plan(gm, cctx)
-    insert_collectives(gm, cctx)
-    localize_shapes(gm, cctx)
-    ctx.warnings.extend(cctx.warnings)
-    return _rank_program(gm, cctx)
 
 
 def _has_sequence(node: Node) -> bool:
@@ -122,7 +109,9 @@ def _sequence(gm: GraphModule, world: int) -> int:
     )
 
 
-def _plan(gm: GraphModule, ctx: PlanContext) -> None:
+def split_sequence(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    """Analysis: every value's split over the cp ranks, from the inputs' sequence dim through
+    each op's rule (writes ``fxpar_placement`` and ``fxpar_inputs`` as ``plan_sharding`` does)."""
     world = ctx.world
     seq = _sequence(gm, world)
     rc = _Split(world, user_dependent(gm))
@@ -162,6 +151,7 @@ def _plan(gm: GraphModule, ctx: PlanContext) -> None:
         out = s.output
         node.meta[PLACEMENT] = out
         rc.given[node] = out if back is None else back
+    return gm
 
 
 def _ulysses(node: Node, rc: _Split):
@@ -191,9 +181,10 @@ def _ulysses(node: Node, rc: _Split):
     return s, seq_split[0]
 
 
-def _rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    """Rank 0's program, checked to be every cp rank's (ranks differ only in what the collectives
-    pick at run time), with the metadata of a fresh capture: values of its own sizes."""
+def cp_rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    """Rewrite: rank 0's program (a new ``GraphModule``), checked to be every cp rank's (ranks
+    differ only in what the collectives pick at run time), with the metadata of a fresh capture:
+    values of its own sizes."""
     for node in gm.graph.nodes:
         calls = node.meta.get(LOCAL)
         if calls and any(c != calls[0] for c in calls.values()):

@@ -237,18 +237,18 @@ def _in_module(node: Node, name: str) -> bool:
 
 
 def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    v = ctx.virtual
+    v = ctx.options.virtual
     n_stages = ctx.mesh.pp * v
-    schedule = sched.make(ctx.schedule, ctx.mesh.pp, ctx.microbatches, v)
+    schedule = sched.make(ctx.options.schedule, ctx.mesh.pp, ctx.options.microbatches, v)
     factors = schedule.in_flight()
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
-    costs = _Costs(gm, seq, ctx.optimizer, sizes, names, ctx.optimizer_dtype)
-    if ctx.param_stages:
-        cuts = _cuts_keeping_params(costs, ctx.param_stages, n_stages)
-    elif ctx.split_points:
-        cuts = _user_cuts(costs, list(ctx.split_points), n_stages)
+    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype)
+    if ctx.options.param_stages:
+        cuts = _cuts_keeping_params(costs, ctx.options.param_stages, n_stages)
+    elif ctx.options.split_points:
+        cuts = _user_cuts(costs, list(ctx.options.split_points), n_stages)
     elif n_stages == 1:
         cuts = []
     else:
@@ -264,15 +264,15 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     tied: dict[str, list[int]] = {}
     for s in stages:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
-        mem = stage_memory(nodes, all_nodes, ctx.optimizer, held=s.inputs + s.outputs, optimizer_dtype=ctx.optimizer_dtype)
+        mem = stage_memory(nodes, all_nodes, ctx.options.optimizer, held=s.inputs + s.outputs, optimizer_dtype=ctx.options.optimizer_dtype)
         mem.in_flight = factors[s.index]
         s.memory = mem
         for p in s.params:
             tied.setdefault(p, []).append(s.index)
     ctx.pipeline = PipelineSpec(
-        stages, ctx.schedule, ctx.microbatches, v, {p: js for p, js in tied.items() if len(js) > 1}, sizes
+        stages, ctx.options.schedule, ctx.options.microbatches, v, {p: js for p, js in tied.items() if len(js) > 1}, sizes
     )
-    if ctx.memory_limit is not None:
+    if ctx.options.memory_limit is not None:
         _check_limit(ctx, names)
     return gm
 
@@ -281,7 +281,7 @@ def _sizes(gm: GraphModule, ctx: PlanContext):
     """Values for the symbolic sizes: the user's, else the example inputs' (export's hints), and
     balanced loads for sizes only known at run time (tokens per expert)."""
     names = dict(ctx.dim_names)
-    sizes = dict(ctx.sizes or {})
+    sizes = dict(ctx.options.sizes or {})
     for node in gm.graph.nodes:
         v = node.meta.get("val")
         env = getattr(getattr(v, "fake_mode", None), "shape_env", None)
@@ -301,12 +301,12 @@ def _check_limit(ctx: PlanContext, names) -> None:
     devices = per_device([s.memory for s in stages], [s.rank for s in stages])
     peaks = [evaluate(d.peak, ctx.pipeline.sizes, names) for d in devices]
     worst = max(peaks)
-    if worst > ctx.memory_limit:
+    if worst > ctx.options.memory_limit:
         rank = peaks.index(worst)
         held = [s for s in stages if s.rank == rank]
         gib = 1 << 30
         raise PlanError(
-            f"no cut into {len(stages)} stages fits {ctx.memory_limit / gib:.2f} GiB per device: pipeline rank "
+            f"no cut into {len(stages)} stages fits {ctx.options.memory_limit / gib:.2f} GiB per device: pipeline rank "
             f"{rank} (stage {', '.join(str(s.index) for s in held)}: {', '.join(held[0].modules[:3])}...) needs "
             f"{worst / gib:.2f} GiB with {', '.join(str(s.memory.in_flight) for s in held)} microbatches in flight. "
             "Use more pipeline or tensor-parallel ranks, smaller microbatches, or a schedule that keeps fewer "

@@ -40,7 +40,7 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     # fake tensors of the device the program will run on, so that ops choose the kernels they will
     # really use (attention keeps q, k, v, its output and log-sum-exp with the fused CPU/CUDA
     # kernels; the meta device would take the unfused path and keep the attention matrix)
-    device = torch.device(ctx.device_type)
+    device = torch.device(ctx.options.device_type)
     graph = rank_graph(gm, 0, device)
     global_nodes = {n.name: n for n in gm.graph.nodes}
     bodies = retarget_submodules(gm, device)  # higher-order ops' bodies, captured on meta

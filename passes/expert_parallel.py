@@ -1,7 +1,7 @@
 """Pass (rewrite): expert parallelism — each ep rank holds ``1/ep`` of every mixture-of-experts
 layer's experts; tokens travel to their experts' ranks by all-to-all and come back by another.
 
-Runs when the mesh has ``ep > 1``; returns the graph unchanged otherwise. The ep ranks are
+Runs when the mesh has ``ep > 1`` (``fxpar/pipeline.py`` says when each pass runs). The ep ranks are
 data-parallel replicas for everything else: the graph is captured for one replica's part of the
 batch, its dense weights are replicated (their gradients averaged over dp x ep after backward,
 as data parallelism does), and only the experts' computations change. Reads ``val``; writes a
@@ -64,8 +64,6 @@ aten = torch.ops.aten
 def expert_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     """Split every mixture-of-experts layer's experts over the ep ranks (see the module doc)."""
     ep = ctx.mesh.ep
-    if ep == 1:
-        return gm
     graph = gm.graph
     grouped, modules = list(_grouped_layers(gm)), list(_module_layers(gm))  # found before any rewrite
     dispatches = [_grouped(gm, ctx, *layer) for layer in grouped] + [_modules(gm, ctx, layer) for layer in modules]

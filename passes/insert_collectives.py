@@ -42,10 +42,7 @@ from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import static_numel
 from fxpar.ops import collectives as C
-
-
-def _runs(s: Shard):
-    return None if s.is_even else s.runs
+from fxpar.ops.library import runs_arg
 
 
 def conversion(src: Placement, dst: Placement):
@@ -55,19 +52,19 @@ def conversion(src: Placement, dst: Placement):
     if src is PARTIAL and dst is REPLICATE:
         return C.all_reduce, (), "all_reduce"
     if src is PARTIAL and isinstance(dst, Shard):
-        return C.reduce_scatter, (dst.dim, dst.size, _runs(dst)), "reduce_scatter"
+        return C.reduce_scatter, (dst.dim, dst.size, runs_arg(dst)), "reduce_scatter"
     if isinstance(src, Shard) and dst is REPLICATE:
-        return C.all_gather, (src.dim, src.size, _runs(src)), "all_gather"
+        return C.all_gather, (src.dim, src.size, runs_arg(src)), "all_gather"
     if src is REPLICATE and isinstance(dst, Shard):
-        return C.shard, (dst.dim, dst.size, _runs(dst)), "shard"
+        return C.shard, (dst.dim, dst.size, runs_arg(dst)), "shard"
     if src is REPLICATE and dst is PARTIAL:
         return C.to_partial, (), "to_partial"
     if isinstance(src, Shard) and dst is PARTIAL:
-        return C.shard_to_partial, (src.dim, src.size, _runs(src)), "shard_to_partial"
+        return C.shard_to_partial, (src.dim, src.size, runs_arg(src)), "shard_to_partial"
     if isinstance(src, Shard) and isinstance(dst, Shard) and holds_all_of(src, dst):
-        return C.pick_local, (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst)), "pick_local"
+        return C.pick_local, (src.dim, src.size, runs_arg(src), dst.dim, dst.size, runs_arg(dst)), "pick_local"
     if isinstance(src, Shard) and isinstance(dst, Shard):
-        extra = (src.dim, src.size, _runs(src), dst.dim, dst.size, _runs(dst))
+        extra = (src.dim, src.size, runs_arg(src), dst.dim, dst.size, runs_arg(dst))
         a2a = src.is_even and dst.is_even and src.dim != dst.dim
         return C.redistribute, extra, "all_to_all" if a2a else "redistribute"
     raise ValueError(f"no conversion from {src} to {dst}")
@@ -188,7 +185,7 @@ def _sum_duplicates(graph, world: int, group: str) -> None:
         if not node.meta.get(REQUIRES_GRAD):
             continue
         with graph.inserting_after(node):
-            new = graph.call_function(C.sum_duplicates, (node, place.dim, place.size, _runs(place)), {"group": group})
+            new = graph.call_function(C.sum_duplicates, (node, place.dim, place.size, runs_arg(place)), {"group": group})
         replace_uses(node, new)
         new.args = (node, *new.args[1:])  # the one use of the weight that stays
         copy_meta(node, new)

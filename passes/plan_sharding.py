@@ -2,7 +2,7 @@
 the data flow.
 
 Reads ``val``, ``nn_module_stack``, the per-op rules in ``fxpar.rules`` and
-``ctx.fixed_weights`` (placements another capture of the same module already gave its weights:
+``ctx.options.fixed_weights`` (placements another capture of the same module already gave its weights:
 the plan works around them, gathering a weight where it must). Writes
 ``fxpar_placement`` and ``fxpar_inputs`` on every node, ``fxpar_decision`` on every matmul with a
 weight and every embedding, ``fxpar_fallback`` where an op with no rule had to gather; fills
@@ -56,7 +56,7 @@ from fxpar.layout_algebra import holds_all_of, union_layout, whole_everywhere
 from fxpar.errors import PlanError, describe_node, module_path, source_line
 from fxpar.metadata import DECISION, FALLBACK, INPUTS, PLACEMENT, REQUIRES_GRAD
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
-from fxpar.plan_context import PlanContext, Replicated
+from fxpar.plan_context import Decision, PlanContext, Replicated
 from fxpar.rules import FREE, WEIGHT_TRANSPARENT, inverse_of, is_weight, rule_for, user_dependent
 from fxpar.rules.base import is_tensor_node, ndim, op_name, shape, static, static_numel, tensor_args
 from fxpar.rules.matmul import NO_COLUMN, decidable_ops, feature_dim
@@ -439,7 +439,7 @@ def plan_sharding(gm: GraphModule, ctx: PlanContext, *, max_rounds: int = 64) ->
 def _settle(gm: GraphModule, ctx: PlanContext, d: _Decisions, user_dep, max_rounds: int) -> _Round:
     """Rounds of propagation and adjustment until nothing changes."""
     for _ in range(max_rounds):
-        rnd = _Round(gm, ctx.world, d, user_dep, ctx.fixed_weights).run()
+        rnd = _Round(gm, ctx.world, d, user_dep, ctx.options.fixed_weights).run()
         if not _resolve(rnd, d):
             return rnd
     ctx.warnings.append(f"the sharding plan did not settle in {max_rounds} rounds; "
@@ -542,13 +542,13 @@ def _annotate(gm: GraphModule, ctx: PlanContext, rnd: _Round, d: _Decisions) -> 
             )
 
 
-def _decision_text(node: Node, out, d: _Decisions, user_dep=()) -> str:
+def _decision_text(node: Node, out, d: _Decisions, user_dep=()) -> Decision:
     if out is PARTIAL:
-        return "vocab" if node.target in EMBEDDINGS else "rowwise"
+        return Decision("vocab" if node.target in EMBEDDINGS else "rowwise")
     if isinstance(out, Shard):
         features = feature_dim(node) if node.target in d.matmuls else ndim(node) - 1
-        return "colwise" if out.dim == features else f"follows input S({out.dim})"
+        return Decision("colwise" if out.dim == features else f"follows input S({out.dim})")
     why = d.why.get(node)
     if why is None and node.target in EMBEDDINGS and node.args[1] not in user_dep and not d.mode.get(node):
         why = "looked up by computed positions, not the input's ids: whole, as an all-reduce would cost more"
-    return f"replicate: {why}" if why else "replicate"
+    return Decision("replicate", why)

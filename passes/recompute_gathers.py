@@ -1,6 +1,6 @@
 """Pass (rewrite): keep only the shard of an all-gathered column-parallel input for backward.
 
-Runs when ``ctx.recompute_gathers`` is set (with tp > 1); does nothing otherwise. Reads the
+Runs when ``ctx.options.recompute_gathers`` is set (with tp > 1). Reads the
 ``gather_to_tp`` nodes ``insert_collectives`` made and their users. Where every user of one is a
 ``linear`` with a weight taking it as input, the gather and those linears become one
 ``gathered_linears`` node (and a ``getitem`` per linear, with the linear's ``val``,
@@ -35,8 +35,6 @@ def _linear_users(gather: Node) -> list[Node] | None:
 
 
 def recompute_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if not ctx.recompute_gathers or ctx.world == 1:
-        return gm
     graph = gm.graph
     for gather in list(graph.nodes):
         if gather.target is not C.gather_to_tp:

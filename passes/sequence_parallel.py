@@ -1,7 +1,7 @@
 """Pass (analysis): sequence parallelism (Megatron style) — the activations that tensor
 parallelism leaves replicated between its blocks are split along the sequence instead.
 
-Runs after ``plan_sharding`` when ``ctx.sequence_parallel`` is set; does nothing otherwise.
+Runs after ``plan_sharding`` when ``ctx.options.sequence_parallel`` is set (and tp > 1).
 Reads ``val``, ``fxpar_placement``, ``fxpar_inputs``, ``fxpar_requires_grad`` and
 ``fxpar_decision``. Rewrites ``fxpar_placement`` and ``fxpar_inputs`` of the nodes it moves
 into the *stream* (the norms, residual adds, dropouts and other token-wise work between
@@ -243,8 +243,6 @@ def _consumer_inputs(node: Node, stream: dict[Node, Placement], rctx: _StreamCon
 
 
 def sequence_parallel(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if not ctx.sequence_parallel or ctx.world == 1:
-        return gm
     world = ctx.world
     user_dep = user_dependent(gm)
     rctx = _StreamContext(world, user_dep)

@@ -1,6 +1,6 @@
 """Pass (rewrite): with context parallelism, a mean cross-entropy as a sum over a count.
 
-Runs before ``context_parallel`` when the mesh has ``cp > 1``; does nothing otherwise. Reads
+Runs before the context-parallel steps, when the mesh has ``cp > 1``. Reads
 ``val``; rewrites every ``cross_entropy_loss`` with the mean reduction, no class weights and
 class indices as targets into
 
@@ -30,8 +30,6 @@ aten = torch.ops.aten
 
 
 def split_loss_means(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    if ctx.mesh.cp == 1:
-        return gm
     graph = gm.graph
     for node in list(graph.nodes):
         if node.target is not aten.cross_entropy_loss.default or arg(node, 3, "reduction", 1) != 1:

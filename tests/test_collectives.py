@@ -8,6 +8,7 @@ import torch
 
 from fxpar.placement import Shard
 from fxpar.ops import collectives as C
+from fxpar.ops.library import runs_arg
 from fxpar.runtime.comm import DistComm
 from fxpar.ops.context import RankContext, running
 from fxpar.simulate import rank_contexts, run_ranks
@@ -30,7 +31,7 @@ LAYOUTS = {
 def body(rank: int, world: int, layout_name: str):
     """Run every collective on this rank and check forward values and gradients."""
     layout = LAYOUTS[layout_name] if world == 2 else Shard.even(1, 8, world)
-    runs = None if layout.is_even else layout.runs
+    runs = runs_arg(layout)
     full = _global(0, 3, 8)
     grad = _global(1, 3, 8)  # the gradient that reaches the output, the same on every rank
     per_rank = [_global(10 + r, 3, 8) for r in range(world)]
@@ -76,7 +77,7 @@ def body(rank: int, world: int, layout_name: str):
     if world == 2:
         dup = Shard(1, 8, (((0, 4),), ((0, 4),)))
         x = full.clone().requires_grad_()
-        y = C.shard(x, 1, 8, dup.runs)
+        y = C.shard(x, 1, 8, runs_arg(dup))
         (y * per_rank[rank][:, :4]).sum().backward()
         expect = torch.zeros(3, 8)
         expect[:, :4] = per_rank[0][:, :4] + per_rank[1][:, :4]

@@ -58,7 +58,7 @@ def test_microbatches_must_be_positive():
 def test_schedule_names_are_case_insensitive_and_a_wrong_one_fails_at_once():
     model, args = build("mlp")
     plan = fxpar.compile(model, fxpar.Mesh(pp=2), (torch.randn(4, 8, 32),), microbatches=2, schedule="1F1B")
-    assert plan.ctx.schedule == "1f1b"
+    assert plan.ctx.options.schedule == "1f1b"
     with pytest.raises(fxpar.OptionError) as info:
         fxpar.compile(model, fxpar.Mesh(pp=2), args, schedule="ZB")
     msg = str(info.value)

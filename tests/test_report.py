@@ -16,11 +16,15 @@ def test_dump_writes_every_rank_annotated(tmp_path):
     files = plan.dump(str(tmp_path))
     assert sorted(os.path.basename(f) for f in files) == ["plan.txt", "rank0.py", "rank1.py", "summary.txt"]
     code = (tmp_path / "rank1.py").read_text()
-    assert "fxpar_ops_collectives_all_reduce(" in code and "group = 'tp'" in code
-    assert "all_reduce: sends 8.0 KiB fwd" in code
+    assert 'fxpar.all_reduce(linear_1, group="tp")' in code
+    assert "sends 8.0 KiB fwd" in code
     assert "# S(2) (2, 16, 2, 16)" in code  # local shape of the heads of rank 1
-    assert "models/gpt.py:49: k = k.view(B, T, self.n_head, C // self.n_head)" in code
-    assert "view.default(getitem_1, [2, 16, 2, 16])" in code  # the literal 4 heads became 2
+    assert "# gpt.py:49  k = k.view(B, T, self.n_head, C // self.n_head)" in code  # relative to the model's package
+    assert "aten.view(getitem_1, size=[2, 16, 2, 16])" in code  # the literal 4 heads became 2
+    assert "column-parallel c_attn (3 segments), row-parallel c_proj" in code  # the module's header
+    assert "= None" not in code and "getattr(" not in code and "fxpar.dropout(" not in code  # p=0: no op
+    assert max(len(line) for line in code.splitlines()) <= 120
+    compile(code, "rank1.py", "exec")
     table = (tmp_path / "plan.txt").read_text()
     assert "S(0)[3 seg]" in table and "colwise" in table and "rowwise" in table
     summary = (tmp_path / "summary.txt").read_text()

@@ -105,7 +105,7 @@ def test_the_cut_optimizes_the_memory_it_reports(name, schedule):
     plan = fxpar.compile(model, fxpar.Mesh(pp=2), args, schedule=schedule, microbatches=4)
     gm, spec = plan.graph_module, plan.ctx.pipeline
     seq = compute_nodes(gm, replicable(gm))
-    costs = _Costs(gm, seq, plan.ctx.optimizer, spec.sizes, plan.ctx.dim_names)
+    costs = _Costs(gm, seq, plan.ctx.options.optimizer, spec.sizes, plan.ctx.dim_names)
     starts = [next(i for i, n in enumerate(seq) if n.name == s.nodes[0]) for s in spec.stages] + [len(seq)]
     for s, m, a, b in zip(spec.stages, plan.memory(), starts, starts[1:]):
         assert costs.cost(a, b, s.memory.in_flight) == pytest.approx(float(m.peak)), f"stage {s.index}"

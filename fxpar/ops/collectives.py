@@ -36,11 +36,15 @@ import torch
 
 from ..placement import Shard
 from .context import current
+from .library import op, parse_runs
 
 
 @functools.lru_cache(maxsize=4096)
 def _layout(dim: int, size: int, runs, world: int) -> Shard:
-    return Shard.even(dim, size, world) if runs is None else Shard(dim, size, tuple(tuple(map(tuple, r)) for r in runs))
+    if runs is None:
+        return Shard.even(dim, size, world)
+    runs = parse_runs(runs) if isinstance(runs, str) else runs
+    return Shard(dim, size, tuple(tuple(map(tuple, r)) for r in runs))
 
 
 def _take(x: torch.Tensor, layout: Shard, rank: int) -> torch.Tensor:
@@ -223,12 +227,14 @@ class _ReduceScatter(torch.autograd.Function):
         return _scatter_grad(g, ctx.layout, ctx.comm), None, None
 
 
-def all_reduce(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+@op("all_reduce(Tensor x, *, str group='tp') -> Tensor")
+def all_reduce(x: torch.Tensor, *, group: str = "tp") -> torch.Tensor:
     """Sum of the partial tensors of all ranks (forward); gradient passes through unchanged."""
     return _AllReduce.apply(x, current().comm(group))
 
 
-def copy_to_tp(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+@op("copy_to_tp(Tensor(a) x, *, str group='tp') -> Tensor(a)")
+def copy_to_tp(x: torch.Tensor, *, group: str = "tp") -> torch.Tensor:
     """Identity in forward; sums the gradient over ranks in backward.
 
     Marks a replicated value entering a sharded computation: each rank's backward only sees its
@@ -237,7 +243,8 @@ def copy_to_tp(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
     return _CopyToTP.apply(x, current().comm(group))
 
 
-def to_partial(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
+@op("to_partial(Tensor x, *, str group='tp') -> Tensor")
+def to_partial(x: torch.Tensor, *, group: str = "tp") -> torch.Tensor:
     """A replicated value as one rank's part of a partial sum (the others contribute zeros).
 
     Used for the bias of a row-parallel matmul, so that the bias is added once in the sum.
@@ -245,7 +252,8 @@ def to_partial(x: torch.Tensor, group: str = "tp") -> torch.Tensor:
     return _ToPartial.apply(x, current().comm(group))
 
 
-def shard_to_partial(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+@op("shard_to_partial(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")
+def shard_to_partial(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str = "tp") -> torch.Tensor:
     """A shard as this rank's part of a partial sum: the whole shape, zeros outside the shard
     (no communication; an accumulator split like its input meeting a partial sum)."""
     comm = current().comm(group)
@@ -291,7 +299,8 @@ def shared_count(layout: Shard) -> int:
     return _shared_positions(layout, 0)[0]
 
 
-def sum_duplicates(x: torch.Tensor, dim: int, size: int, runs, group: str = "tp") -> torch.Tensor:
+@op("sum_duplicates(Tensor(a) x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor(a)")
+def sum_duplicates(x: torch.Tensor, dim: int, size: int, runs, *, group: str = "tp") -> torch.Tensor:
     """Identity in forward; in backward, the gradient of each element several ranks hold is summed
     over those ranks. Follows a weight stored so that ranks share rows (a fused q/k/v projection
     whose few key/value heads each serve several ranks): each owner's gradient is its own heads'
@@ -300,13 +309,15 @@ def sum_duplicates(x: torch.Tensor, dim: int, size: int, runs, group: str = "tp"
     return _SumDuplicates.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
-def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+@op("all_gather(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")
+def all_gather(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str = "tp") -> torch.Tensor:
     """The whole tensor from every rank's shard along ``dim`` (global extent ``size``)."""
     comm = current().comm(group)
     return _AllGather.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
-def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+@op("gather_to_tp(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")
+def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str = "tp") -> torch.Tensor:
     """``all_gather`` of a value that a sharded computation consumes whole: each rank's backward
     sees only its own shard's share of the gradient, so the gradient is summed over the ranks and
     each keeps its slice (a reduce-scatter: half the bytes of ``copy_to_tp``'s all-reduce after
@@ -316,7 +327,11 @@ def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "
     return _GatherToTP.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
-def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, group: str = "tp"):
+@op(
+    "gathered_linears(Tensor x, int dim, SymInt size, str? runs, Tensor[] weights, Tensor?[] biases, "
+    "*, str group='tp') -> Tensor[]"
+)
+def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, *, group: str = "tp"):
     """``linear(gather_to_tp(x), w, b)`` for each weight and bias, as a tuple, keeping only this
     rank's shard of the input for backward and gathering it again there (Megatron's
     sequence-parallel linear): the activation memory of the gathered input divided by tp, for
@@ -325,13 +340,15 @@ def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases
     return _GatheredLinears.apply(x, _layout(dim, size, runs, comm.world), comm, len(weights), *weights, *biases)
 
 
-def shard(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+@op("shard(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")
+def shard(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str = "tp") -> torch.Tensor:
     """This rank's shard of a replicated tensor (no communication in forward)."""
     comm = current().comm(group)
     return _Shard.apply(x, _layout(dim, size, runs, comm.world), comm)
 
 
-def reduce_scatter(x: torch.Tensor, dim: int, size: int, runs=None, group: str = "tp") -> torch.Tensor:
+@op("reduce_scatter(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")
+def reduce_scatter(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str = "tp") -> torch.Tensor:
     """This rank's shard of the sum of the partial tensors of all ranks."""
     comm = current().comm(group)
     return _ReduceScatter.apply(x, _layout(dim, size, runs, comm.world), comm)
@@ -359,7 +376,11 @@ def _pick_positions(src: Shard, dst: Shard, rank: int) -> np.ndarray:
     return np.array([where[int(g)] for g in dst.indices(rank)], dtype=np.int64)
 
 
-def pick_local(x: torch.Tensor, dim: int, size: int, runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):
+@op(
+    "pick_local(Tensor x, int dim, SymInt size, str? runs, int dst_dim, SymInt dst_size, str? dst_runs, "
+    "*, str group='tp') -> Tensor"
+)
+def pick_local(x: torch.Tensor, dim: int, size: int, runs, dst_dim: int, dst_size: int, dst_runs, *, group: str = "tp"):
     """Another layout of ``x`` whose every rank's part this rank holds already (the query heads'
     key/value heads out of all the repeats of a shared head, or out of a tensor every rank holds
     whole): a local pick, no communication."""
@@ -369,13 +390,17 @@ def pick_local(x: torch.Tensor, dim: int, size: int, runs, dst_dim: int, dst_siz
     return _PickLocal.apply(x, dst_dim, positions)
 
 
-def redistribute(x, src_dim: int, src_size: int, src_runs, dst_dim: int, dst_size: int, dst_runs, group: str = "tp"):
+@op(
+    "redistribute(Tensor x, int src_dim, SymInt src_size, str? src_runs, int dst_dim, SymInt dst_size, str? dst_runs, "
+    "*, str group='tp') -> Tensor"
+)
+def redistribute(x, src_dim: int, src_size: int, src_runs, dst_dim: int, dst_size: int, dst_runs, *, group: str = "tp"):
     """Move from one shard layout to another: one all-to-all between even splits of two different
     dims (Ulysses' switch from sequence- to head-sharded), else all-gather and keep the new slice."""
     if src_runs is None and dst_runs is None and src_dim != dst_dim:
         return _AllToAll.apply(x, src_dim, dst_dim, current().comm(group))
-    full = all_gather(x, src_dim, src_size, src_runs, group)
-    return shard(full, dst_dim, dst_size, dst_runs, group)
+    full = all_gather(x, src_dim, src_size, src_runs, group=group)
+    return shard(full, dst_dim, dst_size, dst_runs, group=group)
 
 
 def _all_to_all(x: torch.Tensor, src_dim: int, dst_dim: int, comm) -> torch.Tensor:

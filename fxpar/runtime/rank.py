@@ -16,6 +16,7 @@ from ..holder import populate as fill
 from ..holder import retarget_submodules
 from ..mesh import Mesh
 from ..metadata import PLACEMENT, REQUIRES_GRAD
+from ..ops.library import for_dynamo
 from ..placement import REPLICATE
 from ..plan_context import PlanContext
 from ..memory import expr
@@ -58,8 +59,8 @@ class RankProgram:
             self.stages[s.index] = build_module(root, graph, cap.gm, f"Stage{s.index}Rank{rank}", bodies)
         if compile_options is not None:  # the same parameters, run through torch.compile
             if self.full is not None:
-                self.full = torch.compile(self.full, **compile_options)
-            self.stages = {i: torch.compile(m, **compile_options) for i, m in self.stages.items()}
+                self.full = torch.compile(for_dynamo(self.full), **compile_options)
+            self.stages = {i: torch.compile(for_dynamo(m), **compile_options) for i, m in self.stages.items()}
         schedule = sched.lower(sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual), spec.links())
         sched.check(schedule)
         self.schedule = schedule
