@@ -25,6 +25,7 @@ import keyword
 import operator
 import os
 import sys
+import textwrap
 
 import torch
 from torch.fx import GraphModule, Node
@@ -87,13 +88,15 @@ class _Listing:
                 group, source = here, None
                 first = here not in headed
                 headed.add(here)
-                out += ["", f"    # {self._header(here, nodes) if first else (here or 'model')}"]
+                head = self._header(here, nodes) if first else (here or "model")
+                out += [""] + textwrap.wrap(head, WIDTH, initial_indent="    # ", subsequent_indent="    #   ",
+                                            break_on_hyphens=False)
                 reads = any(a.op == "get_attr" for n in nodes if self._group(n) == here for a in n.all_input_nodes)
                 if first and here and reads:
                     out.append(f"    {self._bind(here)} = {_attr_expr('self', here)}")
             src = self._source(node)
-            if src and src != source:
-                out.append(f"    # {src}")
+            if src and src != source:  # the line number finds the rest of a long one
+                out.append(f"    # {src}" if len(src) + 6 <= WIDTH else f"    # {src[:WIDTH - 9]} ...")
                 source = src
             out.append(self._line(f"{node.name} = {self._call(node)}", self.notes.get(node.name, "")))
         return "\n".join(out) + "\n"
