@@ -240,7 +240,8 @@ class _Listing:
             return _wrap(code)
         if len(code) + 4 + len(note) <= WIDTH:
             return f"{code}  # {note}"
-        return f"    # {note}\n{_wrap(code)}"
+        above = textwrap.wrap(note, WIDTH, initial_indent="    # ", subsequent_indent="    #   ")
+        return "\n".join(above + [_wrap(code)])
 
 
 def _stack(node: Node) -> list[tuple[str, str]]:
