@@ -2,7 +2,9 @@
 
 A ``Plan`` can be printed (every value's placement, every collective's size), dumped to files
 (every rank's generated code), run in this one process for all ranks (``simulate``,
-``simulate_train``) and checked against the single-device model node by node (``check``).
+``simulate_train``) and checked against the single-device model node by node (``check``, in
+``fxpar/plan_check.py``); its memory queries are in ``fxpar/plan_memory.py``, and where each
+rank's shards lie in its ``geometry`` (``fxpar/geometry.py``).
 """
 
 from __future__ import annotations
@@ -13,28 +15,26 @@ import warnings
 import torch
 import torch.nn as nn
 from torch.fx import GraphModule
-from torch.fx import _pytree as fx_pytree
 from torch.utils import _pytree as pytree
 
-from . import report
+from . import plan_check, plan_memory, report
 from .capture import TARGET, Captured, capture
-from .codegen import build_module, get_path, rank_graph
-from .errors import DivergenceError, FxparError, describe_node
-from .holder import populate, retarget_submodules
-from .memory import per_device
+from .codegen import get_path
+from .errors import FxparError
+from .geometry import ShardGeometry
+from .holder import retarget_submodules
 from .mesh import Mesh, as_mesh
-from .metadata import GRAD_PARTIAL, ORIGIN, PLACEMENT
 from .pipeline import debug_level
 from .planning import check_overrides, first_microbatch, plan_graph  # noqa: F401 - also importable from here
-from .placement import PARTIAL, REPLICATE, Shard
 from .options import PlanOptions
 from .plan_context import PlanContext
-from .ops import collectives as C
+from .runtime import telemetry
+from .runtime.batches import flat_inputs, replica_part, target_microbatches
 from .runtime.checks import check_not_meta, input_summaries
 from .runtime.p2p import ThreadP2P
 from .runtime.pipeline import join_microbatches, microbatch_size, split_microbatches
 from .runtime.rank import RankProgram
-from .simulate import Recorder, assemble, mesh_contexts, run_ranks
+from .simulate import mesh_contexts, run_ranks
 
 
 class Plan:
@@ -50,6 +50,7 @@ class Plan:
         self.ctx = ctx
         self.seed = seed
         self.init_fn = init_fn
+        self.geometry = ShardGeometry(cap, ctx, mesh)  # which rank holds which box of each tensor
         self._programs: dict[int, RankProgram] = {}
         self._holders: dict[int, nn.Module] = {}
         self._contexts_p2p = None
@@ -114,14 +115,15 @@ class Plan:
         if not self.pipelined:
             outs = run_ranks(lambda r: progs[r].full(*args, **kwargs), self._contexts(), self._p2p())
             return outs[0]
-        flat = list(fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec))
+        flat = flat_inputs(self.captured, args, kwargs)
         m = self.ctx.options.microbatches
-        mbs = [split_microbatches(_replica(flat, self.mesh, r), m) for r in range(self.mesh.size)]
+        mbs = [split_microbatches(replica_part(flat, self.mesh, r), m) for r in range(self.mesh.size)]
         outs = run_ranks(lambda r: progs[r].runner.forward(mbs[r]), self._contexts(), self._p2p())
         last = self.ctx.pipeline.stages[-1].rank
         # each replica's microbatches, in batch order
         spec = self.captured.gm._out_spec
-        firsts = [self.mesh.rank_of(dp=q // self.mesh.ep, ep=q % self.mesh.ep, pp=last) for q in range(self.mesh.replicas)]
+        ep = self.mesh.ep
+        firsts = [self.mesh.rank_of(dp=q // ep, ep=q % ep, pp=last) for q in range(self.mesh.replicas)]
         parts = [pytree.tree_unflatten(o, spec) for r in firsts for o in outs[r]]
         return join_microbatches(parts, microbatch_size(mbs[0]))
 
@@ -138,7 +140,8 @@ class Plan:
         progs = [self.program(r) for r in range(self.mesh.size)]
         if self.loss_fn is not None:  # the graph takes the target and returns the loss
             if loss_fn not in (None, self.loss_fn):
-                raise FxparError("this plan computes the loss it was compiled with; pass loss_fn=None or the same function")
+                raise FxparError("this plan computes the loss it was compiled with; pass loss_fn=None or the same "
+                                 "function")
             kwargs, target, loss_fn = {**kwargs, TARGET: target}, None, None
         if not self.pipelined:
             def step(r):
@@ -147,23 +150,22 @@ class Plan:
                 loss.backward()
                 return loss.detach()
         else:
-            flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
+            flat = flat_inputs(self.captured, args, kwargs)
             m = self.ctx.options.microbatches
-            chunks = [_replica(list(flat), self.mesh, r) for r in range(self.mesh.size)]
-            targets = [None if target is None else split_microbatches([_replica([target], self.mesh, r)[0]], m) for r in range(self.mesh.size)]
+            chunks = [replica_part(flat, self.mesh, r) for r in range(self.mesh.size)]
+            targets = [None if target is None else target_microbatches(replica_part([target], self.mesh, r)[0], m)
+                       for r in range(self.mesh.size)]
 
             def step(r):
                 mbs = split_microbatches(chunks[r], m)
-                tg = None if targets[r] is None else [t[0] for t in targets[r]]
-                return progs[r].runner.train_step(mbs, tg, loss_fn, progs[r].params)
+                return progs[r].runner.train_step(mbs, targets[r], loss_fn, progs[r].params)
         losses = run_ranks(step, self._contexts(), self._p2p())
         return losses[0], self.full_grads()
 
     def save_trace(self, path: str) -> None:
         """The last simulated step of every rank as a Chrome trace (see ``ParallelModule.save_trace``)."""
-        from .runtime.module import write_chrome_trace
-
-        write_chrome_trace(path, [(r, n, a, b) for r, p in sorted(self._programs.items()) for n, a, b in p.runner.events])
+        telemetry.write_chrome_trace(path, [e for r, p in sorted(self._programs.items())
+                                            for e in telemetry.rank_events(r, p)])
 
     def optimizer_params(self) -> list[list]:
         """Per global rank, the parameters an optimizer of that rank steps."""
@@ -180,34 +182,11 @@ class Plan:
         self._last_contexts = contexts
         return contexts
 
-    def _holders_of(self, target: str, ep: int = 0) -> list[int]:
-        """Global ranks (of dp replica 0, ep rank ``ep``) holding ``target`` (as the graph names
-        it): the tp ranks of its first stage."""
-        for r in range(self.mesh.size):
-            self.program(r)
-        stage_rank = min(s.rank for s in self.ctx.pipeline.stages if target in s.params) if any(
-            target in s.params for s in self.ctx.pipeline.stages) else 0
-        return [self.mesh.rank_of(pp=stage_rank, ep=ep, tp=t) for t in range(self.tp)]
-
-    def _full(self, target: str, value):
-        """The whole tensor ``target`` from ``value(holder, name)`` of every rank holding part of
-        it: the tp parts, and for experts split over ep the ep ranks' experts; None if a rank has none."""
-        slot = self.ctx.expert_slot(target)
-        read, owner = slot if slot is not None else (target, 0)
-        over_ep = self.ctx.expert_shards.get(target)
-        pieces = []
-        for e in range(self.mesh.ep) if over_ep is not None else [owner]:
-            parts = [value(self._holders[r], target) for r in self._holders_of(read, e)]
-            if any(p is None for p in parts):
-                return None
-            pieces.append(assemble(parts, self.ctx.param_placements.get(read, REPLICATE)))
-        return pieces[0] if over_ep is None else assemble(pieces, over_ep)
-
     def full_grads(self) -> dict[str, torch.Tensor]:
         """Every parameter's gradient, re-assembled from the ranks, by original name."""
         grads = {}
         for target, name in self.param_names().items():
-            g = self._full(target, lambda holder, t: get_path(holder, t).grad)
+            g = self.geometry.full(name, lambda r: get_path(self._holders[r], target).grad)
             if g is not None:
                 grads[name] = g
         return grads
@@ -216,12 +195,12 @@ class Plan:
         """Every parameter and buffer, re-assembled, under every original name."""
         for r in range(self.mesh.size):
             self.program(r)
+        states = [self._holders[r].state_dict() for r in range(self.mesh.size)]
         out = {}
-        for r in range(self.mesh.size):
-            for key in self._holders[r].state_dict():
+        for held in states:
+            for key in held:
                 if key not in out:
-                    target = self.captured.graph_name(key)
-                    out[key] = self._full(target, lambda holder, t: holder.state_dict()[key]).clone()
+                    out[key] = self.geometry.full(key, lambda r: states[r][key]).clone()
         return out
 
     # experts --------------------------------------------------------------------------------
@@ -229,17 +208,7 @@ class Plan:
         """Per mixture-of-experts layer, for each ep rank, the rows (routed token slots) each of
         its experts got in the last simulated step (its last microbatch, dp replica 0); empty
         before any step or without expert parallelism."""
-        contexts = self._last_contexts or []
-        out: dict = {}
-        for layer in self.ctx.expert_layers:
-            per_rank = [None] * self.mesh.ep
-            for r, c in enumerate(contexts):
-                coord = self.mesh.coordinate(r)
-                if coord["dp"] == 0 and coord["tp"] == 0 and layer.name in c.routed:
-                    per_rank[coord["ep"]] = list(c.routed[layer.name])
-            if all(p is not None for p in per_rank):
-                out[layer.name] = per_rank
-        return out
+        return telemetry.routed_by_ep_rank(self._last_contexts or [], self.mesh, self.ctx.expert_layers)
 
     def expert_report(self) -> str:
         """A table: per mixture-of-experts layer and ep rank, the experts it holds and the rows
@@ -254,30 +223,17 @@ class Plan:
         gradients, optimizer state, activations of the microbatches in flight, ``peak``) at the
         given sizes of the symbolic dimensions (``plan.memory(batch=4, seq=2048)``; by default the
         sizes the plan was made for)."""
-        spec = self.ctx.pipeline
-        values = {**spec.sizes, **sizes}
-        return [s.memory.at(values, self.ctx.dim_names) for s in spec.stages]
+        return plan_memory.stage_memory(self.ctx, sizes)
 
     def device_memory(self, **sizes) -> list:
         """Per pipeline rank, what it holds for all its stages (see ``fxpar.memory.per_device``)."""
-        return per_device(self.memory(**sizes), [s.rank for s in self.ctx.pipeline.stages])
+        return plan_memory.device_memory(self.ctx, sizes)
 
     def max_microbatch(self, limit: float, dim: str = "batch", **sizes) -> int:
         """The largest microbatch (size of the symbolic dimension ``dim``) with which every device
         fits ``limit`` bytes; 0 if none does. Needs ``dim`` captured as symbolic
         (``dynamic_shapes={"x": {0: "batch"}}``)."""
-        if dim not in self.ctx.dim_names.values():
-            raise FxparError(f"no symbolic dimension named {dim!r}: capture it with dynamic_shapes (named {dim!r})")
-        fits = lambda b: max(m.peak for m in self.device_memory(**{**sizes, dim: b})) <= limit  # noqa: E731
-        if not fits(1):
-            return 0
-        lo, hi = 1, 2
-        while fits(hi) and hi < 1 << 30:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-        return lo
+        return plan_memory.max_microbatch(self.ctx, limit, dim, sizes)
 
     # checking against the single-device model ------------------------------------------------
     def check(self, *args, rtol: float = 1e-5, atol: float = 1e-5, loss_fn=None, **kwargs) -> int:
@@ -285,81 +241,7 @@ class Plan:
         node whose re-assembled value differs (in graph order), and, with ``loss_fn(output) ->
         scalar``, the first node whose gradient differs (in the order backward reaches them).
         Returns the number of values compared."""
-        if self.mesh.pp > 1 or self.mesh.dp > 1:
-            raise FxparError("check compares tensor-parallel plans node by node; for pipelines compare simulate_train's loss and gradients")
-        if self.mesh.ep > 1:
-            raise FxparError(
-                "check compares tensor-parallel plans node by node, but with ep > 1 each rank runs its part of the batch "
-                "and its own experts: compare simulate / simulate_train with the model instead"
-            )
-        if self.mesh.cp > 1:
-            raise FxparError(
-                "check compares tensor-parallel plans node by node, but with cp > 1 the graph is one cp rank's program "
-                "(a slice of the sequence): compare simulate / simulate_train with the model instead"
-            )
-        flat = fx_pytree.tree_flatten_spec((args, kwargs), self.captured.gm._in_spec)
-        grads = loss_fn is not None
-        rng_state = torch.default_generator.get_state()
-        ref = Recorder(self._reference_module(), grads)
-        out = ref.run_model(*flat)
-        if grads:
-            loss_fn(out).backward()
-        torch.default_generator.set_state(rng_state)  # the ranks draw what the reference drew
-        mods = [self.rank_module(r) for r in range(self.tp)]
-
-        def record(r):
-            rec = Recorder(mods[r], grads)
-            result = rec.run_model(*flat)
-            if not grads:
-                return rec.values, {}
-            loss_fn(result).backward()
-            found = {k: g.clone() for k, g in rec.gradients().items()}
-            mods[r].zero_grad()  # checking leaves no gradients behind for training
-            return rec.values, found
-
-        ranks = run_ranks(record, self._contexts())
-        nodes = [n for n in self.graph_module.graph.nodes if n.meta.get(ORIGIN) is not None and n.op != "output"]
-        compared = self._compare(nodes, ref.values, [v for v, _ in ranks], rtol, atol, "value")
-        if grads:
-            compared += self._compare(reversed(nodes), ref.gradients(), [g for _, g in ranks], rtol, atol, "gradient")
-        return compared
-
-    def _compare(self, nodes, expected, per_rank, rtol, atol, what: str) -> int:
-        compared = 0
-        for node in nodes:
-            expect = expected.get(node.meta[ORIGIN])
-            if not isinstance(expect, torch.Tensor) or not expect.is_floating_point():
-                continue
-            place = node.meta.get(PLACEMENT)
-            grad = what == "gradient"
-            parts = [v.get(node.name) for v in per_rank]
-            if any(p is None for p in parts):
-                raise DivergenceError(f"some ranks have no {what} for {describe_node(node)}")
-            if grad and node.meta.get(GRAD_PARTIAL):
-                place = PARTIAL  # each rank's part of the gradient, until the all-reduce above it
-                grad = False  # summed as a value is
-            elif grad and any(u.target is C.sum_duplicates for u in node.users):
-                grad = False  # rows several ranks hold: each holds their summed gradient already
-            whole = place == REPLICATE or (grad and not isinstance(place, Shard))
-            if whole and any(not torch.equal(p, parts[0]) for p in parts[1:]):
-                raise DivergenceError(
-                    f"the ranks disagree on the {what} of replicated {describe_node(node)}\n"
-                    f"  every rank should hold the same tensor here"
-                )
-            got = assemble(parts, place, grad=grad)
-            compared += 1
-            if got.shape != expect.shape or not torch.allclose(got, expect, rtol=rtol, atol=atol):
-                diff = (got - expect).abs().max().item() if got.shape == expect.shape else float("nan")
-                raise DivergenceError(
-                    f"the plan's {what}s first diverge from the single-device model at {describe_node(node)}\n"
-                    f"  placement {place}, max |difference| {diff:.3g} (rtol={rtol}, atol={atol})"
-                )
-        return compared
-
-    def _reference_module(self) -> GraphModule:
-        holder = nn.Module()
-        populate(holder, self.captured, {}, 0, self.model, "cpu", seed=self.seed, init_fn=self.init_fn)
-        return build_module(holder, rank_graph(self.captured.gm, 0, torch.device("cpu")), self.captured.gm, "Reference", self._submods)
+        return plan_check.check(self, args, kwargs, rtol, atol, loss_fn)
 
     # reports ----------------------------------------------------------------------------------
     def table(self) -> str:
@@ -413,8 +295,8 @@ def compile(
     names to cut before, instead of cutting by memory), ``memory_limit`` (bytes per device),
     ``optimizer`` (``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"``, ``"none"``: whose
     states the memory estimate counts) with ``optimizer_dtype`` (their dtype, default the
-    parameters'), and ``sizes`` (values of symbolic sizes to plan for). The example inputs are a whole batch: the graph is captured for one
-    microbatch of one data-parallel replica.
+    parameters'), and ``sizes`` (values of symbolic sizes to plan for). The example inputs are a
+    whole batch: the graph is captured for one microbatch of one data-parallel replica.
 
     >>> from fxpar.models import gpt
     >>> model, (idx,) = gpt.build()
@@ -446,10 +328,3 @@ def compile(
 def _real(forward, args, kwargs, what: str) -> None:
     """Running needs values: a meta-device input is named (the model may be planned on meta)."""
     check_not_meta(input_summaries(forward, args, kwargs, None, digests=False)[1], f"plan.{what}: ")
-
-
-def _replica(flat: list, mesh: Mesh, rank: int) -> list:
-    """The part of a global batch the replica of ``rank`` trains on (``Mesh.replica``)."""
-    if mesh.replicas == 1:
-        return flat
-    return split_microbatches(flat, mesh.replicas, f"replicas of {mesh} (dp x ep)")[mesh.replica(rank)]

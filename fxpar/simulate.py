@@ -11,9 +11,9 @@ from torch.fx import GraphModule, Interpreter
 from torch.utils import _pytree as pytree
 
 from .errors import FxparError
+from .geometry import join
 from .mesh import DIM_ORDER, Mesh
 from .placement import PARTIAL, Shard
-from .ops.collectives import _assemble
 from .runtime.comm import ThreadComm, ThreadWorld
 from .runtime.p2p import ThreadP2P
 from .ops.context import RankContext, RNGStreams, context_streams, running, stream_seeds
@@ -98,11 +98,9 @@ def assemble(parts: list[torch.Tensor], placement, grad: bool = False) -> torch.
     """The global value from every rank's local value. For gradients (``grad=True``) the
     gradient of a partial sum is the whole gradient (the same on every rank), and the gradients of
     an element several ranks hold add up."""
-    if isinstance(placement, Shard):
+    if isinstance(placement, Shard) and grad:
         shape = list(parts[0].shape)
         shape[placement.dim] = placement.size
-        if not grad:
-            return _assemble(parts, placement, shape)
         out = parts[0].new_zeros(shape)
         for r, part in enumerate(parts):
             out.index_add_(placement.dim, torch.as_tensor(placement.indices(r), device=part.device), part)
@@ -112,7 +110,7 @@ def assemble(parts: list[torch.Tensor], placement, grad: bool = False) -> torch.
         for p in parts[1:]:
             out = out + p
         return out
-    return parts[0]
+    return join(parts, placement)
 
 
 class Recorder(Interpreter):

@@ -70,6 +70,11 @@ def test_the_runtime_never_imports_a_pass_or_a_front_end():
     assert offenders(["fxpar.runtime"], ["fxpar.passes", "passes", "fxpar.pipeline", "fxpar.plan", "fxpar.parallelize"]) == []
 
 
+def test_the_shard_geometry_binds_to_nothing():
+    # Plan, ParallelModule and the checkpoints all ask it where a tensor lies: it can import none of them
+    assert offenders(["fxpar.geometry"], ["fxpar.runtime", "fxpar.checkpoint", "fxpar.plan", "fxpar.parallelize"]) == []
+
+
 def test_nothing_imports_the_folders_by_their_top_level_names():
     assert offenders(["fxpar"], ["passes", "models"]) == []
 
@@ -79,3 +84,4 @@ def test_the_check_sees_imports():
     assert "fxpar.ops.collectives" in GRAPH["fxpar.passes.insert_collectives"]
     assert "fxpar.ops.context" in GRAPH["fxpar.ops.collectives"]
     assert any(below(m, ["fxpar.ops"]) for m in GRAPH["fxpar.runtime.module"])
+    assert "fxpar.placement" in GRAPH["fxpar.geometry"]

@@ -1,12 +1,6 @@
-"""Where each of a rank's tensors sits in the full tensor.
-
-A rank's local tensor is the concatenation, along the split dim, of the runs its placement gives
-it (one run for an even split; several for a fused projection split per segment, e.g. q, k and v
-of a fused attention input). Each run is a box of the full tensor at some offset: a *piece*.
-Readers fill pieces from files and checkpoints; writers store them. Pieces are cut at every
-boundary of every rank's runs, so two ranks holding the same elements (replicas over dp, copies
-over pp, key/value heads shared by several tp ranks) hold identical pieces, which a checkpoint
-stores once.
+"""A rank's tensors as checkpoints read and write them: each parameter and persistent buffer
+with the boxes of the full tensor it holds (``ShardGeometry.pieces``, which ``pm.geometry``
+answers; ``fxpar/geometry.py`` says how boxes are cut).
 """
 
 from __future__ import annotations
@@ -14,12 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 
 from ..errors import FxparError
-from ..placement import Placement, Shard
-
-Offsets = tuple[int, ...]
+from ..geometry import Box
+from ..placement import Placement
+from .pieces import Pieces
 
 
 @dataclass
@@ -36,61 +29,30 @@ class LocalTensor:
     tensor: torch.Tensor
     shape: torch.Size
     placement: Placement
-    pieces: list[tuple[Offsets, torch.Tensor]]
+    pieces: list[Box]
     is_param: bool
-
-
-def pieces_of(local: torch.Tensor, placement: Placement, rank: int) -> list[tuple[Offsets, torch.Tensor]]:
-    """``(offsets, view)`` boxes of the full tensor that ``local`` (rank ``rank``'s shard) holds.
-
-    >>> from fxpar.placement import Shard
-    >>> p = Shard.segmented(0, 12, 2, bounds=(4, 8))   # rank 1 holds rows 2:4, 6:8, 10:12
-    >>> [(o, tuple(v.shape)) for o, v in pieces_of(torch.zeros(6, 3), p, 1)]
-    [((2, 0), (2, 3)), ((6, 0), (2, 3)), ((10, 0), (2, 3))]
-    """
-    local = local.detach()
-    zero = [0] * local.dim()
-    if not isinstance(placement, Shard):
-        return [(tuple(zero), local)]
-    cuts = sorted({x for runs in placement.runs for run in runs for x in run})
-    out, pos = [], 0
-    for a, b in placement.runs[rank]:
-        inner = [c for c in cuts if a < c < b]
-        for lo, hi in zip([a, *inner], [*inner, b]):
-            offsets = list(zero)
-            offsets[placement.dim] = lo
-            out.append((tuple(offsets), local.narrow(placement.dim, pos + lo - a, hi - lo)))
-        pos += b - a
-    return out
 
 
 def local_tensors(pm) -> list[LocalTensor]:
     """Every parameter and persistent buffer ``pm`` (a ``ParallelModule``) holds on this rank."""
-    pm._require_built()
-    cap = pm._captured
+    geometry = pm.geometry
     out, seen = [], set()
     params = {id(p) for p in pm.parameters()}
     for key, t in pm.state_dict(keep_vars=True).items():
-        aliases = cap.aliases.get(key, [key])
+        aliases = geometry.aliases(key)
         if aliases[0] in seen:
             continue
         seen.add(aliases[0])
-        full = cap.tensors.get(aliases[0])
+        full = geometry.template(key)
         if full is None:
             raise FxparError(f"'{key}' is in this rank's state but not in the captured model")
-        place = pm.placement_of(key)
-        out.append(LocalTensor(aliases[0], list(aliases), t, full.shape, place, pm._pieces(key, t), id(t) in params))
+        pieces = geometry.pieces(key, t, pm.rank)
+        out.append(LocalTensor(aliases[0], list(aliases), t, full.shape, geometry.placement(key), pieces,
+                               id(t) in params))
     return out
 
 
-def full_names(pm) -> dict[str, tuple[list[str], torch.Size, bool]]:
-    """Every parameter and persistent buffer of the whole model (not only this rank's):
-    ``{first name: (aliases, full shape, is a parameter)}``, the same on every rank."""
-    cap = pm._captured
-    out = {}
-    for name, t in cap.tensors.items():
-        aliases = cap.aliases.get(name, [name])
-        if aliases[0] in out or not cap.persistent.get(name, True):
-            continue
-        out[aliases[0]] = (list(aliases), t.shape, isinstance(t, nn.Parameter))
-    return out
+def laid_out(pm, lt: LocalTensor, local: torch.Tensor) -> Pieces:
+    """``local``, a tensor shaped like ``lt``'s shard (a staging tensor to load into, an optimizer
+    state), as the boxes of the full tensor it holds."""
+    return Pieces(lt.shape, pm.geometry.pieces(lt.name, local, pm.rank), local)

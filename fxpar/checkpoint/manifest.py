@@ -13,6 +13,12 @@ manifest, checks each box's bytes against its CRC before DCP reads them, reads t
 The manifest also records the mesh the checkpoint was saved on, whether it holds optimizer
 state, each rank's random-number states (``rng``) and the user's ``extra`` payload (a training
 step, a data position).
+
+The folder's life is here too: a save writes into ``<path>.partial`` and, once every rank has
+written and the checksums are in the manifest, renames it to ``<path>`` (``commit``), so an
+interrupted save never leaves a folder that loads as if complete (``recover`` and
+``clear_partial`` tidy what one left); a load opens the folder (``open_folder``) and checks every
+stored box lies inside its file (``check_files``) before DCP reads anything.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from ..errors import CheckpointError
+from .keys import user_key
 
 MANIFEST = "fxpar.json"
 PARTIAL = ".partial"
@@ -178,6 +185,23 @@ def check_target(path: str) -> None:
                                   f"({strange[:3]}); remove it")
 
 
+def clear(path: str) -> None:
+    """Before a save to ``path``: finish a commit an earlier save was cut in (``recover``), then
+    remove what a save that did not finish left (``clear_partial``)."""
+    recover(path)
+    clear_partial(path)
+
+
+def finish(tmp: str, path: str, md: Metadata, checksums: list[dict], doc: dict) -> None:
+    """Write the manifest of the complete folder ``tmp`` (``doc``, DCP's metadata ``md`` and every
+    rank's ``checksums``), then make it the checkpoint ``path`` (``commit``)."""
+    merged: dict = {}
+    for part in checksums:
+        merged.update(part)
+    write(tmp, {**doc, **metadata_to_json(md), "checksums": merged})
+    commit(tmp, path)
+
+
 def clear_partial(path: str) -> None:
     """Remove what a save that did not finish left (``check_target`` said it is only that)."""
     tmp = path + PARTIAL
@@ -230,3 +254,73 @@ def latest(root: str) -> str | None:
         if doc.get("format") == FORMAT and (when is None or saved >= when):
             best, when = path, saved
     return best
+
+
+def looks_like_checkpoint(path: str) -> bool:
+    """A checkpoint folder, whole or not (then ``load`` says what is wrong), or a name whose save
+    did not finish."""
+    path = path.rstrip("/")
+    if path.endswith(PARTIAL) or os.path.isdir(path + PARTIAL):
+        return True
+    if not os.path.isdir(path):
+        return False
+    files = os.listdir(path)
+    return ".metadata" in files or MANIFEST in files or any(f.endswith(".distcp") for f in files)
+
+
+def open_folder(path: str, trusted: bool) -> tuple[dict | None, Metadata | None]:
+    """``(manifest, DCP metadata)`` of a checkpoint folder to load. Only a trusted folder may
+    lack a manifest; its metadata is then None: DCP's pickle, which the reader unpickles."""
+    if path.endswith(PARTIAL):
+        raise CheckpointError(f"'{path}' is a save that did not finish; it cannot be loaded: load the checkpoint "
+                              "saved before it (fxpar.latest_checkpoint finds it)")
+    if not os.path.isdir(path):
+        if is_checkpoint(path + OLD):
+            raise CheckpointError(f"no checkpoint at '{path}': a save replacing it was cut short; the previous one is "
+                                  f"whole at '{path + OLD}' (the next fxpar.save to '{path}' puts it back)")
+        if os.path.isdir(path + PARTIAL):
+            raise CheckpointError(f"no checkpoint at '{path}': a save to it did not finish "
+                                  f"('{path + PARTIAL}' is what it left); load an earlier checkpoint")
+        raise CheckpointError(f"no checkpoint at '{path}': give the folder fxpar.save wrote "
+                              "(fxpar.latest_checkpoint(root) finds the newest in a folder of them)")
+    doc = read(path)
+    if doc is None or doc.get("format") != FORMAT:
+        if not trusted:
+            raise CheckpointError(_untrusted(path, doc))
+        if not os.path.exists(os.path.join(path, ".metadata")):
+            raise CheckpointError(f"checkpoint '{path}' is incomplete: it has no .metadata file "
+                                  "(a save cut short, or a damaged copy)")
+        return doc, None
+    return doc, metadata_from_json(doc, path)
+
+
+def _untrusted(path: str, doc) -> str:
+    why = (f"it has no {MANIFEST}, so it is not a checkpoint fxpar wrote" if doc is None else
+           f"its {MANIFEST} is of format {doc.get('format')!r} (an earlier fxpar), which lists its tensors "
+           "only in .metadata")
+    return (
+        f"fxpar will not load '{path}': {why}. Its description of the tensors is torch.distributed.checkpoint's "
+        ".metadata, a pickle, and reading a pickle runs whatever code its author put in it. fxpar reads only "
+        f"checkpoints whose {MANIFEST} (JSON) lists every tensor and checksum. If you wrote this folder "
+        "yourself or trust whoever did, load it with fxpar.load(pm, path, trusted=True)."
+    )
+
+
+def check_files(md: Metadata, path: str) -> str | None:
+    """Every stored box lies inside its file: a save cut short or a truncated copy fails here."""
+    sizes: dict[str, int] = {}
+    for index, info in md.storage_data.items():
+        file = os.path.join(path, info.relative_path)
+        if info.relative_path not in sizes:
+            if os.path.islink(file):  # a checkpoint's data files are its own, never links elsewhere
+                return (f"checkpoint '{path}' is not one fxpar wrote: its data file {info.relative_path} is a link; "
+                        "copy the checkpoint with its files (cp -rL) and load the copy")
+            sizes[info.relative_path] = os.path.getsize(file) if os.path.isfile(file) else -1
+        have = sizes[info.relative_path]
+        if have < 0:
+            return (f"checkpoint '{path}' is incomplete: {info.relative_path}, which holds "
+                    f"'{user_key(index.fqn)}', is missing")
+        if have < info.offset + info.length:
+            return (f"checkpoint '{path}' is truncated: '{user_key(index.fqn)}' is stored at bytes "
+                    f"{info.offset}..{info.offset + info.length} of {info.relative_path}, which has {have} bytes")
+    return None

@@ -15,10 +15,10 @@ import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from ..errors import CheckpointError
+from .keys import GROUPS, STATE
+from .layout import laid_out
 from .pieces import Pieces
 
-STATE = "optim.state."
-GROUPS = "optim.param_groups."
 # keys of a param group that list its parameters rather than set them: not stored per parameter
 # (``param_names`` is what an optimizer made from ``named_parameters()`` keeps; it is this mesh's)
 LISTS = ("params", "param_names")
@@ -54,16 +54,19 @@ def entries(pm, optimizer, tensors) -> dict:
                         f"optimizer state '{k}' of '{lt.name}' has shape {tuple(v.shape)}, not its parameter's "
                         f"{tuple(p.shape)}: fxpar checkpoints states shaped like their parameters (Adam, SGD, ...)"
                     )
-                out[key] = Pieces(lt.shape, pm._pieces(lt.name, v))
+                out[key] = laid_out(pm, lt, v)
             else:
                 out[key] = v
     return out
 
 
-def staging(pm, optimizer, tensors, saved: dict, path: str, missing=()) -> dict:
+def staging(pm, optimizer, tensors, doc: dict | None, saved: dict, path: str, missing=()) -> dict:
     """Places to load the stored state of ``optimizer`` into, made from the checkpoint's own
-    listing (``saved``): nothing of the optimizer is touched until the whole load succeeded.
-    Parameters in ``missing`` (not in the checkpoint, loaded with ``strict=False``) keep theirs."""
+    listing (``saved``; ``doc`` its manifest): nothing of the optimizer is touched until the whole
+    load succeeded. Parameters in ``missing`` (not in the checkpoint, loaded with ``strict=False``)
+    keep theirs."""
+    if doc is not None and not doc.get("optimizer", True):
+        raise CheckpointError(f"checkpoint '{path}' was saved without optimizer state; load it without optimizer=...")
     out = {}
     for group, p, lt in _by_param(optimizer, tensors):
         if lt.name in missing:
@@ -100,8 +103,7 @@ def _place(md, param):
                                   "keeps: the checkpoint is damaged or was not written by fxpar.save")
         return torch.empty(tuple(md.size), dtype=dtype)
     pm, lt, p = param
-    local = torch.empty(tuple(p.shape), dtype=dtype)
-    return Pieces(lt.shape, pm._pieces(lt.name, local), local)
+    return laid_out(pm, lt, torch.empty(tuple(p.shape), dtype=dtype))
 
 
 def state_dict(optimizer, tensors, staged: dict, missing=()) -> dict:

@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..errors import CheckpointError, FxparError
-from .layout import full_names, local_tensors
+from .layout import local_tensors
 
 BUDGET = 16 * 2**20  # bytes of tensors read through one mapping before it is dropped
 
@@ -166,7 +166,7 @@ def load_weights(pm, path: str, *, strict: bool = True, rename=None, budget: int
     its own slices.
     """
     files = weight_files(path)
-    names = full_names(pm)
+    names = pm.geometry.full_names()
     match = _match(names, set(files), rename)
     used = set(match.values())
     missing = sorted(n for n in names if n not in match)
