@@ -69,6 +69,10 @@ class _Listing:
         self.names = {n.name for n in nodes}
         self.bound: dict[str, str] = {}  # module path -> the local name bound to it
         self.root = _package_dir(nodes)
+        self.group = {n: self._group(n) for n in nodes}
+        self.members: dict[str, list[Node]] = {}
+        for n in nodes:
+            self.members.setdefault(self.group[n], []).append(n)
 
     def render(self, title: str) -> str:
         out = [f"# {title}", "# After each line: placement over tp, local shape; for collectives the bytes sent.",
@@ -83,15 +87,15 @@ class _Listing:
             if node.op == "output":
                 out.append(self._line(f"return {self._value(node.args[0])}", ""))
                 continue
-            here = self._group(node)
+            here = self.group[node]
             if here != group:
                 group, source = here, None
                 first = here not in headed
                 headed.add(here)
-                head = self._header(here, nodes) if first else (here or "model")
+                head = self._header(here) if first else (here or "model")
                 out += [""] + textwrap.wrap(head, WIDTH, initial_indent="    # ", subsequent_indent="    #   ",
                                             break_on_hyphens=False)
-                reads = any(a.op == "get_attr" for n in nodes if self._group(n) == here for a in n.all_input_nodes)
+                reads = any(a.op == "get_attr" for n in self.members[here] for a in n.all_input_nodes)
                 if first and here and reads:
                     out.append(f"    {self._bind(here)} = {_attr_expr('self', here)}")
             src = self._source(node)
@@ -114,13 +118,12 @@ class _Listing:
                 return path
         return ""
 
-    def _header(self, path: str, nodes) -> str:
-        cls = next((c for n in nodes for p, c in self.stacks[n] if p == path), "")
+    def _header(self, path: str) -> str:
+        members = self.members[path]
+        cls = next((c for n in members for p, c in self.stacks[n] if p == path), "")
         seen: dict[str, str] = {}
         styles: dict[str, str] = {}
-        for n in nodes:
-            if self._group(n) != path:
-                continue
+        for n in members:
             g = self.by_name.get(n.name, n)
             decision = g.meta.get(DECISION)
             layer = self.stacks[n][-1][0] if self.stacks[n] else ""
@@ -166,7 +169,7 @@ class _Listing:
 
     def _op(self, node: Node, target) -> str:
         ns, name = target.namespace, target._schema.name.split("::")[-1]
-        params = [(a.name, a.default_value if a.has_default_value() else inspect.Parameter.empty, a.kwarg_only)
+        params = [(a.name, a.default_value if a.has_default_value() else inspect.Parameter.empty)
                   for a in target._schema.arguments]
         if ns == "fxpar":
             return self._keywords(f"fxpar.{name}", node, params)
@@ -176,7 +179,7 @@ class _Listing:
         parts = [self._value(a) for a in node.args[:last + 1]]
         named = [(params[i][0], a) for i, a in enumerate(node.args) if i > last and i < len(params)]
         for key, v in named + list(node.kwargs.items()):
-            default = next((p[1] for p in params if p[0] == key), inspect.Parameter.empty)
+            default = dict(params).get(key, inspect.Parameter.empty)
             if not _is_default(v, default) and not (key == "pin_memory" and v is False):
                 parts.append(f"{key}={self._value(v)}")
         return f"{ns}.{name}({', '.join(parts)})"
@@ -190,7 +193,7 @@ class _Listing:
                 parts.append(self._value(a))
             elif params[i][0] == "group" or not (a is None or _is_default(a, params[i][1])):
                 parts.append(f"{params[i][0]}={self._value(a)}")
-        defaults = dict((p[0], p[1]) for p in params)
+        defaults = dict(params)
         for k, v in node.kwargs.items():
             if k == "group" or not _is_default(v, defaults.get(k, inspect.Parameter.empty)):
                 parts.append(f"{k}={self._value(v)}")
@@ -293,7 +296,7 @@ def _is_default(value, default) -> bool:
     if default is inspect.Parameter.empty:
         return False
     try:
-        return type(value) is type(default) and value == default or (value is None and default is None)
+        return type(value) is type(default) and bool(value == default)
     except Exception:  # noqa: BLE001 - tensors and symbols compare as not default
         return False
 
@@ -303,7 +306,7 @@ def _python_params(fn) -> list:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return []
-    return [(p.name, p.default, p.kind is p.KEYWORD_ONLY) for p in sig.parameters.values()]
+    return [(p.name, p.default) for p in sig.parameters.values()]
 
 
 def _attr_expr(base: str, path: str) -> str:

@@ -97,8 +97,10 @@ class Plan:
         """Rank ``rank``'s program as a listing (``fxpar/listing.py``): what ``dump`` writes to
         ``rank{rank}.py``. ``rank_module(rank).code`` is the code that runs."""
         prog = self.program(rank)
-        mods = [prog.full] if prog.full is not None else [prog.stages[j] for j in sorted(prog.stages)]
-        return "\n\n".join(report.rank_source(m, rank, self.graph_module, self.mesh) for m in mods)
+        if prog.full is not None:
+            return report.rank_source(prog.full, rank, self.graph_module, self.mesh)
+        return "\n\n".join(report.rank_source(prog.stages[j], rank, self.graph_module, self.mesh, j)
+                             for j in sorted(prog.stages))
 
     def param_names(self) -> dict[str, str]:
         """Graph attribute name -> user-facing parameter name (as ``model.named_parameters()``)."""

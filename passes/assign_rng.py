@@ -27,6 +27,7 @@ from fxpar.metadata import PLACEMENT, RNG
 from fxpar.placement import Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import arg
+from fxpar.ops.library import runs_arg
 from fxpar.ops.local import dropout
 
 aten = torch.ops.aten
@@ -53,7 +54,7 @@ def assign_rng(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 )
             if isinstance(p, Shard):
                 node.meta[RNG] = "sharded"
-                node.args = (x, prob, train, "sharded", p.dim, p.size, None if p.is_even else p.runs)
+                node.args = (x, prob, train, "sharded", p.dim, p.size, runs_arg(p))
             else:
                 node.meta[RNG] = "replicated"
                 node.args = (x, prob, train)

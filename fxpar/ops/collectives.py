@@ -41,10 +41,7 @@ from .library import op, parse_runs
 
 @functools.lru_cache(maxsize=4096)
 def _layout(dim: int, size: int, runs, world: int) -> Shard:
-    if runs is None:
-        return Shard.even(dim, size, world)
-    runs = parse_runs(runs) if isinstance(runs, str) else runs
-    return Shard(dim, size, tuple(tuple(map(tuple, r)) for r in runs))
+    return Shard.even(dim, size, world) if runs is None else Shard(dim, size, parse_runs(runs))
 
 
 def _take(x: torch.Tensor, layout: Shard, rank: int) -> torch.Tensor:
