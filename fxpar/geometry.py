@@ -7,7 +7,9 @@ keyed by the name the graph reads it by). Over ep, if it is a stacked weight of 
 one expert module, not at all: one ep rank holds it whole (``ctx.expert_slot``) and the planned
 graph reads it under the name of the expert ep rank 0 holds in the same place. Over pp by stage:
 the stages whose ``params`` list it hold a copy (several for a tied weight), the first of them the
-copy that counts. Data-parallel replicas and cp ranks hold the same weights.
+copy that counts. Over dp, under ``zero``, by dim-0 rows of one tp rank's part
+(``ctx.zero_rows``, ``fxpar.ops.params.row_split``); else data-parallel replicas, like cp ranks,
+hold the same weights.
 
 Names are the user's (any alias of a tied weight); ranks are positions on the mesh
 (``mesh.coordinate(rank)``). Nothing here binds to a process: ``Plan`` assembles full tensors from
@@ -24,6 +26,7 @@ import torch.nn as nn
 from .capture import Captured
 from .mesh import Mesh
 from .ops.collectives import _assemble
+from .ops.params import row_split
 from .placement import REPLICATE, Placement, Shard
 from .plan_context import PlanContext
 from .shards import local_shape, shard_tensor
@@ -114,17 +117,35 @@ class ShardGeometry:
         return min(ranks) if ranks else 0
 
     def holders(self, name: str) -> list[int]:
-        """The ranks (of data-parallel replica 0, cp rank 0) whose parts make up ``name``: the tp
-        ranks of its owning stage on every ep rank holding a part of it, by ep rank then tp rank."""
+        """The ranks (of cp rank 0; of data-parallel replica 0 unless zero splits ``name`` over
+        dp) whose parts make up ``name``: the tp ranks of its owning stage on every ep rank
+        holding a part of it, by ep rank, then tp rank, then dp rank."""
         split, holder = self.ep_split(name), self.ep_holder(name)
         eps = range(self.mesh.ep) if split is not None else [holder or 0]
+        dps = range(self.mesh.dp) if self.zero_rows(name) is not None else [0]
         pp = self.owner(name)
-        return [self.mesh.rank_of(pp=pp, ep=e, tp=t) for e in eps for t in range(self.mesh.tp)]
+        return [self.mesh.rank_of(pp=pp, ep=e, tp=t, dp=d) for e in eps for t in range(self.mesh.tp) for d in dps]
 
-    def local_shape(self, name: str) -> list[int]:
-        """The shape of one rank's part of ``name``."""
+    def zero_rows(self, name: str) -> int | None:
+        """The dim-0 size of one tp rank's part of ``name`` that zero splits over the dp ranks
+        (None where it does not)."""
+        return self.ctx.zero_rows.get(self._planned(name))
+
+    def dp_rows(self, name: str, rank: int) -> tuple[int, int] | None:
+        """``(start, stop)``: the rows of its tp rank's part of ``name`` that ``rank`` holds
+        under zero (None where zero does not split ``name``)."""
+        rows = self.zero_rows(name)
+        return None if rows is None else row_split(rows, self.mesh.dp)[self.mesh.coordinate(rank)["dp"]]
+
+    def local_shape(self, name: str, rank: int | None = None) -> list[int]:
+        """The shape of one rank's part of ``name`` (of ``rank``'s, where zero splits it over dp;
+        without ``rank``, of its whole tp part)."""
         shape, split = self.template(name).shape, self.ep_split(name)
-        return local_shape(shape if split is None else local_shape(shape, split), self.placement(name))
+        out = local_shape(shape if split is None else local_shape(shape, split), self.placement(name))
+        rows = self.dp_rows(name, rank) if rank is not None else None
+        if rows is not None:
+            out[0] = rows[1] - rows[0]
+        return out
 
     # one rank's part ---------------------------------------------------------------------------
     def local_shard(self, name: str, full: torch.Tensor, rank: int) -> torch.Tensor | None:
@@ -137,13 +158,15 @@ class ShardGeometry:
         split = self.ep_split(name)
         if split is not None:
             full = shard_tensor(full, split, where["ep"])
-        return shard_tensor(full, self.placement(name), where["tp"])
+        part = shard_tensor(full, self.placement(name), where["tp"])
+        rows = self.dp_rows(name, rank)
+        return part if rows is None else part[rows[0]:rows[1]].clone()
 
     def pieces(self, name: str, local: torch.Tensor, rank: int) -> list[Box]:
         """``(offsets in the full tensor, view)`` boxes of ``local``, ``rank``'s part of ``name``
         (its shard, or a tensor laid out like it: a gradient, an optimizer state)."""
         where = self.mesh.coordinate(rank)
-        boxes = pieces_of(local, self.placement(name), where["tp"])
+        boxes = pieces_of(local, self.placement(name), where["tp"], self.dp_rows(name, rank))
         split = self.ep_split(name)
         if split is None:
             return boxes
@@ -162,11 +185,15 @@ class ShardGeometry:
     def full(self, name: str, part: Callable[[int], torch.Tensor | None]) -> torch.Tensor | None:
         """The whole tensor ``name`` from ``part(rank)`` of every rank in ``holders(name)``; None
         where one of them has none."""
-        by_ep: dict[int, list] = {}
+        by_tp: dict[tuple, list] = {}
         for r in self.holders(name):
-            by_ep.setdefault(self.mesh.coordinate(r)["ep"], []).append(part(r))
-        if any(p is None for parts in by_ep.values() for p in parts):
+            c = self.mesh.coordinate(r)
+            by_tp.setdefault((c["ep"], c["tp"]), []).append(part(r))
+        if any(p is None for parts in by_tp.values() for p in parts):
             return None
+        by_ep: dict[int, list] = {}
+        for (e, _), rows in sorted(by_tp.items()):  # a tp rank's part from its dp ranks' rows
+            by_ep.setdefault(e, []).append(rows[0] if len(rows) == 1 else torch.cat(rows))
         wholes = [self.join_tp(name, parts) for _, parts in sorted(by_ep.items())]
         return wholes[0] if self.ep_split(name) is None else self.join_ep(name, wholes)
 
@@ -181,13 +208,14 @@ def join(parts: list[torch.Tensor], placement) -> torch.Tensor:
     return _assemble(parts, placement, shape)
 
 
-def pieces_of(local: torch.Tensor, placement: Placement, rank: int) -> list[Box]:
+def pieces_of(local: torch.Tensor, placement: Placement, rank: int, rows: tuple[int, int] | None = None) -> list[Box]:
     """``(offsets, view)`` boxes of the full tensor that ``local`` (rank ``rank``'s shard) holds.
 
     A rank's local tensor is the concatenation, along the split dim, of the runs its placement
     gives it; each run is a box of the full tensor at some offset. Boxes are cut at every boundary
     of every rank's runs, so two ranks holding the same elements (key/value heads shared by
-    several tp ranks) hold identical boxes, which a checkpoint stores once.
+    several tp ranks) hold identical boxes, which a checkpoint stores once. ``rows``: ``local``
+    is only rows ``start:stop`` (dim 0) of the rank's shard (its dp rank's under zero).
 
     >>> from fxpar.placement import Shard
     >>> p = Shard.segmented(0, 12, 2, bounds=(4, 8))   # rank 1 holds rows 2:4, 6:8, 10:12
@@ -196,6 +224,9 @@ def pieces_of(local: torch.Tensor, placement: Placement, rank: int) -> list[Box]
     """
     local = local.detach()
     zero = [0] * local.dim()
+    first, last = rows if rows is not None else (0, None)
+    if not isinstance(placement, Shard) or placement.dim != 0:
+        zero[:1] = [first] if local.dim() else []
     if not isinstance(placement, Shard):
         return [(tuple(zero), local)]
     cuts = sorted({x for runs in placement.runs for run in runs for x in run})
@@ -203,8 +234,14 @@ def pieces_of(local: torch.Tensor, placement: Placement, rank: int) -> list[Box]
     for a, b in placement.runs[rank]:
         inner = [c for c in cuts if a < c < b]
         for lo, hi in zip([a, *inner], [*inner, b]):
+            start, stop = pos + lo - a, pos + hi - a  # where this box lies in the whole shard
+            if placement.dim == 0 and rows is not None:  # only rows first:last of the shard are here
+                start, stop = max(start, first), min(stop, last)
+                if start >= stop:
+                    continue
             offsets = list(zero)
-            offsets[placement.dim] = lo
-            out.append((tuple(offsets), local.narrow(placement.dim, pos + lo - a, hi - lo)))
+            offsets[placement.dim] = lo + start - (pos + lo - a)
+            shift = first if placement.dim == 0 else 0
+            out.append((tuple(offsets), local.narrow(placement.dim, start - shift, stop - start)))
         pos += b - a
     return out

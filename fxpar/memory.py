@@ -48,7 +48,10 @@ class NodeMemory:
 
 @dataclass
 class StageMemory:
-    """Bytes one rank needs for a set of nodes, by category."""
+    """Bytes one rank needs for a set of nodes, by category. ``gathered``: what is whole for a
+    moment under zero (the weights of the op running and their gradient under zero 3, a gradient
+    on its way to being reduce-scattered under zero 2); ``weights``: the elements of the weights
+    (each once, as one tp rank holds them), what bytes per parameter are counted over."""
 
     params: object = 0
     grads: object = 0
@@ -57,6 +60,8 @@ class StageMemory:
     activations_per_microbatch: object = 0
     in_flight: int = 1
     extra: dict = field(default_factory=dict)
+    gathered: object = 0
+    weights: object = 0
 
     @property
     def static(self):
@@ -68,14 +73,15 @@ class StageMemory:
 
     @property
     def peak(self):
-        return self.static + self.activations
+        return self.static + self.activations + self.gathered
 
     def at(self, sizes: dict | None = None, names: dict | None = None) -> StageMemory:
         """The same, with symbolic sizes replaced by numbers (``{"batch": 8, "seq": 2048}``;
         ``names`` maps export's symbols to those names)."""
         f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
-                           f(self.activations_per_microbatch), self.in_flight, dict(self.extra))
+                           f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
+                           f(self.weights))
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
@@ -90,6 +96,8 @@ def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]
         d.optimizer += m.optimizer
         d.buffers += m.buffers
         d.activations_per_microbatch += m.activations
+        d.gathered = m.gathered if d.gathered == 0 else max(d.gathered, m.gathered)  # one stage runs at a time
+        d.weights += m.weights
     return out
 
 
@@ -200,12 +208,47 @@ def optimizer_bytes(info: NodeMemory, optimizer: str, dtype: torch.dtype | None)
     return OPTIMIZER_STATES[optimizer] * size
 
 
-def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), optimizer_dtype=None) -> StageMemory:
+@dataclass(frozen=True)
+class ZeroSplit:
+    """How ``zero`` holds the weights: its ``level`` (1, 2, 3) over ``dp`` ranks, and the rows of
+    each weight it splits (``ctx.zero_rows``). Bytes are those of the rank holding most rows."""
+
+    level: int
+    dp: int
+    rows: dict
+
+    def share(self, target: str, nbytes):
+        """The bytes of the largest rank's rows of a weight of ``nbytes`` (all of it if unsplit)."""
+        rows = self.rows.get(target)
+        if rows is None:
+            return nbytes
+        most = -(-rows // self.dp)
+        return nbytes * most // rows
+
+
+def weight_bytes(target: str, info: NodeMemory, optimizer: str, optimizer_dtype=None,
+                 zero: ZeroSplit | None = None) -> tuple:
+    """``(weight, gradient, optimizer state)`` bytes one rank holds for the weight ``target``:
+    zero 1 keeps a whole weight and gradient and 1/dp of the state, zero 2 also 1/dp of the
+    gradient, zero 3 also of the weight."""
+    weight = info.param_bytes
+    grad = weight if info.trainable else 0
+    state = optimizer_bytes(info, optimizer, optimizer_dtype) if info.trainable else 0
+    if zero is None or target not in zero.rows:
+        return weight, grad, state
+    level, share = zero.level, zero.share
+    return (share(target, weight) if level >= 3 else weight, share(target, grad) if level >= 2 else grad,
+            share(target, state))
+
+
+def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), optimizer_dtype=None,
+                 zero: ZeroSplit | None = None) -> StageMemory:
     """What one rank holds for ``nodes`` (a list of graph nodes) with one microbatch in flight.
 
     ``all_nodes`` maps names to nodes of the whole graph, for saved values made elsewhere (a value
     received from the previous stage and kept here counts here); ``held`` names values kept until
-    backward whether an op saved them or not (what a stage received, what it sent on).
+    backward whether an op saved them or not (what a stage received, what it sent on); ``zero``
+    how the weights are split over the dp ranks.
     """
     m = StageMemory()
     roots: set[str] = set()
@@ -215,10 +258,11 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
     for node in nodes:
         info = node_memory(node)
         if info.param_bytes:
-            m.params += info.param_bytes
-            if info.trainable:
-                m.grads += info.param_bytes
-                m.optimizer += optimizer_bytes(info, optimizer, optimizer_dtype)
+            weight, grad, state = weight_bytes(node.target, info, optimizer, optimizer_dtype, zero)
+            m.params += weight
+            m.grads += grad
+            m.optimizer += state
+            m.weights += info.param_bytes // info.param_elem
         m.buffers += info.buffer_bytes
         m.activations_per_microbatch += info.saved_new
         roots.update(info.saved_roots)
@@ -226,6 +270,19 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
         owner = all_nodes.get(r)
         if owner is not None:
             m.activations_per_microbatch += node_memory(owner).out_bytes
+    if zero is not None and zero.level >= 2:
+        m.gathered = _gathered(nodes, zero)
     return m
+
+
+def _gathered(nodes, zero: ZeroSplit):
+    """The most bytes whole at once beyond the rows under zero 2 and 3: the split weights one op
+    reads (under zero 3, whole while it runs), and their gradients before the reduce-scatter."""
+    most = 0
+    for node in nodes:
+        split = [i for i in node.all_input_nodes if i.op == "get_attr" and i.target in zero.rows]
+        whole = sum(node_memory(i).param_bytes for i in split)
+        most = max(most, whole * (2 if zero.level == 3 else 1))
+    return most
 
 

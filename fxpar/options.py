@@ -23,6 +23,7 @@ SCHEDULES = ("1f1b", "gpipe", "interleaved")
 RNG_MODES = ("megatron", "exact")
 STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
+ZERO_STAGES = (0, 1, 2, 3)
 
 
 def default_timeout() -> datetime.timedelta:
@@ -84,7 +85,8 @@ class PlanOptions:
     module names to cut pipeline stages before, ``memory_limit`` bytes per device,
     ``optimizer``/``optimizer_dtype`` the states the memory estimate counts, ``sizes`` values of
     symbolic sizes to plan for, ``overrides`` glob patterns over module or parameter names mapped
-    to one of ``STYLES``, ``rng`` one of ``RNG_MODES``. ``device_type``, ``param_stages`` and
+    to one of ``STYLES``, ``rng`` one of ``RNG_MODES``, ``zero`` the ZeRO stage over the data-parallel
+    ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and
     ``fixed_weights`` are set by fxpar itself (where programs run; what a recapture must keep).
 
     >>> PlanOptions(schedule="1F1B", microbatches=4).schedule
@@ -103,6 +105,7 @@ class PlanOptions:
     recompute_gathers: bool = False
     overrides: dict = field(default_factory=dict)
     rng: str = "megatron"
+    zero: int = 0
     device_type: str = "cpu"
     param_stages: dict = field(default_factory=dict)
     fixed_weights: dict = field(default_factory=dict)
@@ -146,6 +149,11 @@ class PlanOptions:
         for name in ("sequence_parallel", "recompute_gathers"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}={getattr(self, name)!r}: give True or False")
+        if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):
+            raise OptionError(
+                f"zero={self.zero!r} is not one of {ZERO_STAGES}: 0 keeps every weight, gradient and optimizer state "
+                "whole on every data-parallel rank, 1 splits the optimizer state over them, 2 the gradients too, "
+                "3 the weights too (gathered for each layer as it runs)")
         if self.rng not in RNG_MODES:
             raise OptionError(f"rng={self.rng!r} is not one of {RNG_MODES}")
         overrides = dict(self.overrides or {})

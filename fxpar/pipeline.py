@@ -25,10 +25,12 @@ from fxpar.passes.cut_stages import cut_stages
 from fxpar.passes.estimate_memory import estimate_memory
 from fxpar.passes.expert_parallel import expert_parallel
 from fxpar.passes.insert_collectives import insert_collectives
+from fxpar.passes.insert_gathers import insert_gathers
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.plan_sharding import plan_sharding
 from fxpar.passes.recompute_gathers import recompute_gathers
 from fxpar.passes.sequence_parallel import sequence_parallel
+from fxpar.passes.shard_weights import shard_weights
 from fxpar.passes.split_loss_means import split_loss_means
 
 from .errors import FxparError, PlanError
@@ -51,6 +53,10 @@ def ep(ctx: PlanContext) -> bool:
 
 def sp(ctx: PlanContext) -> bool:
     return ctx.options.sequence_parallel and ctx.world > 1
+
+
+def zero(ctx: PlanContext) -> bool:
+    return ctx.options.zero > 0
 
 
 def recompute(ctx: PlanContext) -> bool:
@@ -92,8 +98,10 @@ PIPELINE: list[Step] = [
     Step(recompute_gathers, recompute),  # rewrite: column-parallel inputs kept as shards for backward
     Step(assign_rng),  # rewrite: dropout draws from a replicated or a per-rank random stream
     Step(localize_shapes),  # analysis: per-rank sizes for views, splits, slices, means and embeddings
+    Step(shard_weights, zero),  # analysis: the weights zero splits into rows over the dp ranks
     Step(estimate_memory),  # analysis: parameter and saved-activation bytes per node, on fake tensors
     Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
+    Step(insert_gathers, zero),  # rewrite: each split weight gathered whole just before the op reading it
 ]
 
 

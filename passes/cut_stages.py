@@ -24,7 +24,9 @@ from torch.fx import GraphModule, Node
 
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
-from fxpar.memory import data_dependent_sizes, evaluate, node_memory, optimizer_bytes, per_device, stage_memory
+from fxpar.memory import (
+    ZeroSplit, data_dependent_sizes, evaluate, node_memory, per_device, stage_memory, weight_bytes,
+)
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
 from fxpar.stages import PipelineSpec, build_stages, compute_nodes, owner_of, replicable
@@ -36,7 +38,8 @@ WINDOW = 96  # nodes a cut may move for that
 class _Costs:
     """Numbers for every compute node at the sizes being planned for."""
 
-    def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None):
+    def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None,
+                 zero: ZeroSplit | None = None):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
         self.all = {n.name: n for n in gm.graph.nodes}
@@ -53,9 +56,8 @@ class _Costs:
             for i in _reads(node, free):
                 if i.op == "get_attr":
                     m = node_memory(i)
-                    held = num(m.param_bytes) * (2 if m.trainable else 1)  # the weight, its gradient
-                    opt = num(optimizer_bytes(m, optimizer, optimizer_dtype)) if m.trainable else 0
-                    params[i.target] = held + opt + num(m.buffer_bytes)
+                    held = sum(num(b) for b in weight_bytes(i.target, m, optimizer, optimizer_dtype, zero))
+                    params[i.target] = held + num(m.buffer_bytes)
             self.params.append(params)
             self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node, free)
                                 if i not in free and i.op != "get_attr" and owner_of(i) in self.index})
@@ -244,7 +246,8 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
-    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype)
+    zero = zero_split(ctx)
+    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, zero)
     if ctx.options.param_stages:
         cuts = _cuts_keeping_params(costs, ctx.options.param_stages, n_stages)
     elif ctx.options.split_points:
@@ -264,7 +267,8 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     tied: dict[str, list[int]] = {}
     for s in stages:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
-        mem = stage_memory(nodes, all_nodes, ctx.options.optimizer, held=s.inputs + s.outputs, optimizer_dtype=ctx.options.optimizer_dtype)
+        mem = stage_memory(nodes, all_nodes, ctx.options.optimizer, held=s.inputs + s.outputs,
+                           optimizer_dtype=ctx.options.optimizer_dtype, zero=zero)
         mem.in_flight = factors[s.index]
         s.memory = mem
         for p in s.params:
@@ -275,6 +279,11 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     if ctx.options.memory_limit is not None:
         _check_limit(ctx, names)
     return gm
+
+
+def zero_split(ctx: PlanContext) -> ZeroSplit | None:
+    """How ``zero`` splits the weights over the dp ranks, for the memory model (None at zero 0)."""
+    return ZeroSplit(ctx.options.zero, ctx.mesh.dp, dict(ctx.zero_rows)) if ctx.options.zero else None
 
 
 def _sizes(gm: GraphModule, ctx: PlanContext):

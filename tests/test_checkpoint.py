@@ -43,9 +43,11 @@ def _model(meta: bool):
 
 def _parallel(mesh: dict, meta: bool):
     idx, target = _batch()
+    mesh = dict(mesh)
+    zero = mesh.pop("zero", 0)
     m = fxpar.Mesh(**mesh)
     pm = fxpar.parallelize(_model(meta), m, example_args=(idx,), loss_fn=loss_with_target, example_target=target,
-                           microbatches=2 if m.pp > 1 else 1)
+                           microbatches=2 if m.pp > 1 else 1, zero=zero)
     return pm, adamw(pm.parameters(), lr=LR)
 
 
@@ -59,9 +61,9 @@ def _steps(pm, opt, n: int) -> list[float]:
     return losses
 
 
-def _first_run(path: str) -> list[float]:
-    """tp=2 x pp=2: 3 steps, save, 3 more (the uninterrupted run)."""
-    pm, opt = _parallel(dict(tp=2, pp=2), meta=False)
+def _first_run(path: str, mesh: dict | None = None) -> list[float]:
+    """tp=2 x pp=2 (or ``mesh``): 3 steps, save, 3 more (the uninterrupted run)."""
+    pm, opt = _parallel(mesh or dict(tp=2, pp=2), meta=False)
     _steps(pm, opt, STEPS)
     fxpar.save(pm, path, optimizer=opt)
     return _steps(pm, opt, STEPS)
@@ -107,8 +109,8 @@ def saved(pools, tmp_path_factory):
     return root, path, losses[0]
 
 
-@pytest.mark.parametrize("world, mesh", [(4, dict(tp=4)), (2, dict(tp=2)), (4, dict(dp=2, pp=2)), (4, dict(cp=2, tp=2))],
-                         ids=str)
+@pytest.mark.parametrize("world, mesh", [(4, dict(tp=4)), (2, dict(tp=2)), (4, dict(dp=2, pp=2)), (4, dict(cp=2, tp=2)),
+                                         (4, dict(dp=2, tp=2, zero=3)), (4, dict(dp=2, pp=2, zero=1))], ids=str)
 def test_resume_on_another_mesh(pools, saved, world, mesh):
     root, path, uninterrupted = saved
     again = str(root / f"again-{'-'.join(f'{k}{v}' for k, v in mesh.items())}")
@@ -116,6 +118,17 @@ def test_resume_on_another_mesh(pools, saved, world, mesh):
     _assert_identical(_read_whole(path), _read_whole(again), f"saved at tp=2 x pp=2, reloaded at {mesh}")
     for step, (got, expect) in enumerate(zip(losses, uninterrupted)):
         assert_close(torch.tensor(got), torch.tensor(expect), f"loss of resumed step {step} at {mesh}", rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_saved_under_zero_resumes_without_it(pools, tmp_path):
+    """Saved with the optimizer state split over dp (zero 2), resumed at tp=2 without zero, and the
+    other way round: the same tensors, the losses of the uninterrupted run."""
+    path, again = str(tmp_path / "zero2"), str(tmp_path / "again")
+    uninterrupted = pools(4).run(_first_run, path, dict(dp=2, tp=2, zero=2))[0]
+    losses = pools(2).run(_resume, path, again, dict(tp=2))[0]
+    _assert_identical(_read_whole(path), _read_whole(again), "saved at dp=2 x tp=2 zero 2, reloaded at tp=2")
+    for step, (got, expect) in enumerate(zip(losses, uninterrupted)):
+        assert_close(torch.tensor(got), torch.tensor(expect), f"loss of resumed step {step}", rtol=1e-5, atol=1e-6)
 
 
 def test_the_checkpoint_is_a_plain_dcp_checkpoint_under_the_original_names(saved):

@@ -24,7 +24,10 @@ def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     assert cp[:3] == ["split_loss_means", "context_parallel.annotate_tensors", "context_parallel.split_sequence"]
     assert "context_parallel.cp_rank_program" in cp and cp.count("insert_collectives") == 1
     assert "expert_parallel" in passes_run(PlanContext(fxpar.Mesh(ep=2)))
-    assert len(PIPELINE) == 12 and all(callable(step.when) for step in PIPELINE)
+    zero = passes_run(PlanContext(fxpar.Mesh(dp=2), PlanOptions(zero=3)))
+    assert zero.index("localize_shapes") < zero.index("shard_weights") < zero.index("estimate_memory")
+    assert zero[-2:] == ["cut_stages", "insert_gathers"]
+    assert len(PIPELINE) == 14 and all(callable(step.when) for step in PIPELINE)
 
 
 def test_the_summary_lists_the_passes_that_ran():

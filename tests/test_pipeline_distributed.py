@@ -9,13 +9,15 @@ import torch
 import torch.distributed as dist
 
 import fxpar
-from fxpar.shards import shard_tensor
 from tests.zoo import adamw, assert_close, logits, loss_with_target, pipeline_case
 
 STEPS = 3
 
 
-def train(name, dp, pp, tp, schedule, m):
+def train(name, dp, pp, tp, schedule, m, **options):
+    """Train with ``train_step`` beside the single-device model; every rank's gradients (its
+    shards, ``pm.local_shard``), the gradient norm ``pm.clip_grad_norm_`` finds, the weights and
+    inference match. Returns how many parameters this rank holds."""
     model, args, target = pipeline_case(name, dp * m)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters())
@@ -23,7 +25,8 @@ def train(name, dp, pp, tp, schedule, m):
     coord = mesh.coordinate(dist.get_rank())
     local = tuple(a.chunk(dp, 0)[coord["dp"]] for a in args)
     local_target = target.chunk(dp, 0)[coord["dp"]]
-    pm = fxpar.parallelize(model, mesh, example_args=local, loss_fn=loss_with_target, schedule=schedule, microbatches=m)
+    pm = fxpar.parallelize(model, mesh, example_args=local, loss_fn=loss_with_target, schedule=schedule, microbatches=m,
+                           **options)
     params = dict(pm.named_parameters())
     opt = adamw(params.values()) if params else None  # a rank may hold no weights
     for step in range(STEPS):
@@ -33,8 +36,11 @@ def train(name, dp, pp, tp, schedule, m):
         assert_close(loss, ref_loss.detach(), f"rank {dist.get_rank()} loss at step {step}")
         for pname, p in ref.named_parameters():
             if pname in params:
-                expect = shard_tensor(p.grad, pm.placement_of(pname), coord["tp"])
+                expect = pm.local_shard(pname, p.grad)
                 assert_close(params[pname].grad, expect, f"rank {dist.get_rank()} step {step} gradient of {pname}")
+        norm = pm.clip_grad_norm_(1e9)
+        assert_close(norm, torch.nn.utils.clip_grad_norm_(ref.parameters(), 1e9), f"gradient norm at step {step}",
+                     rtol=1e-4)
         if opt is not None:
             opt.step()
             opt.zero_grad()

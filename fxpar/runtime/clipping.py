@@ -30,12 +30,18 @@ def clip_grad_norm_(grads: list[tuple[str, torch.Tensor]], geometry: ShardGeomet
             return torch.stack([g.detach().abs().max().double() for g in gs]).max()
         return torch.stack([g.detach().double().abs().pow(norm_type).sum() for g in gs]).sum()
 
-    def norm_of(part):  # over the tp ranks: shards add up, replicated gradients count once
-        placed = [(geometry.placement(n), g) for n, g in part]
-        sharded = [_counted_once(g, place, tp) for place, g in placed if isinstance(place, Shard)]
+    def tp_norm(part):  # over the tp ranks: shards add up, replicated gradients count once
+        placed = [(geometry.placement(n), g, geometry.dp_rows(n, rank)) for n, g in part]
+        sharded = [_counted_once(g, place, tp, rows) for place, g, rows in placed if isinstance(place, Shard)]
         sharded = _combine(comms["tp"], reduce(sharded), inf)
-        whole = reduce([g for place, g in placed if not isinstance(place, Shard)])
+        whole = reduce([g for place, g, _ in placed if not isinstance(place, Shard)])
         return torch.maximum(sharded, whole) if inf else sharded + whole
+
+    def norm_of(part):  # rows zero splits over dp add up over the dp ranks
+        rows = [(n, g) for n, g in part if geometry.zero_rows(n) is not None]
+        split = _combine(comms["dp"], tp_norm(rows), inf)
+        rest = tp_norm([(n, g) for n, g in part if geometry.zero_rows(n) is None])
+        return torch.maximum(split, rest) if inf else split + rest
 
     counted = [(n, g) for n, g in grads if geometry.owner(n) == pp]
     experts = [(n, g) for n, g in counted if geometry.is_expert(n)]
@@ -59,12 +65,15 @@ def _combine(comm, x: torch.Tensor, inf: bool) -> torch.Tensor:
     return parts.max() if inf else parts.sum()
 
 
-def _counted_once(g: torch.Tensor, place: Shard, rank: int) -> torch.Tensor:
+def _counted_once(g: torch.Tensor, place: Shard, rank: int, rows=None) -> torch.Tensor:
     """``g`` with zeros where a lower tp rank holds the same rows (shared key/value heads), so
-    that a sum over the ranks counts every element once."""
+    that a sum over the ranks counts every element once. ``rows``: ``g`` is only those dim-0
+    rows of the rank's shard (zero)."""
     if not place.has_duplicates:
         return g
     keep = torch.as_tensor(place.primary(rank), device=g.device)
+    if rows is not None and place.dim == 0:
+        keep = keep[rows[0]:rows[1]]
     shape = [1] * g.dim()
     shape[place.dim] = -1
     return g * keep.view(shape).to(g.dtype)

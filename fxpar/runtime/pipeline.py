@@ -21,6 +21,8 @@ from ..errors import FxparError
 from ..schedule import Schedule
 from ..stages import PipelineSpec
 from ..ops.context import current
+from ..ops.params import one_step
+from .zero import finish as finish_rows
 
 BUCKET_BYTES = 25 << 20  # gradient bytes per data-parallel all-reduce (DDP's default bucket)
 
@@ -62,6 +64,7 @@ class PipelineRunner:
         self.last = len(spec.stages) - 1
         self.vid = {name: i for i, name in enumerate(sorted(values))}
         self.experts: set[str] = set()  # parameters split over the ep ranks (not replicated there)
+        self.split: set[str] = set()  # parameters held as rows over the dp ranks (zero)
 
     # one training step ------------------------------------------------------------------------
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
@@ -74,8 +77,11 @@ class PipelineRunner:
         self._bind_sizes(microbatches[0])
         before = {n: params[n].grad.clone() for n in self.spec.tied if n in params and params[n].grad is not None}
         self._expect(lambda r: self.schedule.actions[r])
-        self._run(self.schedule.actions[self.pp_rank], st)
+        with one_step():
+            self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
+        if self.split:
+            finish_rows({n: params[n] for n in self.split}, current().comm("dp"))
         self._sync_tied(params, before)
         self._sync_data_parallel(params)
         loss = sum(st.losses) / m if st.losses else torch.zeros((), device=self.device)
@@ -262,8 +268,8 @@ class PipelineRunner:
                 if n in self.experts and p.grad is not None:
                     p.grad.div_(ep.world)
         dp = ctx.comms.get("dp")
-        if dp is not None and dp.world > 1:
-            _average([p.grad for _, p in sorted(params.items()) if p.grad is not None], dp)
+        if dp is not None and dp.world > 1:  # rows under zero came averaged out of their reduce-scatter
+            _average([p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.split], dp)
 
     def _everywhere(self, loss: torch.Tensor) -> torch.Tensor:
         ctx = current()

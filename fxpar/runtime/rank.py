@@ -17,10 +17,12 @@ from ..holder import retarget_submodules
 from ..mesh import Mesh
 from ..metadata import PLACEMENT, REQUIRES_GRAD
 from ..ops.library import for_dynamo
+from ..ops.params import row_split
 from ..placement import REPLICATE
 from ..plan_context import PlanContext
 from ..memory import expr
 from ..shards import local_shape
+from . import zero
 from .pipeline import PipelineRunner, Value
 
 
@@ -46,6 +48,10 @@ class RankProgram:
         if populate:  # a later input signature reuses the parameters the first one made
             self.names = fill(root, cap, placements, self.tp, source, device,
                               seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer)
+        level = ctx.options.zero
+        if populate and level:
+            rows = {ctx.held_target(t, self.ep): n for t, n in ctx.zero_rows.items()}
+            zero.split_rows(root, cap, {t: n for t, n in rows.items() if t in keep}, level, self.dp, mesh.dp)
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None
@@ -57,6 +63,10 @@ class RankProgram:
         for s in mine:
             graph = _own_experts(rank_graph(GraphModule(gm, stage_graph(gm, s, n)), self.tp, device), ctx, self.ep)
             self.stages[s.index] = build_module(root, graph, cap.gm, f"Stage{s.index}Rank{rank}", bodies)
+        if level == 3:  # each weight freed after its layer's forward, gathered again for backward
+            for m in [self.full, *self.stages.values()]:
+                if m is not None:
+                    zero.install_hooks(m)
         if compile_options is not None:  # the same parameters, run through torch.compile
             if self.full is not None:
                 self.full = torch.compile(for_dynamo(self.full), **compile_options)
@@ -71,9 +81,10 @@ class RankProgram:
 
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
-            _tied_shapes(gm, ctx, spec), _input_shapes(gm),
+            _tied_shapes(gm, ctx, spec, self.dp), _input_shapes(gm),
         )
         self.runner.experts = {t for t in self.params if ctx.is_expert(t)}
+        self.runner.split = {t for t, p in self.params.items() if zero.is_split(p)}
 
 
 def _own_experts(graph, ctx: PlanContext, ep_rank: int):
@@ -108,11 +119,16 @@ def _input_shapes(gm: GraphModule) -> list:
     return out
 
 
-def _tied_shapes(gm: GraphModule, ctx: PlanContext, spec) -> dict:
+def _tied_shapes(gm: GraphModule, ctx: PlanContext, spec, dp_rank: int) -> dict:
+    """Shape and dtype of this rank's part of each weight several stages hold."""
     out = {}
     for name in spec.tied:
         obj = get_path(gm, name)
-        out[name] = (tuple(local_shape(obj.shape, ctx.param_placements.get(name, REPLICATE))), obj.dtype)
+        shape = local_shape(obj.shape, ctx.param_placements.get(name, REPLICATE))
+        if name in ctx.zero_rows:
+            start, stop = row_split(ctx.zero_rows[name], ctx.mesh.dp)[dp_rank]
+            shape[0] = stop - start
+        out[name] = (tuple(shape), obj.dtype)
     return out
 
 

@@ -8,6 +8,7 @@ import torch
 from ..errors import FxparError
 from ..geometry import ShardGeometry
 from ..ops.context import RNGStreams
+from ..ops.params import gather_rows
 from ..placement import Shard
 
 _STREAMS = ("replicated", "sharded", "context", "context_sharded")  # fxpar's dropout generators
@@ -27,7 +28,10 @@ def full_state_dict(local: dict, geometry: ShardGeometry, rank: int, comms: dict
         if key in local:
             t = local[key].detach()
         else:
-            t = torch.zeros(geometry.local_shape(key), dtype=template.dtype, device=device)
+            t = torch.zeros(geometry.local_shape(key, rank), dtype=template.dtype, device=device)
+        rows = geometry.zero_rows(key)
+        if rows is not None and comms["dp"].world > 1:  # the tp rank's part from its dp ranks' rows
+            t = gather_rows(t, rows, comms["dp"])
         if isinstance(geometry.placement(key), Shard) and tp.world > 1:
             t = geometry.join_tp(key, tp.all_gather(t.contiguous()))
         if ep.world > 1 and geometry.ep_split(key) is not None:

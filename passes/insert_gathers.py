@@ -1,0 +1,50 @@
+"""Pass (rewrite): read every weight ``zero`` splits over dp through ``gather_param``.
+
+Reads ``ctx.zero_rows`` (``shard_weights``) and the stages of ``ctx.pipeline``. Every use of such a
+weight gets its own ``torch.ops.fxpar.gather_param(rows_here, rows, group='dp')`` node, placed just
+before the op that uses it, in that op's module and stage, so that under zero 3 only the weights
+of the layer running are whole at a time (``fxpar/ops/params.py`` says what the op does at each
+stage, forward and backward). Runs after ``cut_stages``: a weight is gathered in the stage that
+uses it and never sent between stages.
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule
+
+from torch.fx.node import map_aggregate
+
+from fxpar.metadata import INPUTS, LOCAL, PLACEMENT, REQUIRES_GRAD, STAGE, LocalCall, copy_meta
+from fxpar.ops.params import gather_param
+from fxpar.plan_context import PlanContext
+from fxpar.stages import owner_of
+
+
+def insert_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    stages = ctx.pipeline.stages if ctx.pipeline is not None else []
+    where = {name: s for s in stages for name in s.nodes}
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or node.target not in ctx.zero_rows:
+            continue
+        for user in list(node.users):
+            if user.op == "output":
+                continue
+            with gm.graph.inserting_before(user):
+                g = gm.graph.call_function(gather_param, (node, ctx.zero_rows[node.target]), {"group": "dp"})
+            copy_meta(user, g, val=node.meta.get("val"), **{PLACEMENT: node.meta.get(PLACEMENT), REQUIRES_GRAD: True})
+            stage = where.get(owner_of(user).name)
+            if stage is not None:
+                g.meta[STAGE] = stage.index
+                stage.nodes.append(g.name)
+            user.replace_input_with(node, g)
+            calls = user.meta.get(LOCAL)
+            if calls:  # per-rank calls (localize_shapes) name the weight too
+                swap = lambda a: g if a is node else a  # noqa: E731
+                user.meta[LOCAL] = {r: None if c is None else LocalCall(c.target, map_aggregate(c.args, swap),
+                                                                         map_aggregate(c.kwargs, swap))
+                                    for r, c in calls.items()}
+            wanted = user.meta.get(INPUTS)
+            if wanted and node.name in wanted:
+                user.meta[INPUTS] = {g.name if k == node.name else k: v for k, v in wanted.items()}
+    gm.recompile()
+    return gm
