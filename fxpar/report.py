@@ -136,6 +136,7 @@ def summary(gm: GraphModule, ctx) -> str:
         lines.append(f"parameters: {fmt_bytes(total)} in all, {fmt_bytes(local)} per rank ({local / total:.3f} of all)")
     if ctx.pipeline is not None:
         lines.append(stage_table(gm, ctx))
+        lines.append(state_table(ctx))
     if ctx.pipeline is not None and ctx.mesh.pp > 1:
         lines.append(schedule_report(ctx))
     found = replicated_weights(gm, ctx) if ctx.mesh.tp > 1 else []
@@ -294,6 +295,26 @@ def stage_table(gm: GraphModule, ctx) -> str:
     return head + "\n" + tabulate(
         rows, headers=["stage", "pp rank", "nodes", "modules", "params", "grads", "optimizer", "activations x in flight",
                        "peak", "sends/microbatch"], disable_numparse=True)
+
+
+def state_table(ctx) -> str:
+    """Per pipeline rank, the bytes it holds per parameter of its stages (counted as one tp rank
+    holds them), by category: the numbers ZeRO's and Megatron's formulas give (16 for fp32
+    AdamW without sharding, 4 + 4 + 8/dp at zero 1, ...)."""
+    from .plan_memory import device_memory
+
+    zero, dp = ctx.options.zero, ctx.mesh.dp
+    rows = []
+    for rank, m in enumerate(device_memory(ctx, {})):
+        if not m.weights:
+            continue
+        per = lambda b: f"{float(b) / float(m.weights):.2f}"  # noqa: E731
+        rows.append([rank, f"{int(m.weights):,}", per(m.params), per(m.grads), per(m.optimizer),
+                     per(m.params + m.grads + m.optimizer), fmt_bytes(m.gathered)])
+    split = f"zero {zero} over dp={dp}" if zero else "zero 0 (every dp rank holds all of it)"
+    head = f"bytes per parameter on each device ({split}; optimizer {ctx.options.optimizer})"
+    return head + "\n" + tabulate(rows, headers=["pp rank", "parameters", "weights", "grads", "optimizer", "total",
+                                                 "gathered at once"], disable_numparse=True)
 
 
 def schedule_report(ctx) -> str:

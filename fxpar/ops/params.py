@@ -21,6 +21,15 @@ zero   forward                                     backward
 Gradients come out averaged over the dp ranks, as data parallelism averages them. The rows of
 zero 1 and 2 are views of the whole weight, so they cost no memory of their own.
 
+Why explicit nodes rather than torch's FSDP2 (``fully_shard`` over the dp sub-mesh on each rank's
+module): FSDP2 gathers in module hooks, but a rank's program is one generated graph per pipeline
+stage, reading weights that several stages (a tied embedding) or several programs (one per input
+signature) share, so there is no module boundary per layer to hook and its gradient reduction
+would run beside fxpar's own (tied weights over pp, experts over ep). As nodes of the graph the
+gathers are where a layer reads its weight, in the stage that reads it; they show in the dump,
+the memory model counts them (``StageMemory.gathered``) and the comm ledger their bytes, and the
+reduce-scatters come out of the same backward as every other collective.
+
 A rank's weights are registered in ``SHARDED`` (rows -> ``Sharded``) by the runtime; a graph run
 without them (the memory model's fake run) gathers, which has the shapes the run would have.
 """
