@@ -108,8 +108,31 @@ def with_loss(model: nn.Module, loss_fn) -> nn.Module:
     return wrapper
 
 
-def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None) -> Captured:
+def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` (a meta skeleton, changed in place) computing in ``dtype``: its floating
+    parameters cast to it, and its floating tensor inputs cast to it as forward starts (FSDP's
+    mixed precision does the same); buffers keep their dtype. The casts of the inputs are in the
+    graph, so the user passes the inputs they pass the model."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            p.data = p.data.to(dtype)
+    forward = model.forward
+
+    def cast(x):
+        return x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def cast_forward(self, *args, **kwargs):
+        args, kw = pytree.tree_map(cast, (args, {k: v for k, v in kwargs.items() if k != TARGET}))
+        return forward(*args, **kw, **{k: v for k, v in kwargs.items() if k == TARGET})
+
+    model.forward = types.MethodType(cast_forward, model)
+    return model
+
+
+def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None, dtype=None) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an ATen-level ``GraphModule`` on the meta device.
+    ``dtype``: the layers compute in it (``in_dtype``), while ``tensors`` describe fp32 master
+    weights.
 
     >>> from fxpar.models import mlp
     >>> model, args = mlp.build()
@@ -123,6 +146,13 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     _check_call(model, args, {k: v for k, v in kwargs.items() if k != TARGET})
     skeleton = meta_skeleton(model)
     skeleton.train(model.training)
+    tensors = dict(skeleton.named_parameters())
+    tensors.update(skeleton.named_buffers())
+    if dtype is not None:  # the masters are fp32; the graph computes in ``dtype``
+        tensors = {n: nn.Parameter(torch.empty_like(t, dtype=torch.float32), requires_grad=t.requires_grad)
+                   if isinstance(t, nn.Parameter) and t.is_floating_point() else t for n, t in tensors.items()}
+        skeleton = in_dtype(meta_skeleton(model), dtype)
+        skeleton.train(model.training)
     if loss_fn is not None:
         skeleton = with_loss(skeleton, loss_fn)
     meta_args, meta_kwargs = pytree.tree_map_only(
@@ -142,8 +172,6 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     check_constants(gm, lifted)
     index_runs_as_slices(gm)
     filled_buffers_as_cat(gm)
-    tensors = dict(skeleton.named_parameters())
-    tensors.update(skeleton.named_buffers())
     sym_names = _symbol_names(gm, dim_names)
     return Captured(
         gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names, tensors=tensors

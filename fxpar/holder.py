@@ -70,6 +70,9 @@ def populate(
             done.add(target)
             continue
         done.update(aliases)
+        # the model's tensor as the rank holds it: under a compute precision the graph reads a
+        # cast of it, and the rank holds the fp32 master
+        meta_obj = cap.tensors.get(aliases[0], meta_obj)
         orig = _lookup(source, aliases) if source is not None else None
         is_param = isinstance(meta_obj, nn.Parameter)
         split = outer.get(target)
@@ -81,9 +84,10 @@ def populate(
                 whole = init_fn(aliases[0], tuple(meta_obj.shape), meta_obj.dtype, REPLICATE, 0)
                 made = None if whole is None else shard_tensor(shard_tensor(whole, *split), place, rank)
         if orig is not None and orig.device.type != "meta":
-            local = shard_tensor(orig if split is None else shard_tensor(orig, *split), place, rank).to(device)
+            local = shard_tensor(orig if split is None else shard_tensor(orig, *split), place, rank)
+            local = local.to(device, meta_obj.dtype)
         elif made is not None:
-            local = made.to(device)
+            local = made.to(device, meta_obj.dtype)
         elif is_param:
             role = roles.get(target, "normal" if meta_obj.dim() >= 2 else "zeros")
             local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device, outer=split)

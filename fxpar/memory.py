@@ -48,7 +48,8 @@ class NodeMemory:
 
 @dataclass
 class StageMemory:
-    """Bytes one rank needs for a set of nodes, by category. ``gathered``: what is whole for a
+    """Bytes one rank needs for a set of nodes, by category (``params``: the weights as the layers
+    read them; ``masters``: fp32 copies the optimizer steps, under a compute precision). ``gathered``: what is whole for a
     moment under zero (the weights of the op running and their gradient under zero 3, a gradient
     on its way to being reduce-scattered under zero 2); ``weights``: the elements of the weights
     (each once, as one tp rank holds them), what bytes per parameter are counted over."""
@@ -62,10 +63,11 @@ class StageMemory:
     extra: dict = field(default_factory=dict)
     gathered: object = 0
     weights: object = 0
+    masters: object = 0  # fp32 master weights the layers read cast (precision)
 
     @property
     def static(self):
-        return self.params + self.grads + self.optimizer + self.buffers
+        return self.params + self.masters + self.grads + self.optimizer + self.buffers
 
     @property
     def activations(self):
@@ -81,7 +83,7 @@ class StageMemory:
         f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
-                           f(self.weights))
+                           f(self.weights), f(self.masters))
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
@@ -98,6 +100,7 @@ def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]
         d.activations_per_microbatch += m.activations
         d.gathered = m.gathered if d.gathered == 0 else max(d.gathered, m.gathered)  # one stage runs at a time
         d.weights += m.weights
+        d.masters += m.masters
     return out
 
 
@@ -209,13 +212,16 @@ def optimizer_bytes(info: NodeMemory, optimizer: str, dtype: torch.dtype | None)
 
 
 @dataclass(frozen=True)
-class ZeroSplit:
-    """How ``zero`` holds the weights: its ``level`` (1, 2, 3) over ``dp`` ranks, and the rows of
-    each weight it splits (``ctx.zero_rows``). Bytes are those of the rank holding most rows."""
+class Holding:
+    """How a rank holds the weights beyond reading them as the graph does: ``zero`` (0 to 3)
+    over ``dp`` ranks with the rows of each weight it splits (``ctx.zero_rows``), and the
+    weights read in a compute precision from fp32 masters (``cast``). Bytes are those of the rank
+    holding most rows."""
 
-    level: int
-    dp: int
-    rows: dict
+    zero: int = 0
+    dp: int = 1
+    rows: dict = field(default_factory=dict)
+    cast: frozenset = frozenset()
 
     def share(self, target: str, nbytes):
         """The bytes of the largest rank's rows of a weight of ``nbytes`` (all of it if unsplit)."""
@@ -226,29 +232,46 @@ class ZeroSplit:
         return nbytes * most // rows
 
 
+MASTER_ELEM = 4  # bytes per element of an fp32 master weight
+
+
 def weight_bytes(target: str, info: NodeMemory, optimizer: str, optimizer_dtype=None,
-                 zero: ZeroSplit | None = None) -> tuple:
-    """``(weight, gradient, optimizer state)`` bytes one rank holds for the weight ``target``:
-    zero 1 keeps a whole weight and gradient and 1/dp of the state, zero 2 also 1/dp of the
-    gradient, zero 3 also of the weight."""
-    weight = info.param_bytes
-    grad = weight if info.trainable else 0
-    state = optimizer_bytes(info, optimizer, optimizer_dtype) if info.trainable else 0
-    if zero is None or target not in zero.rows:
-        return weight, grad, state
-    level, share = zero.level, zero.share
-    return (share(target, weight) if level >= 3 else weight, share(target, grad) if level >= 2 else grad,
-            share(target, state))
+                 holding: Holding | None = None) -> tuple:
+    """``(weight as read, master, gradient, optimizer state)`` bytes one rank holds for the
+    weight ``target``. Zero 1 keeps a whole weight and gradient and 1/dp of the state, zero 2
+    also 1/dp of the gradient, zero 3 also of the weight; under a compute precision the rank
+    also holds the fp32 master (its rows under zero), whose dtype the gradient and, by default,
+    the optimizer state take.
+
+    >>> info = NodeMemory(param_bytes=2000, param_elem=2, trainable=True)  # 1000 bf16 elements
+    >>> weight_bytes("w", info, "adamw", None, Holding(cast=frozenset({"w"})))  # 2 + 4 + 4 + 8 per element
+    (2000, 4000, 4000, 8000)
+    """
+    h = holding or Holding()
+    cast, split = target in h.cast, target in h.rows
+    elems = info.param_bytes // info.param_elem
+    master = elems * (MASTER_ELEM if cast else info.param_elem)
+    grad = master if info.trainable else 0
+    state_elem = torch.empty((), dtype=optimizer_dtype).element_size() if optimizer_dtype else master // max(elems, 1)
+    state = OPTIMIZER_STATES[optimizer] * elems * state_elem if info.trainable else 0
+    if not split:
+        return info.param_bytes, master if cast else 0, grad, state
+    share, level = h.share, h.zero
+    whole = info.param_bytes if level < 3 else 0
+    if cast:
+        return whole, share(target, master), share(target, grad) if level >= 2 else grad, share(target, state)
+    weight = whole if level < 3 else share(target, master)
+    return weight, 0, share(target, grad) if level >= 2 else grad, share(target, state)
 
 
 def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), optimizer_dtype=None,
-                 zero: ZeroSplit | None = None) -> StageMemory:
+                 holding: Holding | None = None) -> StageMemory:
     """What one rank holds for ``nodes`` (a list of graph nodes) with one microbatch in flight.
 
     ``all_nodes`` maps names to nodes of the whole graph, for saved values made elsewhere (a value
     received from the previous stage and kept here counts here); ``held`` names values kept until
-    backward whether an op saved them or not (what a stage received, what it sent on); ``zero``
-    how the weights are split over the dp ranks.
+    backward whether an op saved them or not (what a stage received, what it sent on); ``holding``
+    how the rank holds the weights (zero, fp32 masters).
     """
     m = StageMemory()
     roots: set[str] = set()
@@ -258,8 +281,9 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
     for node in nodes:
         info = node_memory(node)
         if info.param_bytes:
-            weight, grad, state = weight_bytes(node.target, info, optimizer, optimizer_dtype, zero)
+            weight, master, grad, state = weight_bytes(node.target, info, optimizer, optimizer_dtype, holding)
             m.params += weight
+            m.masters += master
             m.grads += grad
             m.optimizer += state
             m.weights += info.param_bytes // info.param_elem
@@ -270,19 +294,19 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
         owner = all_nodes.get(r)
         if owner is not None:
             m.activations_per_microbatch += node_memory(owner).out_bytes
-    if zero is not None and zero.level >= 2:
-        m.gathered = _gathered(nodes, zero)
+    if holding is not None and holding.zero >= 2:
+        m.gathered = _gathered(nodes, holding)
     return m
 
 
-def _gathered(nodes, zero: ZeroSplit):
+def _gathered(nodes, zero: Holding):
     """The most bytes whole at once beyond the rows under zero 2 and 3: the split weights one op
     reads (under zero 3, whole while it runs), and their gradients before the reduce-scatter."""
     most = 0
     for node in nodes:
         split = [i for i in node.all_input_nodes if i.op == "get_attr" and i.target in zero.rows]
         whole = sum(node_memory(i).param_bytes for i in split)
-        most = max(most, whole * (2 if zero.level == 3 else 1))
+        most = max(most, whole * (2 if zero.zero == 3 else 1))
     return most
 
 

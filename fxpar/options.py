@@ -24,6 +24,15 @@ RNG_MODES = ("megatron", "exact")
 STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # name -> the torch dtype layers compute in
+
+
+def compute_dtype(precision: str):
+    """The dtype layers compute in under ``precision`` (None: the model's own)."""
+    import torch
+
+    name = PRECISIONS[precision]
+    return None if name is None else getattr(torch, name)
 
 
 def default_timeout() -> datetime.timedelta:
@@ -86,7 +95,9 @@ class PlanOptions:
     ``optimizer``/``optimizer_dtype`` the states the memory estimate counts, ``sizes`` values of
     symbolic sizes to plan for, ``overrides`` glob patterns over module or parameter names mapped
     to one of ``STYLES``, ``rng`` one of ``RNG_MODES``, ``zero`` the ZeRO stage over the data-parallel
-    ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and
+    ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``), ``precision`` what layers compute in
+    (``"bf16"``: bfloat16 weights and activations from fp32 master weights; ``PRECISIONS``) and
+    ``reduce_dtype`` what gradients are averaged over dp in. ``device_type``, ``param_stages`` and
     ``fixed_weights`` are set by fxpar itself (where programs run; what a recapture must keep).
 
     >>> PlanOptions(schedule="1F1B", microbatches=4).schedule
@@ -106,6 +117,8 @@ class PlanOptions:
     overrides: dict = field(default_factory=dict)
     rng: str = "megatron"
     zero: int = 0
+    precision: str = "fp32"
+    reduce_dtype: str = "fp32"
     device_type: str = "cpu"
     param_stages: dict = field(default_factory=dict)
     fixed_weights: dict = field(default_factory=dict)
@@ -154,6 +167,15 @@ class PlanOptions:
                 f"zero={self.zero!r} is not one of {ZERO_STAGES}: 0 keeps every weight, gradient and optimizer state "
                 "whole on every data-parallel rank, 1 splits the optimizer state over them, 2 the gradients too, "
                 "3 the weights too (gathered for each layer as it runs)")
+        if self.precision == "fp16":
+            raise OptionError("precision='fp16' needs dynamic loss scaling, which fxpar does not do yet: use "
+                              "precision='bf16' (the same memory, no loss scaling needed)")
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}: 'bf16' computes in "
+                              "bfloat16 from fp32 master weights that the optimizer steps")
+        if self.reduce_dtype not in ("fp32", self.precision):
+            raise OptionError(f"reduce_dtype={self.reduce_dtype!r}: gradients are reduced over the data-parallel ranks "
+                              f"in 'fp32' (the default) or in the compute precision {self.precision!r}")
         if self.rng not in RNG_MODES:
             raise OptionError(f"rng={self.rng!r} is not one of {RNG_MODES}")
         overrides = dict(self.overrides or {})

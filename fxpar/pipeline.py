@@ -23,14 +23,14 @@ from fxpar.passes.assign_rng import assign_rng
 from fxpar.passes.context_parallel import cp_context, cp_rank_program, split_sequence
 from fxpar.passes.cut_stages import cut_stages
 from fxpar.passes.estimate_memory import estimate_memory
+from fxpar.passes.gather_weights import gather_weights
 from fxpar.passes.expert_parallel import expert_parallel
 from fxpar.passes.insert_collectives import insert_collectives
-from fxpar.passes.insert_gathers import insert_gathers
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.plan_sharding import plan_sharding
+from fxpar.passes.plan_weights import plan_weights
 from fxpar.passes.recompute_gathers import recompute_gathers
 from fxpar.passes.sequence_parallel import sequence_parallel
-from fxpar.passes.shard_weights import shard_weights
 from fxpar.passes.split_loss_means import split_loss_means
 
 from .errors import FxparError, PlanError
@@ -55,8 +55,9 @@ def sp(ctx: PlanContext) -> bool:
     return ctx.options.sequence_parallel and ctx.world > 1
 
 
-def zero(ctx: PlanContext) -> bool:
-    return ctx.options.zero > 0
+def held_apart(ctx: PlanContext) -> bool:
+    """Whether a rank holds weights other than as the graph reads them (zero, precision)."""
+    return ctx.options.zero > 0 or ctx.options.precision != "fp32"
 
 
 def recompute(ctx: PlanContext) -> bool:
@@ -98,10 +99,10 @@ PIPELINE: list[Step] = [
     Step(recompute_gathers, recompute),  # rewrite: column-parallel inputs kept as shards for backward
     Step(assign_rng),  # rewrite: dropout draws from a replicated or a per-rank random stream
     Step(localize_shapes),  # analysis: per-rank sizes for views, splits, slices, means and embeddings
-    Step(shard_weights, zero),  # analysis: the weights zero splits into rows over the dp ranks
+    Step(plan_weights, held_apart),  # analysis: weights split into rows over dp (zero), fp32 masters (precision)
     Step(estimate_memory),  # analysis: parameter and saved-activation bytes per node, on fake tensors
     Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
-    Step(insert_gathers, zero),  # rewrite: each split weight gathered whole just before the op reading it
+    Step(gather_weights, held_apart),  # rewrite: each such weight made whole, cast, just before the op reading it
 ]
 
 

@@ -26,7 +26,7 @@ from .holder import retarget_submodules
 from .mesh import Mesh, as_mesh
 from .pipeline import debug_level
 from .planning import check_overrides, first_microbatch, plan_graph  # noqa: F401 - also importable from here
-from .options import PlanOptions
+from .options import PlanOptions, compute_dtype
 from .plan_context import PlanContext
 from .runtime import telemetry
 from .runtime.batches import flat_inputs, replica_part, target_microbatches
@@ -313,7 +313,8 @@ def compile(
     if loss_fn is not None:
         example_kwargs = {**(example_kwargs or {}), TARGET: example_target}
     mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, opts.microbatches, mesh.replicas)
-    cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn)
+    cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn,
+                  dtype=compute_dtype(opts.precision))
     gm, ctx = plan_graph(cap, mesh, opts)
     replicated = report.replication_warning(gm, ctx)
     if replicated:

@@ -91,7 +91,8 @@ class PlanContext:
     expert_slots: dict[str, tuple[str, ...]] = field(default_factory=dict)
     expert_held: dict[str, tuple[str, int]] = field(default_factory=dict)  # each rank's weight -> (slot, ep rank)
     expert_layers: list[ExpertLayer] = field(default_factory=list)
-    zero_rows: dict[str, int] = field(default_factory=dict)  # shard_weights: weight -> rows split over dp
+    zero_rows: dict[str, int] = field(default_factory=dict)  # plan_weights: weight -> rows split over dp
+    cast_weights: set[str] = field(default_factory=set)  # plan_weights: fp32 masters the layers read cast
     warnings: list[str] = field(default_factory=list)  # any pass: what the user should know
     passes: list[str] = field(default_factory=list)  # run_pipeline: the passes that ran, in order
 

@@ -309,12 +309,13 @@ def state_table(ctx) -> str:
         if not m.weights:
             continue
         per = lambda b: f"{float(b) / float(m.weights):.2f}"  # noqa: E731
-        rows.append([rank, f"{int(m.weights):,}", per(m.params), per(m.grads), per(m.optimizer),
-                     per(m.params + m.grads + m.optimizer), fmt_bytes(m.gathered)])
+        rows.append([rank, f"{int(m.weights):,}", per(m.params), per(m.masters), per(m.grads), per(m.optimizer),
+                     per(m.params + m.masters + m.grads + m.optimizer), fmt_bytes(m.gathered)])
     split = f"zero {zero} over dp={dp}" if zero else "zero 0 (every dp rank holds all of it)"
-    head = f"bytes per parameter on each device ({split}; optimizer {ctx.options.optimizer})"
-    return head + "\n" + tabulate(rows, headers=["pp rank", "parameters", "weights", "grads", "optimizer", "total",
-                                                 "gathered at once"], disable_numparse=True)
+    head = (f"bytes per parameter on each device ({split}; layers in {ctx.options.precision}; "
+            f"optimizer {ctx.options.optimizer})")
+    return head + "\n" + tabulate(rows, headers=["pp rank", "parameters", "weights", "fp32 masters", "grads",
+                                                 "optimizer", "total", "gathered at once"], disable_numparse=True)
 
 
 def schedule_report(ctx) -> str:

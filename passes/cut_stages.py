@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
 from fxpar.memory import (
-    ZeroSplit, data_dependent_sizes, evaluate, node_memory, per_device, stage_memory, weight_bytes,
+    Holding, data_dependent_sizes, evaluate, node_memory, per_device, stage_memory, weight_bytes,
 )
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
@@ -39,7 +39,7 @@ class _Costs:
     """Numbers for every compute node at the sizes being planned for."""
 
     def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None,
-                 zero: ZeroSplit | None = None):
+                 holding: Holding | None = None):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
         self.all = {n.name: n for n in gm.graph.nodes}
@@ -56,7 +56,7 @@ class _Costs:
             for i in _reads(node, free):
                 if i.op == "get_attr":
                     m = node_memory(i)
-                    held = sum(num(b) for b in weight_bytes(i.target, m, optimizer, optimizer_dtype, zero))
+                    held = sum(num(b) for b in weight_bytes(i.target, m, optimizer, optimizer_dtype, holding))
                     params[i.target] = held + num(m.buffer_bytes)
             self.params.append(params)
             self.inputs.append({(self.index[owner_of(i)], i.name) for i in _reads(node, free)
@@ -246,8 +246,8 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
-    zero = zero_split(ctx)
-    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, zero)
+    holding = weight_holding(ctx)
+    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, holding)
     if ctx.options.param_stages:
         cuts = _cuts_keeping_params(costs, ctx.options.param_stages, n_stages)
     elif ctx.options.split_points:
@@ -268,7 +268,7 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for s in stages:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
         mem = stage_memory(nodes, all_nodes, ctx.options.optimizer, held=s.inputs + s.outputs,
-                           optimizer_dtype=ctx.options.optimizer_dtype, zero=zero)
+                           optimizer_dtype=ctx.options.optimizer_dtype, holding=holding)
         mem.in_flight = factors[s.index]
         s.memory = mem
         for p in s.params:
@@ -281,9 +281,9 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     return gm
 
 
-def zero_split(ctx: PlanContext) -> ZeroSplit | None:
-    """How ``zero`` splits the weights over the dp ranks, for the memory model (None at zero 0)."""
-    return ZeroSplit(ctx.options.zero, ctx.mesh.dp, dict(ctx.zero_rows)) if ctx.options.zero else None
+def weight_holding(ctx: PlanContext) -> Holding:
+    """How the ranks hold the weights (zero, fp32 masters), for the memory model."""
+    return Holding(ctx.options.zero, ctx.mesh.dp, dict(ctx.zero_rows), frozenset(ctx.cast_weights))
 
 
 def _sizes(gm: GraphModule, ctx: PlanContext):

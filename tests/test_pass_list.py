@@ -25,8 +25,8 @@ def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     assert "context_parallel.cp_rank_program" in cp and cp.count("insert_collectives") == 1
     assert "expert_parallel" in passes_run(PlanContext(fxpar.Mesh(ep=2)))
     zero = passes_run(PlanContext(fxpar.Mesh(dp=2), PlanOptions(zero=3)))
-    assert zero.index("localize_shapes") < zero.index("shard_weights") < zero.index("estimate_memory")
-    assert zero[-2:] == ["cut_stages", "insert_gathers"]
+    assert zero.index("localize_shapes") < zero.index("plan_weights") < zero.index("estimate_memory")
+    assert zero[-2:] == ["cut_stages", "gather_weights"]
     assert len(PIPELINE) == 14 and all(callable(step.when) for step in PIPELINE)
 
 

@@ -18,6 +18,7 @@ from .. import report
 from ..capture import capture
 from ..errors import CaptureError, FxparError
 from ..geometry import ShardGeometry
+from ..options import compute_dtype
 from ..planning import first_microbatch, plan_graph
 from ..placement import REPLICATE
 from .agree import agree, agree_on_failure
@@ -153,7 +154,7 @@ class Programs:
         self.skeleton.train(training)
         mb_args, mb_kwargs = first_microbatch(args, kwargs, self.options.microbatches)
         cap = capture(self.skeleton, mb_args, mb_kwargs, dynamic_shapes=self.dynamic_shapes,
-                      loss_fn=self.loss_fn if loss else None)
+                      loss_fn=self.loss_fn if loss else None, dtype=compute_dtype(self.options.precision))
         options = self.options
         if self.geometry is not None:  # the parameters stay as they are: split the same way, in the same stages
             first = self.geometry.ctx

@@ -19,6 +19,7 @@ from ..metadata import PLACEMENT, REQUIRES_GRAD
 from ..ops.library import for_dynamo
 from ..ops.params import row_split
 from ..placement import REPLICATE
+from ..options import compute_dtype
 from ..plan_context import PlanContext
 from ..memory import expr
 from ..shards import local_shape
@@ -49,9 +50,11 @@ class RankProgram:
             self.names = fill(root, cap, placements, self.tp, source, device,
                               seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer)
         level = ctx.options.zero
-        if populate and level:
+        if populate and (ctx.zero_rows or ctx.cast_weights):
             rows = {ctx.held_target(t, self.ep): n for t, n in ctx.zero_rows.items()}
-            zero.split_rows(root, cap, {t: n for t, n in rows.items() if t in keep}, level, self.dp, mesh.dp)
+            cast = {ctx.held_target(t, self.ep) for t in ctx.cast_weights}
+            zero.hold_weights(root, cap, {t: n for t, n in rows.items() if t in keep}, cast & keep, level, self.dp,
+                              mesh.dp, compute_dtype(ctx.options.precision), _dtype(ctx.options.reduce_dtype))
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None
@@ -85,6 +88,10 @@ class RankProgram:
         )
         self.runner.experts = {t for t in self.params if ctx.is_expert(t)}
         self.runner.split = {t for t, p in self.params.items() if zero.is_split(p)}
+
+
+def _dtype(name: str) -> torch.dtype:
+    return torch.float32 if name == "fp32" else compute_dtype(name)
 
 
 def _own_experts(graph, ctx: PlanContext, ep_rank: int):

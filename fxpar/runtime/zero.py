@@ -1,8 +1,9 @@
-"""A rank's weights as ``zero`` holds them: rows of each weight over the data-parallel ranks.
+"""A rank's weights as ``zero`` and ``precision`` hold them: rows of each weight over the
+data-parallel ranks, fp32 masters of weights the layers read in bf16.
 
-``split_rows`` turns the whole (tp-local) weights ``populate`` registered into the rows this dp
-rank holds, registered under every original name in their place, so that ``pm.parameters()``,
-``state_dict()``, optimizers and checkpoints see the rows; ``finish`` ends a step under zero 1;
+``hold_weights`` turns the whole (tp-local) weights ``populate`` registered into the rows this
+dp rank holds, registered under every original name in their place, so that ``pm.parameters()``,
+``state_dict()``, optimizers and checkpoints see the rows (the masters); ``finish`` ends a step under zero 1;
 ``install_hooks`` makes a zero-3 program free each weight after the layer that reads it.
 ``fxpar/ops/params.py`` has the op every program reads the weights through, and why.
 """
@@ -18,17 +19,29 @@ from ..holder import set_path
 from ..ops.params import SHARDED, SavedGathers, Sharded, row_split
 
 
-def split_rows(root: nn.Module, cap: Captured, rows: dict[str, int], level: int, dp_rank: int, dp: int) -> None:
-    """Replace each weight ``root`` holds under a name in ``rows`` (graph name -> its rows) by
-    this dp rank's rows of it: a view of the whole weight under zero 1 and 2 (which keep it), a
-    copy under zero 3 (which frees it)."""
-    for target in sorted(rows):
+def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set[str], level: int, dp_rank: int,
+                 dp: int, dtype: torch.dtype | None, reduce_dtype: torch.dtype) -> None:
+    """Hold each weight ``root`` has under a name in ``rows`` (graph name -> its rows) as this
+    dp rank's rows of it: a view of the whole weight under zero 1 and 2 (which keep it), a copy
+    under zero 3 (which frees it); each in ``cast`` (names) as an fp32 master the graph reads in
+    ``dtype``."""
+    for target in sorted(set(rows) | set(cast)):
         whole = get_path(root, target)
+        compute = dtype if target in cast else whole.dtype
+        if target not in rows:  # whole on every dp rank: only the dtype differs
+            SHARDED[whole] = Sharded(target, 0, whole, None, 0, whole.shape[0] if whole.dim() else 0,
+                                     whole.detach().to(compute), compute, reduce_dtype)
+            continue
         start, stop = row_split(rows[target], dp)[dp_rank]
         full = whole.detach()
-        mine = full[start:stop] if level < 3 else full[start:stop].clone()
+        keep = level < 3
+        if keep and compute != full.dtype:  # the master rows and the whole weight the layers read
+            mine, full = full[start:stop].clone(), full.to(compute)
+        else:
+            mine = full[start:stop] if keep else full[start:stop].clone()
         param = nn.Parameter(mine, requires_grad=whole.requires_grad)
-        SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if level < 3 else None)
+        SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if keep else None, compute,
+                                 reduce_dtype)
         for alias in cap.aliases.get(target, [target]):
             set_path(root, alias, param)
 
@@ -59,5 +72,6 @@ def install_hooks(module: nn.Module) -> None:
 
 
 def is_split(p: torch.Tensor) -> bool:
-    """Whether ``p`` is a weight's rows under zero."""
-    return p in SHARDED
+    """Whether ``p`` is a weight's rows under zero ."""
+    entry = SHARDED.get(p)
+    return entry is not None and entry.level > 0

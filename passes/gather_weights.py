@@ -1,7 +1,9 @@
-"""Pass (rewrite): read every weight ``zero`` splits over dp through ``gather_param``.
+"""Pass (rewrite): read every weight ``zero`` splits over dp, or ``precision`` casts, through
+``gather_param``.
 
-Reads ``ctx.zero_rows`` (``shard_weights``) and the stages of ``ctx.pipeline``. Every use of such a
-weight gets its own ``torch.ops.fxpar.gather_param(rows_here, rows, group='dp')`` node, placed just
+Reads ``ctx.zero_rows`` and ``ctx.cast_weights`` (``plan_weights``) and the stages of
+``ctx.pipeline``. Every use of such a weight gets its own
+``torch.ops.fxpar.gather_param(weight, rows, dtype, group='dp')`` node, placed just
 before the op that uses it, in that op's module and stage, so that under zero 3 only the weights
 of the layer running are whole at a time (``fxpar/ops/params.py`` says what the op does at each
 stage, forward and backward). Runs after ``cut_stages``: a weight is gathered in the stage that
@@ -20,17 +22,19 @@ from fxpar.plan_context import PlanContext
 from fxpar.stages import owner_of
 
 
-def insert_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+def gather_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     stages = ctx.pipeline.stages if ctx.pipeline is not None else []
     where = {name: s for s in stages for name in s.nodes}
     for node in list(gm.graph.nodes):
-        if node.op != "get_attr" or node.target not in ctx.zero_rows:
+        if node.op != "get_attr" or (node.target not in ctx.zero_rows and node.target not in ctx.cast_weights):
             continue
+        rows = ctx.zero_rows.get(node.target)
+        dtype = node.meta["val"].dtype if node.target in ctx.cast_weights else None
         for user in list(node.users):
             if user.op == "output":
                 continue
             with gm.graph.inserting_before(user):
-                g = gm.graph.call_function(gather_param, (node, ctx.zero_rows[node.target]), {"group": "dp"})
+                g = gm.graph.call_function(gather_param, (node, rows, dtype), {"group": "dp"})
             copy_meta(user, g, val=node.meta.get("val"), **{PLACEMENT: node.meta.get(PLACEMENT), REQUIRES_GRAD: True})
             stage = where.get(owner_of(user).name)
             if stage is not None:
