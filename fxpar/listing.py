@@ -60,7 +60,8 @@ def rank_listing(module: GraphModule, title: str, global_gm: GraphModule) -> str
 class _Listing:
     def __init__(self, module: GraphModule, by_name: dict, notes: dict):
         self.module, self.by_name, self.notes = module, by_name, notes
-        nodes = list(module.graph.nodes)
+        self.nodes, self.regions, self.alias = _inline_regions(module)
+        nodes = self.nodes
         self.stacks = {n: _stack(self.by_name.get(n.name, n)) for n in nodes}
         paths = {p for s in self.stacks.values() for p, _ in s}
         # a module that no traced module sits inside is a layer (Linear, LayerNorm): its lines
@@ -77,7 +78,7 @@ class _Listing:
     def render(self, title: str) -> str:
         out = [f"# {title}", "# After each line: placement over tp, local shape; for collectives the bytes sent.",
                "# fxpar.<op>: fxpar's ops (fxpar/ops); aten.<op>: torch.ops.aten.", ""]
-        nodes = list(self.module.graph.nodes)
+        nodes = self.nodes
         inputs = [n.name for n in nodes if n.op == "placeholder"]
         out.append(f"def forward(self, {', '.join(inputs)}):" if inputs else "def forward(self):")
         group, source, headed = None, None, set()
@@ -86,6 +87,12 @@ class _Listing:
                 continue
             if node.op == "output":
                 out.append(self._line(f"return {self._value(node.args[0])}", ""))
+                continue
+            if node in self.regions:  # its lines follow
+                region = self.regions[node]
+                out += textwrap.wrap(f"backward recomputes the lines down to {', '.join(self._value(o) for o in region.outputs)} from "
+                                     f"{', '.join(a.name for a in node.args if a.op != 'get_attr')} ({region.name})", WIDTH,
+                                     initial_indent="    # ", subsequent_indent="    #   ")
                 continue
             here = self.group[node]
             if here != group:
@@ -155,6 +162,8 @@ class _Listing:
             return f"{_attr_expr('self', node.target)}({', '.join(args)})"
         target = node.target
         if target is operator.getitem:
+            if node.args[0] in self.regions:  # a value the region makes, by its own name
+                return self._value(self.regions[node.args[0]].outputs[node.args[1]])
             return f"{args[0]}[{args[1]}]"
         if target in _INFIX and len(args) == 2:
             return f"{args[0]} {_INFIX[target]} {args[1]}"
@@ -200,6 +209,8 @@ class _Listing:
         return f"{qual}({', '.join(parts)})"
 
     def _value(self, a) -> str:
+        if isinstance(a, Node) and a in self.alias:
+            return self._value(self.alias[a])
         if isinstance(a, Node):
             if a.op == "get_attr":
                 path, _, attr = a.target.rpartition(".")
@@ -245,6 +256,29 @@ class _Listing:
             return f"{code}  # {note}"
         above = textwrap.wrap(note, WIDTH, initial_indent="    # ", subsequent_indent="    #   ")
         return "\n".join(above + [_wrap(code)])
+
+
+class _Region:
+    def __init__(self, name: str, outputs: tuple):
+        self.name, self.outputs = name, outputs
+
+
+def _inline_regions(module: GraphModule) -> tuple[list[Node], dict[Node, _Region], dict[Node, Node]]:
+    """The module's nodes with each recomputed region's call followed by the region's own nodes,
+    so the listing shows what backward remakes where the forward runs it; the regions by their
+    call; the value outside each region's input stands for."""
+    from .runtime.recompute import Recomputed
+
+    nodes, regions, alias = [], {}, {}
+    for n in module.graph.nodes:
+        nodes.append(n)
+        sub = module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(sub, Recomputed):
+            inner = list(sub.body.graph.nodes)
+            alias.update(zip((x for x in inner if x.op == "placeholder"), n.args))
+            regions[n] = _Region(sub.region, tuple(inner[-1].args[0]))
+            nodes += [x for x in inner if x.op not in ("placeholder", "output")]
+    return nodes, regions, alias
 
 
 def _stack(node: Node) -> list[tuple[str, str]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .metadata import MEMORY
+from .metadata import MEMORY, RECOMPUTE
 
 # optimizer state per parameter, in units of the parameter's own bytes (fp32 states for fp32
 # parameters): SGD without momentum keeps nothing, with momentum one buffer, Adam/AdamW two
@@ -44,6 +44,7 @@ class NodeMemory:
     param_elem: int = 4  # bytes per element of the parameter
     trainable: bool = False
     buffer_bytes: object = 0
+    flops: object = 0  # forward FLOPs (counted when recomputation is planned)
 
 
 @dataclass
@@ -64,6 +65,8 @@ class StageMemory:
     gathered: object = 0
     weights: object = 0
     masters: object = 0  # fp32 master weights the layers read cast (precision)
+    recomputed: object = 0  # bytes beyond the kept activations while backward remakes a region (the worst one)
+    recompute_flops: object = 0  # forward FLOPs recomputed per microbatch
 
     @property
     def static(self):
@@ -75,7 +78,7 @@ class StageMemory:
 
     @property
     def peak(self):
-        return self.static + self.activations + self.gathered
+        return self.static + self.activations + self.gathered + self.recomputed
 
     def at(self, sizes: dict | None = None, names: dict | None = None) -> StageMemory:
         """The same, with symbolic sizes replaced by numbers (``{"batch": 8, "seq": 2048}``;
@@ -83,7 +86,7 @@ class StageMemory:
         f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
-                           f(self.weights), f(self.masters))
+                           f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops))
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
@@ -101,6 +104,8 @@ def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]
         d.gathered = m.gathered if d.gathered == 0 else max(d.gathered, m.gathered)  # one stage runs at a time
         d.weights += m.weights
         d.masters += m.masters
+        d.recomputed = m.recomputed if d.recomputed == 0 else max(d.recomputed, m.recomputed)
+        d.recompute_flops += m.recompute_flops
     return out
 
 
@@ -274,10 +279,6 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
     how the rank holds the weights (zero, fp32 masters).
     """
     m = StageMemory()
-    roots: set[str] = set()
-    for h in dict.fromkeys(held):  # a received value is a fresh tensor here, whatever it was a view of there
-        m.activations_per_microbatch += node_memory(all_nodes[h]).value_bytes
-        roots.add(node_memory(all_nodes[h]).root or h)
     for node in nodes:
         info = node_memory(node)
         if info.param_bytes:
@@ -288,15 +289,71 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
             m.optimizer += state
             m.weights += info.param_bytes // info.param_elem
         m.buffers += info.buffer_bytes
-        m.activations_per_microbatch += info.saved_new
-        roots.update(info.saved_roots)
-    for r in roots - {node_memory(all_nodes[h]).root or h for h in held}:
-        owner = all_nodes.get(r)
-        if owner is not None:
-            m.activations_per_microbatch += node_memory(owner).out_bytes
+    kept, regions = activations(nodes, all_nodes, held)
+    m.activations_per_microbatch = kept
+    for r in regions.values():
+        m.recomputed = _max(m.recomputed, r.before + r.remade - kept)
+        m.recompute_flops += r.flops
     if holding is not None and holding.zero >= 2:
         m.gathered = _gathered(nodes, holding)
     return m
+
+
+@dataclass(frozen=True)
+class RegionMemory:
+    """A region backward recomputes (``fxpar_recompute``): ``remade`` the bytes its ops keep when
+    remade (what they would have kept), ``before`` what the rank still keeps when backward reaches
+    it (everything kept up to its first op: what ops after it kept is freed by then), ``flops``
+    the forward FLOPs of remaking it."""
+
+    before: object = 0
+    remade: object = 0
+    flops: object = 0
+
+
+def activations(nodes, all_nodes: dict, held=()) -> tuple[object, dict[str, RegionMemory]]:
+    """Bytes kept for backward by ``nodes`` with one microbatch in flight (every storage once,
+    however many ops keep it; a recomputed region keeps only what it reads from outside), and the
+    regions among them by name."""
+    kept: dict[str, int] = {}  # storage kept for backward -> position of the first node keeping it
+    for h in dict.fromkeys(held):  # a received value is a fresh tensor here, whatever it was a view of there
+        kept.setdefault(node_memory(all_nodes[h]).root or h, -1)
+    received = set(kept)
+    base = sum(node_memory(all_nodes[h]).value_bytes for h in received)
+    new_at: list = []  # (position, bytes saved new there)
+    parts: dict = {}  # region -> [position of its first node, bytes its ops save new, storages they keep, flops]
+    for i, node in enumerate(nodes):
+        info = node_memory(node)
+        region = node.meta.get(RECOMPUTE)
+        if region is None:
+            new_at.append((i, info.saved_new))
+            for r in info.saved_roots:
+                kept.setdefault(r, i)
+            continue
+        part = parts.setdefault(region, [i, 0, set(), 0])
+        part[1] += info.saved_new
+        part[2].update(info.saved_roots)
+        part[3] += info.flops
+        for x in node.all_input_nodes:
+            if x.meta.get(RECOMPUTE) != region and x.op != "get_attr":
+                kept.setdefault(node_memory(x).root or x.name, part[0])
+    kept_at = new_at + [(i, node_memory(all_nodes[r]).out_bytes) for r, i in kept.items()
+                        if r not in received and r in all_nodes]
+    regions = {}
+    for region, (first, saved, roots, flops) in parts.items():
+        inside = sum(node_memory(all_nodes[r]).out_bytes for r in roots
+                     if r in all_nodes and all_nodes[r].meta.get(RECOMPUTE) == region)
+        regions[region] = RegionMemory(base + sum(b for i, b in kept_at if i <= first), saved + inside, flops)
+    return base + sum(b for _, b in kept_at), regions
+
+
+def _max(a, b):
+    """The larger of two sizes, either an expression in symbolic sizes."""
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return max(a, b)
+    import sympy
+
+    return sympy.Max(a, b)
 
 
 def _gathered(nodes, zero: Holding):

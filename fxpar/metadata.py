@@ -52,6 +52,9 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
     Set on replicated values whose gradient each rank holds only its part of, summed by a
     backward all-reduce further up (rows an expert picked, when the all-reduce moved to the
     tokens they were picked from). Written by ``insert_collectives``; ``Plan.check`` sums them.
+``fxpar_recompute`` : ``str``
+    The region a node belongs to whose activations backward recomputes instead of keeping
+    (``"transformer.h.0"``, ``"transformer.h.0.attn core"``). Written by ``plan_recompute``.
 ``fxpar_stage`` : ``int``
     The pipeline stage a compute node runs in (nodes every stage recomputes have none). Written by
     ``cut_stages``.
@@ -77,6 +80,7 @@ LOCAL = "fxpar_local"
 RNG = "fxpar_rng"
 MEMORY = "fxpar_memory"
 STAGE = "fxpar_stage"
+RECOMPUTE = "fxpar_recompute"
 GRAD_PARTIAL = "fxpar_grad_partial"
 
 

@@ -24,6 +24,7 @@ RNG_MODES = ("megatron", "exact")
 STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
+RECOMPUTE = ("none", "selective", "full", "auto")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # name -> the torch dtype layers compute in
 
 
@@ -97,7 +98,8 @@ class PlanOptions:
     to one of ``STYLES``, ``rng`` one of ``RNG_MODES``, ``zero`` the ZeRO stage over the data-parallel
     ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``), ``precision`` what layers compute in
     (``"bf16"``: bfloat16 weights and activations from fp32 master weights; ``PRECISIONS``) and
-    ``reduce_dtype`` what gradients are averaged over dp in. ``device_type``, ``param_stages`` and
+    ``reduce_dtype`` what gradients are averaged over dp in, ``recompute`` which activations backward
+    recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``). ``device_type``, ``param_stages`` and
     ``fixed_weights`` are set by fxpar itself (where programs run; what a recapture must keep).
 
     >>> PlanOptions(schedule="1F1B", microbatches=4).schedule
@@ -117,6 +119,7 @@ class PlanOptions:
     overrides: dict = field(default_factory=dict)
     rng: str = "megatron"
     zero: int = 0
+    recompute: str = "none"
     precision: str = "fp32"
     reduce_dtype: str = "fp32"
     device_type: str = "cpu"
@@ -167,6 +170,13 @@ class PlanOptions:
                 f"zero={self.zero!r} is not one of {ZERO_STAGES}: 0 keeps every weight, gradient and optimizer state "
                 "whole on every data-parallel rank, 1 splits the optimizer state over them, 2 the gradients too, "
                 "3 the weights too (gathered for each layer as it runs)")
+        if self.recompute not in RECOMPUTE:
+            raise OptionError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}: 'selective' recomputes "
+                              "attention cores, 'full' every layer from its input, 'auto' what fits memory_limit "
+                              "with the fewest recomputed FLOPs")
+        if self.recompute == "auto" and self.memory_limit is None:
+            raise OptionError("recompute='auto' recomputes what it takes to fit memory_limit: give memory_limit "
+                              "(bytes per device), or choose recompute='selective' or 'full'")
         if self.precision == "fp16":
             raise OptionError("precision='fp16' needs dynamic loss scaling, which fxpar does not do yet: use "
                               "precision='bf16' (the same memory, no loss scaling needed)")

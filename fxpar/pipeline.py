@@ -28,6 +28,7 @@ from fxpar.passes.expert_parallel import expert_parallel
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
 from fxpar.passes.plan_sharding import plan_sharding
+from fxpar.passes.plan_recompute import plan_recompute
 from fxpar.passes.plan_weights import plan_weights
 from fxpar.passes.recompute_gathers import recompute_gathers
 from fxpar.passes.sequence_parallel import sequence_parallel
@@ -58,6 +59,10 @@ def sp(ctx: PlanContext) -> bool:
 def held_apart(ctx: PlanContext) -> bool:
     """Whether a rank holds weights other than as the graph reads them (zero, precision)."""
     return ctx.options.zero > 0 or ctx.options.precision != "fp32"
+
+
+def recomputes(ctx: PlanContext) -> bool:
+    return ctx.options.recompute != "none"
 
 
 def recompute(ctx: PlanContext) -> bool:
@@ -102,6 +107,7 @@ PIPELINE: list[Step] = [
     Step(plan_weights, held_apart),  # analysis: weights split into rows over dp (zero), fp32 masters (precision)
     Step(estimate_memory),  # analysis: parameter and saved-activation bytes per node, on fake tensors
     Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
+    Step(plan_recompute, recomputes),  # analysis: regions backward recomputes (attention cores, layers, auto)
     Step(gather_weights, held_apart),  # rewrite: each such weight made whole, cast, just before the op reading it
 ]
 

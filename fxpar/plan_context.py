@@ -93,6 +93,7 @@ class PlanContext:
     expert_layers: list[ExpertLayer] = field(default_factory=list)
     zero_rows: dict[str, int] = field(default_factory=dict)  # plan_weights: weight -> rows split over dp
     cast_weights: set[str] = field(default_factory=set)  # plan_weights: fp32 masters the layers read cast
+    recomputed: list[str] = field(default_factory=list)  # plan_recompute: regions backward recomputes
     warnings: list[str] = field(default_factory=list)  # any pass: what the user should know
     passes: list[str] = field(default_factory=list)  # run_pipeline: the passes that ran, in order
 
@@ -119,6 +120,13 @@ class PlanContext:
     @property
     def tp(self) -> int:
         return self.mesh.tp
+
+    def holding(self):
+        """How the ranks hold the weights (zero, fp32 masters): ``fxpar.memory.Holding``, for the
+        memory model."""
+        from .memory import Holding
+
+        return Holding(self.options.zero, self.mesh.dp, dict(self.zero_rows), frozenset(self.cast_weights))
 
     def held_target(self, target: str, ep_rank: int) -> str:
         """The weight ep rank ``ep_rank`` reads where the graph reads ``target`` (an expert's

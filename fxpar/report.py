@@ -137,6 +137,8 @@ def summary(gm: GraphModule, ctx) -> str:
     if ctx.pipeline is not None:
         lines.append(stage_table(gm, ctx))
         lines.append(state_table(ctx))
+    if ctx.options.recompute != "none":
+        lines.append(recompute_report(gm, ctx))
     if ctx.pipeline is not None and ctx.mesh.pp > 1:
         lines.append(schedule_report(ctx))
     found = replicated_weights(gm, ctx) if ctx.mesh.tp > 1 else []
@@ -316,6 +318,25 @@ def state_table(ctx) -> str:
             f"optimizer {ctx.options.optimizer})")
     return head + "\n" + tabulate(rows, headers=["pp rank", "parameters", "weights", "fp32 masters", "grads",
                                                  "optimizer", "total", "gathered at once"], disable_numparse=True)
+
+
+def recompute_report(gm: GraphModule, ctx) -> str:
+    """What backward recomputes: the regions, their forward FLOPs per microbatch against the
+    whole forward's, and the most a remake holds at once beyond the kept activations."""
+    from .memory import evaluate, node_memory
+
+    spec = ctx.pipeline
+    f = lambda e: evaluate(e, spec.sizes, ctx.dim_names)  # noqa: E731
+    total = f(sum(node_memory(n).flops for n in gm.graph.nodes))
+    again = f(sum(s.memory.recompute_flops for s in spec.stages))
+    most = max((f(s.memory.recomputed) for s in spec.stages), default=0)
+    names = ctx.recomputed
+    shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+    limit = f", memory_limit {fmt_bytes(ctx.options.memory_limit)}" if ctx.options.recompute == "auto" else ""
+    share = f" ({again / total:.0%})" if total else ""
+    return (f"recompute {ctx.options.recompute!r}{limit}: backward remakes {shown or 'nothing'}; "
+            f"{again / 1e9:.3g} of {total / 1e9:.3g} GFLOP of the forward per microbatch recomputed{share}, "
+            f"{fmt_bytes(most)} more held while a region is remade")
 
 
 def schedule_report(ctx) -> str:

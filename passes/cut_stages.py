@@ -25,7 +25,7 @@ from torch.fx import GraphModule, Node
 from fxpar import schedule as sched
 from fxpar.errors import PlanError, module_path
 from fxpar.memory import (
-    Holding, data_dependent_sizes, evaluate, node_memory, per_device, stage_memory, weight_bytes,
+    data_dependent_sizes, evaluate, node_memory, per_device, stage_memory, weight_bytes,
 )
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
@@ -39,7 +39,7 @@ class _Costs:
     """Numbers for every compute node at the sizes being planned for."""
 
     def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None,
-                 holding: Holding | None = None):
+                 holding=None):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
         self.all = {n.name: n for n in gm.graph.nodes}
@@ -246,7 +246,7 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
-    holding = weight_holding(ctx)
+    holding = ctx.holding()
     costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, holding)
     if ctx.options.param_stages:
         cuts = _cuts_keeping_params(costs, ctx.options.param_stages, n_stages)
@@ -276,14 +276,9 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     ctx.pipeline = PipelineSpec(
         stages, ctx.options.schedule, ctx.options.microbatches, v, {p: js for p, js in tied.items() if len(js) > 1}, sizes
     )
-    if ctx.options.memory_limit is not None:
+    if ctx.options.memory_limit is not None and ctx.options.recompute == "none":  # else after plan_recompute
         _check_limit(ctx, names)
     return gm
-
-
-def weight_holding(ctx: PlanContext) -> Holding:
-    """How the ranks hold the weights (zero, fp32 masters), for the memory model."""
-    return Holding(ctx.options.zero, ctx.mesh.dp, dict(ctx.zero_rows), frozenset(ctx.cast_weights))
 
 
 def _sizes(gm: GraphModule, ctx: PlanContext):

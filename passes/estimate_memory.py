@@ -13,6 +13,7 @@ so every size is a sympy expression in them.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -20,6 +21,7 @@ from torch.fx import GraphModule
 from torch.fx.node import map_aggregate
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
 
 from fxpar.codegen import get_path, rank_graph
 from fxpar.fake_values import fake_mode
@@ -49,6 +51,7 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     params: set[str] = set()
     handed: dict = {}  # storages of multi-tensor outputs, owned by the getitem that takes each out
     renames: dict = {}  # fresh run-time size symbols of this fake run -> the captured graph's
+    count_flops = ctx.options.recompute != "none"  # what recomputing a node costs
     with fake_mode(gm), running(RankContext(rank=0, comms=shape_comms(ctx.mesh))):
         for node in graph.nodes:
             g = global_nodes.get(node.name)
@@ -78,8 +81,11 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
                 kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
                 fn = bodies.get(node.target) or get_path(gm, node.target) if node.op == "call_module" else node.target
-                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
+                        FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as flops:
                     out = fn(*args, **kwargs)
+                if count_flops:
+                    info = {"flops": _renamed(expr(flops.get_total_flops()), renames)}
             env[node] = out
             if g is not None:
                 _same_run_time_sizes(out, g.meta.get("val"), renames)

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from torch.fx.node import map_aggregate
 
-from fxpar.metadata import INPUTS, LOCAL, PLACEMENT, REQUIRES_GRAD, STAGE, LocalCall, copy_meta
+from fxpar.metadata import INPUTS, LOCAL, PLACEMENT, RECOMPUTE, REQUIRES_GRAD, STAGE, LocalCall, copy_meta
 from fxpar.ops.params import gather_param
 from fxpar.plan_context import PlanContext
 from fxpar.stages import owner_of
@@ -36,6 +36,8 @@ def gather_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             with gm.graph.inserting_before(user):
                 g = gm.graph.call_function(gather_param, (node, rows, dtype), {"group": "dp"})
             copy_meta(user, g, val=node.meta.get("val"), **{PLACEMENT: node.meta.get(PLACEMENT), REQUIRES_GRAD: True})
+            if RECOMPUTE in user.meta:  # gathered again when backward remakes the region
+                g.meta[RECOMPUTE] = user.meta[RECOMPUTE]
             stage = where.get(owner_of(user).name)
             if stage is not None:
                 g.meta[STAGE] = stage.index

@@ -19,11 +19,8 @@ def _model():
     return gpt.build(dropout=0.2, flash=False)  # attention dropout is then an explicit op on heads
 
 
-def test_exact_mode_reproduces_single_device_dropout():
-    model, (idx,) = _model()
-    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx,), rng="exact")
-    streams = {n.meta[RNG] for n in plan.graph_module.graph.nodes if RNG in n.meta}
-    assert streams == {"replicated", "sharded"}
+def trains_with_the_same_masks(plan, model, idx):
+    """Loss and every gradient of one step from the same seed equal the single-device model's."""
     torch.manual_seed(42)
     ref = model(idx)
     loss_fn(ref).backward()
@@ -32,6 +29,14 @@ def test_exact_mode_reproduces_single_device_dropout():
     assert_close(loss, loss_fn(ref), "loss with dropout")
     for name, p in model.named_parameters():
         assert_close(grads[name], p.grad, f"gradient of {name} with dropout")
+
+
+def test_exact_mode_reproduces_single_device_dropout():
+    model, (idx,) = _model()
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (idx,), rng="exact")
+    streams = {n.meta[RNG] for n in plan.graph_module.graph.nodes if RNG in n.meta}
+    assert streams == {"replicated", "sharded"}
+    trains_with_the_same_masks(plan, model, idx)
     # the default generator advanced as in the single-device run: the next masks agree too
     torch.manual_seed(5)
     a = model(idx)

@@ -27,7 +27,9 @@ def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     zero = passes_run(PlanContext(fxpar.Mesh(dp=2), PlanOptions(zero=3)))
     assert zero.index("localize_shapes") < zero.index("plan_weights") < zero.index("estimate_memory")
     assert zero[-2:] == ["cut_stages", "gather_weights"]
-    assert len(PIPELINE) == 14 and all(callable(step.when) for step in PIPELINE)
+    both = passes_run(PlanContext(fxpar.Mesh(dp=2), PlanOptions(zero=3, recompute="full")))
+    assert both[-3:] == ["cut_stages", "plan_recompute", "gather_weights"]
+    assert len(PIPELINE) == 15 and all(callable(step.when) for step in PIPELINE)
 
 
 def test_the_summary_lists_the_passes_that_ran():

@@ -25,6 +25,7 @@ from ..memory import expr
 from ..shards import local_shape
 from . import zero
 from .pipeline import PipelineRunner, Value
+from .recompute import checkpoint_regions
 
 
 class RankProgram:
@@ -58,14 +59,17 @@ class RankProgram:
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None
+        def build(graph, name):
+            regions = checkpoint_regions(graph) if ctx.recomputed else {}
+            return build_module(root, graph, cap.gm, name, {**bodies, **regions})
+
         if mesh.pp == 1:
-            graph = _own_experts(rank_graph(gm, self.tp, device), ctx, self.ep)
-            self.full = build_module(root, graph, cap.gm, f"Rank{rank}", bodies)
+            self.full = build(_own_experts(rank_graph(gm, self.tp, device), ctx, self.ep), f"Rank{rank}")
         n = len(spec.stages)
         self.stages = {}
         for s in mine:
             graph = _own_experts(rank_graph(GraphModule(gm, stage_graph(gm, s, n)), self.tp, device), ctx, self.ep)
-            self.stages[s.index] = build_module(root, graph, cap.gm, f"Stage{s.index}Rank{rank}", bodies)
+            self.stages[s.index] = build(graph, f"Stage{s.index}Rank{rank}")
         if level == 3:  # each weight freed after its layer's forward, gathered again for backward
             for m in [self.full, *self.stages.values()]:
                 if m is not None:
