@@ -1,4 +1,4 @@
-"""Ops that take pieces of a dimension or join pieces: split/chunk/slice/narrow/select/unbind,
+"""Ops that take pieces of a dimension or join pieces: split/chunk/tensor_split/slice/narrow/select/unbind,
 ``getitem`` of their tuple outputs, cat and stack.
 
 Cutting a sharded dimension works when every rank holds an equal, contiguous part of every piece.
@@ -46,6 +46,24 @@ def _pieces(node: Node) -> list[tuple[int, int]] | None:
         for s in sizes:
             out.append((a, a + s))
             a += s
+        return out
+    if t == aten.tensor_split.indices:
+        dim = norm_dim(arg(node, 2, "dim", 0), nd)
+        size = static(shape(x)[dim])
+        if size is None or not all(isinstance(i, int) for i in node.args[1]):
+            return None
+        edges = [0] + [min(max(0, i + size if i < 0 else i), size) for i in node.args[1]] + [size]
+        return [(a, max(a, b)) for a, b in zip(edges, edges[1:])]
+    if t == aten.tensor_split.sections:
+        dim = norm_dim(arg(node, 2, "dim", 0), nd)
+        size, n = static(shape(x)[dim]), node.args[1]
+        if size is None or not isinstance(n, int):
+            return None
+        q, extra = divmod(size, n)
+        out, a = [], 0
+        for k in range(n):
+            out.append((a, a + q + (k < extra)))
+            a += q + (k < extra)
         return out
     if t == aten.chunk.default:
         dim = norm_dim(arg(node, 2, "dim", 0), nd)
@@ -98,7 +116,8 @@ def _wrap(node: Node, place):
     return place if single else tuple(place for _ in node.meta["val"])
 
 
-@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor, aten.narrow.default)
+@register(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.indices,
+          aten.tensor_split.sections, aten.slice.Tensor, aten.narrow.default)
 def cut(node: Node, ctx: RuleContext) -> Sharding:
     x = node.args[0]
     p = ctx.placement(x)
@@ -182,7 +201,8 @@ def cuts_of(x: Node, dim: int) -> list[tuple[int, int]]:
             for piece in (_pieces(user) or []) if piece[1] > piece[0]]
 
 
-CUTS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.slice.Tensor, aten.narrow.default)
+CUTS = (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.indices,
+        aten.tensor_split.sections, aten.slice.Tensor, aten.narrow.default)
 _SINGLE = (aten.slice.Tensor, aten.narrow.default)
 
 
@@ -207,7 +227,8 @@ def invert_cut(node: Node, wanted: Shard, base):
     return None if layout is None else (x, layout)
 
 
-@localizer(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default)
+@localizer(aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.tensor_split.indices,
+           aten.tensor_split.sections)
 def local_split(node: Node, rank: int, lctx):
     x = node.args[0]
     p = lctx.inp(node, x)
