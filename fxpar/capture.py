@@ -17,6 +17,7 @@ dimension (``{"idx": {0: "batch", 1: "seq"}}``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import sysconfig
@@ -30,6 +31,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
+from .autocast import DistinctCasts, apply_autocast
 from .canonical import filled_buffers_as_cat, index_runs_as_slices
 from .constants import RealConstants, check_constants
 from .errors import _TORCH_DIR, CaptureError
@@ -129,10 +131,12 @@ def in_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None, dtype=None) -> Captured:
+def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss_fn=None, dtype=None,
+            autocast=None) -> Captured:
     """Capture ``model(*args, **kwargs)`` as an ATen-level ``GraphModule`` on the meta device.
     ``dtype``: the layers compute in it (``in_dtype``), while ``tensors`` describe fp32 master
-    weights.
+    weights. ``autocast``: ``(device type, dtype)`` of a ``torch.autocast`` the call runs under,
+    whose casts become nodes of the graph (``fxpar/autocast.py``).
 
     >>> from fxpar.models import mlp
     >>> model, args = mlp.build()
@@ -160,13 +164,15 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     )
     shapes, dim_names = _normalize_dynamic(dynamic_shapes)
     try:
-        with RealConstants():
+        with RealConstants(), DistinctCasts() if autocast else contextlib.nullcontext():
             ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the user's module and line
         raise CaptureError(_explain(e, skeleton)) from e
     gm = ep.module()
     _drop_export_guards(gm)
     _portable(gm)
+    if autocast:
+        apply_autocast(gm, *autocast)
     aliases, persistent = _names(model)
     lifted = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target not in aliases}
     check_constants(gm, lifted)

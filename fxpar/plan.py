@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
 from . import plan_check, plan_memory, report
+from .autocast import autocast_of
 from .capture import TARGET, Captured, capture
 from .codegen import get_path
 from .errors import FxparError
@@ -298,7 +299,9 @@ def compile(
     ``optimizer`` (``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"``, ``"none"``: whose
     states the memory estimate counts) with ``optimizer_dtype`` (their dtype, default the
     parameters'), and ``sizes`` (values of symbolic sizes to plan for). The example inputs are a
-    whole batch: the graph is captured for one microbatch of one data-parallel replica.
+    whole batch: the graph is captured for one microbatch of one data-parallel replica. Called
+    under ``torch.autocast``, the plan computes in the dtypes eager autocast computes in, with or
+    without autocast around its runs (``fxpar/autocast.py``).
 
     >>> from fxpar.models import gpt
     >>> model, (idx,) = gpt.build()
@@ -314,7 +317,7 @@ def compile(
         example_kwargs = {**(example_kwargs or {}), TARGET: example_target}
     mb_args, mb_kwargs = first_microbatch(example_args, example_kwargs, opts.microbatches, mesh.replicas)
     cap = capture(model, mb_args, mb_kwargs, dynamic_shapes=dynamic_shapes, loss_fn=loss_fn,
-                  dtype=compute_dtype(opts.precision))
+                  dtype=compute_dtype(opts.precision), autocast=autocast_of(example_args, example_kwargs))
     gm, ctx = plan_graph(cap, mesh, opts)
     replicated = report.replication_warning(gm, ctx)
     if replicated:

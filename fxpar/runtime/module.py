@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils import _pytree as pytree
 
+from ..autocast import autocast_of, outside_autocast
 from ..capture import TARGET, meta_skeleton
 from ..errors import FxparError
 from ..geometry import ShardGeometry
@@ -133,7 +134,7 @@ class ParallelModule(nn.Module):
     def forward(self, *args, **kwargs):
         self._cache.check_call(args, kwargs, self.training)
         prog = self._cache.get(args, kwargs, self.training)
-        with running(self._ctx):
+        with running(self._ctx), outside_autocast(autocast_of(args, kwargs)):
             if prog.full is not None and (self._mesh.replicas == 1 or not _training(self)):
                 if self._microbatches == 1:
                     return prog.full(*args, **kwargs)
@@ -178,7 +179,7 @@ class ParallelModule(nn.Module):
             mbs = microbatches(prog.captured, args, kwargs, m)
             targets, loss_fn = target_microbatches(target, m), self._loss_fn
         self.__dict__["_last"] = prog
-        with running(self._ctx):
+        with running(self._ctx), outside_autocast(autocast_of(args, kwargs)):
             return prog.runner.train_step(mbs, targets, loss_fn, prog.params)
 
     def _everywhere(self, prog, mbs):

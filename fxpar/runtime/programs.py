@@ -1,5 +1,5 @@
 """A ``ParallelModule``'s programs, one per input signature (shapes that are not dynamic, dtypes,
-train/eval mode), made at the signature's first call as ``torch.compile`` recompiles: the checks
+train/eval mode, the ``torch.autocast`` around the call), made at the signature's first call as ``torch.compile`` recompiles: the checks
 that every rank calls alike, capture and planning, and the ``RankProgram`` built from the plan.
 
 The first program makes the parameters and fixes how they are placed (``geometry``); every later
@@ -15,6 +15,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .. import report
+from ..autocast import autocast_of
 from ..capture import capture
 from ..errors import CaptureError, FxparError
 from ..geometry import ShardGeometry
@@ -90,7 +91,9 @@ class Programs:
         check = self.check_mode != "never" and self.everyone.world > 1
         signature, contents = input_summaries(self.skeleton.forward, args, kwargs, self.dynamic, digests=False)
         if check:
-            agree(self.everyone, {**signature, "mode": "train" if training else "eval"}, explain_signature)
+            mode = "train" if training else "eval"
+            agree(self.everyone, {**signature, "mode": mode, "autocast": str(autocast_of(args, kwargs))},
+                  explain_signature)
         check_not_meta(contents)
 
     def _check_contents(self, args, kwargs) -> None:
@@ -112,7 +115,7 @@ class Programs:
                 k += 1
             else:
                 parts.append(x)
-        return (training, str(spec), tuple(parts))
+        return (training, autocast_of(args, kwargs), str(spec), tuple(parts))
 
     def _build(self, args, kwargs, training: bool, loss: bool) -> RankProgram:
         first = self.geometry is None
@@ -154,7 +157,8 @@ class Programs:
         self.skeleton.train(training)
         mb_args, mb_kwargs = first_microbatch(args, kwargs, self.options.microbatches)
         cap = capture(self.skeleton, mb_args, mb_kwargs, dynamic_shapes=self.dynamic_shapes,
-                      loss_fn=self.loss_fn if loss else None, dtype=compute_dtype(self.options.precision))
+                      loss_fn=self.loss_fn if loss else None, dtype=compute_dtype(self.options.precision),
+                      autocast=autocast_of(args, kwargs))
         options = self.options
         if self.geometry is not None:  # the parameters stay as they are: split the same way, in the same stages
             first = self.geometry.ctx
