@@ -67,10 +67,18 @@ class StageMemory:
     masters: object = 0  # fp32 master weights the layers read cast (precision)
     recomputed: object = 0  # bytes beyond the kept activations while backward remakes a region (the worst one)
     recompute_flops: object = 0  # forward FLOPs recomputed per microbatch
+    offloaded: bool = False  # masters, gradients and optimizer state are in host memory (offload="optimizer")
 
     @property
     def static(self):
-        return self.params + self.masters + self.grads + self.optimizer + self.buffers
+        """Bytes on the device that stay for the whole step."""
+        kept = self.params + self.buffers
+        return kept if self.offloaded else kept + self.masters + self.grads + self.optimizer
+
+    @property
+    def host(self):
+        """Bytes in host memory (``offload="optimizer"``)."""
+        return self.masters + self.grads + self.optimizer if self.offloaded else 0
 
     @property
     def activations(self):
@@ -86,7 +94,7 @@ class StageMemory:
         f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
-                           f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops))
+                           f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops), self.offloaded)
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
@@ -106,6 +114,7 @@ def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]
         d.masters += m.masters
         d.recomputed = m.recomputed if d.recomputed == 0 else max(d.recomputed, m.recomputed)
         d.recompute_flops += m.recompute_flops
+        d.offloaded = d.offloaded or m.offloaded
     return out
 
 
@@ -227,6 +236,7 @@ class Holding:
     dp: int = 1
     rows: dict = field(default_factory=dict)
     cast: frozenset = frozenset()
+    host: frozenset = frozenset()  # weights whose masters, gradients and state are in host memory
 
     def share(self, target: str, nbytes):
         """The bytes of the largest rank's rows of a weight of ``nbytes`` (all of it if unsplit)."""
@@ -254,17 +264,19 @@ def weight_bytes(target: str, info: NodeMemory, optimizer: str, optimizer_dtype=
     """
     h = holding or Holding()
     cast, split = target in h.cast, target in h.rows
+    apart = cast or target in h.host  # the optimizer steps a copy of its own (on the host when offloaded)
     elems = info.param_bytes // info.param_elem
     master = elems * (MASTER_ELEM if cast else info.param_elem)
     grad = master if info.trainable else 0
     state_elem = torch.empty((), dtype=optimizer_dtype).element_size() if optimizer_dtype else master // max(elems, 1)
     state = OPTIMIZER_STATES[optimizer] * elems * state_elem if info.trainable else 0
     if not split:
-        return info.param_bytes, master if cast else 0, grad, state
+        return info.param_bytes, master if apart else 0, grad, state
     share, level = h.share, h.zero
     whole = info.param_bytes if level < 3 else 0
-    if cast:
-        return whole, share(target, master), share(target, grad) if level >= 2 else grad, share(target, state)
+    if apart:  # offloaded, zero 1 reduces at once as 2 does: the whole gradient never stays on the device
+        at_once = level >= 2 or target in h.host
+        return whole, share(target, master), share(target, grad) if at_once else grad, share(target, state)
     weight = whole if level < 3 else share(target, master)
     return weight, 0, share(target, grad) if level >= 2 else grad, share(target, state)
 
@@ -294,8 +306,9 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
     for r in regions.values():
         m.recomputed = _max(m.recomputed, r.before + r.remade - kept)
         m.recompute_flops += r.flops
-    if holding is not None and holding.zero >= 2:
+    if holding is not None and (holding.zero >= 2 or holding.host):
         m.gathered = _gathered(nodes, holding)
+    m.offloaded = bool(holding is not None and holding.host)
     return m
 
 
@@ -356,14 +369,17 @@ def _max(a, b):
     return sympy.Max(a, b)
 
 
-def _gathered(nodes, zero: Holding):
-    """The most bytes whole at once beyond the rows under zero 2 and 3: the split weights one op
-    reads (under zero 3, whole while it runs), and their gradients before the reduce-scatter."""
+def _gathered(nodes, holding: Holding):
+    """The most bytes whole at once on the device beyond what stays: the split weights one op
+    reads (under zero 3, whole while it runs), and their gradients before the reduce-scatter
+    (zero 2, 3) or before they move to the host (offload)."""
     most = 0
     for node in nodes:
-        split = [i for i in node.all_input_nodes if i.op == "get_attr" and i.target in zero.rows]
-        whole = sum(node_memory(i).param_bytes for i in split)
-        most = max(most, whole * (2 if zero.zero == 3 else 1))
+        apart = [i for i in node.all_input_nodes if i.op == "get_attr" and (
+            (holding.zero >= 2 and i.target in holding.rows) or i.target in holding.host)]
+        grads = sum(node_memory(i).param_bytes for i in apart)
+        gathered = sum(node_memory(i).param_bytes for i in apart if holding.zero == 3 and i.target in holding.rows)
+        most = max(most, grads + gathered)
     return most
 
 

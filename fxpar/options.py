@@ -25,7 +25,8 @@ STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full", "auto")
-PRECISIONS = {"fp32": None, "bf16": "bfloat16"}  # name -> the torch dtype layers compute in
+OFFLOAD = (None, "optimizer")
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # name -> the torch dtype layers compute in
 
 
 def compute_dtype(precision: str):
@@ -97,9 +98,12 @@ class PlanOptions:
     symbolic sizes to plan for, ``overrides`` glob patterns over module or parameter names mapped
     to one of ``STYLES``, ``rng`` one of ``RNG_MODES``, ``zero`` the ZeRO stage over the data-parallel
     ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``), ``precision`` what layers compute in
-    (``"bf16"``: bfloat16 weights and activations from fp32 master weights; ``PRECISIONS``) and
+    (``"bf16"``: bfloat16 weights and activations from fp32 master weights; ``"fp16"`` the same in
+    float16, with dynamic loss scaling in ``train_step``; ``PRECISIONS``) and
     ``reduce_dtype`` what gradients are averaged over dp in, ``recompute`` which activations backward
-    recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``). ``device_type``, ``param_stages`` and
+    recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``), ``offload="optimizer"`` keeps
+    the master weights, their gradients and the optimizer state on the host, where the optimizer
+    steps them (ZeRO-Offload; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and
     ``fixed_weights`` are set by fxpar itself (where programs run; what a recapture must keep).
 
     >>> PlanOptions(schedule="1F1B", microbatches=4).schedule
@@ -120,6 +124,7 @@ class PlanOptions:
     rng: str = "megatron"
     zero: int = 0
     recompute: str = "none"
+    offload: str | None = None
     precision: str = "fp32"
     reduce_dtype: str = "fp32"
     device_type: str = "cpu"
@@ -177,12 +182,13 @@ class PlanOptions:
         if self.recompute == "auto" and self.memory_limit is None:
             raise OptionError("recompute='auto' recomputes what it takes to fit memory_limit: give memory_limit "
                               "(bytes per device), or choose recompute='selective' or 'full'")
-        if self.precision == "fp16":
-            raise OptionError("precision='fp16' needs dynamic loss scaling, which fxpar does not do yet: use "
-                              "precision='bf16' (the same memory, no loss scaling needed)")
+        if self.offload not in OFFLOAD:
+            raise OptionError(f"offload={self.offload!r} is not one of {OFFLOAD}: 'optimizer' keeps the master weights, "
+                              "their gradients and the optimizer state in host memory and steps them there")
         if self.precision not in PRECISIONS:
             raise OptionError(f"precision={self.precision!r} is not one of {tuple(PRECISIONS)}: 'bf16' computes in "
-                              "bfloat16 from fp32 master weights that the optimizer steps")
+                              "bfloat16 from fp32 master weights that the optimizer steps, 'fp16' in float16 with "
+                              "dynamic loss scaling")
         if self.reduce_dtype not in ("fp32", self.precision):
             raise OptionError(f"reduce_dtype={self.reduce_dtype!r}: gradients are reduced over the data-parallel ranks "
                               f"in 'fp32' (the default) or in the compute precision {self.precision!r}")

@@ -58,7 +58,7 @@ def sp(ctx: PlanContext) -> bool:
 
 def held_apart(ctx: PlanContext) -> bool:
     """Whether a rank holds weights other than as the graph reads them (zero, precision)."""
-    return ctx.options.zero > 0 or ctx.options.precision != "fp32"
+    return ctx.options.zero > 0 or ctx.options.precision != "fp32" or ctx.options.offload is not None
 
 
 def recomputes(ctx: PlanContext) -> bool:

@@ -93,6 +93,7 @@ class PlanContext:
     expert_layers: list[ExpertLayer] = field(default_factory=list)
     zero_rows: dict[str, int] = field(default_factory=dict)  # plan_weights: weight -> rows split over dp
     cast_weights: set[str] = field(default_factory=set)  # plan_weights: fp32 masters the layers read cast
+    offloaded: set[str] = field(default_factory=set)  # plan_weights: weights whose masters live on the host
     recomputed: list[str] = field(default_factory=list)  # plan_recompute: regions backward recomputes
     warnings: list[str] = field(default_factory=list)  # any pass: what the user should know
     passes: list[str] = field(default_factory=list)  # run_pipeline: the passes that ran, in order
@@ -126,7 +127,8 @@ class PlanContext:
         memory model."""
         from .memory import Holding
 
-        return Holding(self.options.zero, self.mesh.dp, dict(self.zero_rows), frozenset(self.cast_weights))
+        return Holding(self.options.zero, self.mesh.dp, dict(self.zero_rows), frozenset(self.cast_weights),
+                       frozenset(self.offloaded))
 
     def held_target(self, target: str, ep_rank: int) -> str:
         """The weight ep rank ``ep_rank`` reads where the graph reads ``target`` (an expert's

@@ -290,13 +290,17 @@ def stage_table(gm: GraphModule, ctx) -> str:
         sent = sum(evaluate(by_name[o].meta["fxpar_memory"].value_bytes, spec.sizes, names) * len(s.sinks[o]) for o in s.outputs)
         mods = f"{s.modules[0]} .. {s.modules[-1]}" if len(s.modules) > 1 else (s.modules[0] if s.modules else "")
         rows.append([s.index, s.rank, len(s.nodes), mods, fmt_bytes(m.params), fmt_bytes(m.grads), fmt_bytes(m.optimizer),
-                     f"{fmt_bytes(m.activations_per_microbatch)} x{m.in_flight}", fmt_bytes(m.peak), fmt_bytes(sent)])
+                     f"{fmt_bytes(m.activations_per_microbatch)} x{m.in_flight}", fmt_bytes(m.peak), fmt_bytes(sent)]
+                    + ([fmt_bytes(m.host)] if m.offloaded else []))
     sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes.items()) or "the example's"
+    offloaded = any(s.memory.offloaded for s in spec.stages)
     head = (f"stages ({spec.schedule}, {spec.microbatches} microbatches, sizes {sizes}, optimizer {ctx.options.optimizer}); "
-            f"memory per device of the stage's rank")
+            f"memory per device of the stage's rank" + ("; grads, optimizer and fp32 masters in host memory (offload)"
+                                                       if offloaded else ""))
     return head + "\n" + tabulate(
         rows, headers=["stage", "pp rank", "nodes", "modules", "params", "grads", "optimizer", "activations x in flight",
-                       "peak", "sends/microbatch"], disable_numparse=True)
+                       "peak (device)" if offloaded else "peak", "sends/microbatch"] + (["host"] if offloaded else []),
+        disable_numparse=True)
 
 
 def state_table(ctx) -> str:
@@ -312,12 +316,15 @@ def state_table(ctx) -> str:
             continue
         per = lambda b: f"{float(b) / float(m.weights):.2f}"  # noqa: E731
         rows.append([rank, f"{int(m.weights):,}", per(m.params), per(m.masters), per(m.grads), per(m.optimizer),
-                     per(m.params + m.masters + m.grads + m.optimizer), fmt_bytes(m.gathered)])
+                     per(m.params + m.masters + m.grads + m.optimizer), per(m.static - m.buffers), per(m.host),
+                     fmt_bytes(m.gathered)])
     split = f"zero {zero} over dp={dp}" if zero else "zero 0 (every dp rank holds all of it)"
+    where = "; masters, grads and optimizer state in host memory" if ctx.options.offload else ""
     head = (f"bytes per parameter on each device ({split}; layers in {ctx.options.precision}; "
-            f"optimizer {ctx.options.optimizer})")
+            f"optimizer {ctx.options.optimizer}{where})")
     return head + "\n" + tabulate(rows, headers=["pp rank", "parameters", "weights", "fp32 masters", "grads",
-                                                 "optimizer", "total", "gathered at once"], disable_numparse=True)
+                                                 "optimizer", "total", "on the device", "on the host", "gathered at once"],
+                                disable_numparse=True)
 
 
 def recompute_report(gm: GraphModule, ctx) -> str:

@@ -1,7 +1,7 @@
-"""Pass (rewrite): read every weight ``zero`` splits over dp, or ``precision`` casts, through
-``gather_param``.
+"""Pass (rewrite): read every weight ``zero`` splits over dp, ``precision`` casts or ``offload``
+keeps on the host, through ``gather_param``.
 
-Reads ``ctx.zero_rows`` and ``ctx.cast_weights`` (``plan_weights``) and the stages of
+Reads ``ctx.zero_rows``, ``ctx.cast_weights`` and ``ctx.offloaded`` (``plan_weights``) and the stages of
 ``ctx.pipeline``. Every use of such a weight gets its own
 ``torch.ops.fxpar.gather_param(weight, rows, dtype, group='dp')`` node, placed just
 before the op that uses it, in that op's module and stage, so that under zero 3 only the weights
@@ -26,7 +26,8 @@ def gather_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     stages = ctx.pipeline.stages if ctx.pipeline is not None else []
     where = {name: s for s in stages for name in s.nodes}
     for node in list(gm.graph.nodes):
-        if node.op != "get_attr" or (node.target not in ctx.zero_rows and node.target not in ctx.cast_weights):
+        held = ctx.zero_rows.keys() | ctx.cast_weights | ctx.offloaded
+        if node.op != "get_attr" or node.target not in held:
             continue
         rows = ctx.zero_rows.get(node.target)
         dtype = node.meta["val"].dtype if node.target in ctx.cast_weights else None

@@ -9,6 +9,9 @@ Writes:
   as without zero: a few elements, which splitting would leave some ranks without.
 * ``ctx.cast_weights``: under a compute precision, the floating weights the graph reads in it
   (the capture cast them) while the rank holds them as fp32 masters.
+* ``ctx.offloaded``: under ``offload="optimizer"``, the floating weights with a master (trainable
+  or cast), whose masters (their rows, with zero), gradients and optimizer state live on the host;
+  the device holds the weight as the layers read it.
 
 The memory model (``cut_stages``) counts the weights' bytes from these, and ``gather_weights``
 makes each whole, in the compute dtype, where a layer reads it.
@@ -36,6 +39,8 @@ def plan_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             continue
         if dtype is not None and w.dtype == dtype:
             ctx.cast_weights.add(node.target)
+        if ctx.options.offload and w.is_floating_point() and (w.requires_grad or node.target in ctx.cast_weights):
+            ctx.offloaded.add(node.target)
         if not (ctx.options.zero and w.requires_grad and w.dim() >= 1):
             continue
         rows = local_shape(w.shape, ctx.param_placements.get(node.target, REPLICATE))[0]

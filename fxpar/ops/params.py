@@ -102,25 +102,28 @@ def scatter_rows(grad: torch.Tensor, rows: int, comm) -> torch.Tensor:
 class Sharded:
     """One weight as one rank holds it: ``master``, the Parameter the optimizer steps (rows
     ``start:stop`` of ``rows`` under zero 1, 2 and 3 at ``level``; all of it at level 0, where
-    only ``dtype`` differs from the master's); for levels 0, 1 and 2 the whole weight ``full`` in
-    the compute ``dtype`` (the master's rows are a view of it when the dtypes agree), made again
-    when the master's version moves on (an optimizer step, a load); for zero 1 the step's
-    gradient of the whole weight (``full_grad``) until ``finish``. Gradients are reduced over dp
-    in ``reduce_dtype`` and given to the master in its own dtype."""
+    only ``dtype`` or the place differs from the master's); for levels 0, 1 and 2 the whole weight
+    ``full`` in the compute ``dtype`` on ``device`` (the master's rows are a view of it when the
+    dtypes and places agree), made again when the master's version moves on (an optimizer step, a
+    load); for zero 1 the step's gradient of the whole weight (``full_grad``) until ``finish``.
+    Gradients are reduced over dp in ``reduce_dtype`` and given to the master in its own dtype,
+    where it lives (``host``: in host memory, ``offload="optimizer"``)."""
 
     def __init__(self, name: str, level: int, master: torch.nn.Parameter, rows: int | None, start: int, stop: int,
-                 full: torch.Tensor | None, dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32):
+                 full: torch.Tensor | None, dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32,
+                 device: torch.device | None = None, host: bool = False):
         self.name, self.level, self.rows = name, level, rows
         self.master, self.start, self.stop = master, start, stop
         self.full, self.dtype, self.reduce_dtype = full, dtype, reduce_dtype
+        self.device, self.host = device if device is not None else master.device, host
         self.version = master._version if full is not None else None
         self.full_grad: torch.Tensor | None = None
         self.lock = threading.Lock()
 
     def gather(self, comm) -> torch.Tensor:
-        """The whole weight in the compute dtype, from every dp rank's rows (cast before they
-        are sent: bf16 rows cost half the bytes)."""
-        mine = self.master.detach().to(self.dtype)
+        """The whole weight in the compute dtype, on the device, from every dp rank's rows (cast
+        before they are sent: bf16 rows cost half the bytes)."""
+        mine = self.master.detach().to(device=self.device, dtype=self.dtype, non_blocking=self.host)
         return mine if self.level == 0 else gather_rows(mine, self.rows, comm)
 
     def whole(self, comm) -> torch.Tensor:
@@ -133,17 +136,21 @@ class Sharded:
             self.version = self.master._version
         return self.full.detach()
 
+    def _to_master(self, g: torch.Tensor) -> torch.Tensor:
+        return g.to(device=self.master.device, dtype=self.master.dtype)
+
     def grad(self, g: torch.Tensor, comm, deferred: bool):
         """What backward gives the master for ``g``, the whole weight's gradient (None under
-        zero 1 within a step, which reduces at its end)."""
+        zero 1 within a step, which reduces at its end; offloaded, zero 1 reduces at once, so no
+        whole gradient stays on the device)."""
         if self.level == 0:
-            return g.to(self.master.dtype)
-        if self.level == 1 and deferred:
+            return self._to_master(g)
+        if self.level == 1 and deferred and not self.host:
             g = g.to(self.master.dtype)
             with self.lock:
                 self.full_grad = g.clone() if self.full_grad is None else self.full_grad.add_(g)
             return None
-        return scatter_rows(g.to(self.reduce_dtype), self.rows, comm).to(self.master.dtype)
+        return self._to_master(scatter_rows(g.to(self.reduce_dtype), self.rows, comm))
 
     def finish(self, comm) -> None:
         """zero 1, after the step's last backward: the rows' share of the averaged gradient."""

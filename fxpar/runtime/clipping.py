@@ -26,9 +26,9 @@ def clip_grad_norm_(grads: list[tuple[str, torch.Tensor]], geometry: ShardGeomet
     def reduce(gs):
         if not gs:
             return torch.zeros((), dtype=torch.float64, device=device)
-        if inf:
-            return torch.stack([g.detach().abs().max().double() for g in gs]).max()
-        return torch.stack([g.detach().double().abs().pow(norm_type).sum() for g in gs]).sum()
+        if inf:  # on the device, whatever memory a gradient is in (offloaded masters' are on the host)
+            return torch.stack([g.detach().abs().max().double().to(device) for g in gs]).max()
+        return torch.stack([g.detach().double().abs().pow(norm_type).sum().to(device) for g in gs]).sum()
 
     def tp_norm(part):  # over the tp ranks: shards add up, replicated gradients count once
         placed = [(geometry.placement(n), g, geometry.dp_rows(n, rank)) for n, g in part]

@@ -34,6 +34,7 @@ from .checks import (
 from .clipping import clip_grad_norm_
 from .pipeline import join_microbatches, microbatch_size, split_microbatches
 from .programs import Programs
+from .scaling import LossScaler
 from .telemetry import write_chrome_trace  # noqa: F401 - importable from here, as it always was
 
 
@@ -117,6 +118,7 @@ class ParallelModule(nn.Module):
             _microbatches=plan_options.microbatches,
             _cache=programs,
             _programs=programs.programs,
+            _scaler=LossScaler() if plan_options.precision == "fp16" else None,
         )
         agree(everyone, model_structure(model), explain_structure)
         agree(everyone, model_values(model), explain_values)
@@ -180,7 +182,7 @@ class ParallelModule(nn.Module):
             targets, loss_fn = target_microbatches(target, m), self._loss_fn
         self.__dict__["_last"] = prog
         with running(self._ctx), outside_autocast(autocast_of(args, kwargs)):
-            return prog.runner.train_step(mbs, targets, loss_fn, prog.params)
+            return prog.runner.train_step(mbs, targets, loss_fn, prog.params, self._scaler)
 
     def _everywhere(self, prog, mbs):
         """Pipelined inference, the output given to every rank of the pipeline."""
@@ -203,6 +205,12 @@ class ParallelModule(nn.Module):
             return leaf if not isinstance(leaf, torch.fx.Node) else val
         shape = [d if isinstance(d, int) else int(expr(d).subs(prog.runner.sizes)) for d in val.shape]
         return torch.zeros(shape, dtype=val.dtype, device=self._device)
+
+    @property
+    def loss_scaler(self) -> LossScaler | None:
+        """Under ``precision="fp16"``, the dynamic loss scaling of ``train_step``
+        (``runtime/scaling.py``): ``.scale``, ``.skipped`` steps, ``.last_skipped``. None otherwise."""
+        return self._scaler
 
     # parameters and state ----------------------------------------------------------------------
     @property

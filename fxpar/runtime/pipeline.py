@@ -67,13 +67,16 @@ class PipelineRunner:
         self.split: set[str] = set()  # parameters held as rows over the dp ranks (zero)
 
     # one training step ------------------------------------------------------------------------
-    def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params) -> torch.Tensor:
+    def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params, scaler=None) -> torch.Tensor:
         """Forward, loss and backward of every microbatch; ``loss_fn=None`` when the stages' graph
-        computes the loss itself (its last stage's output)."""
+        computes the loss itself (its last stage's output). ``scaler``: a ``LossScaler`` that
+        scales the loss and unscales the gradients (``precision="fp16"``)."""
         if not torch.is_grad_enabled():
             raise FxparError("train_step computes gradients: call it outside torch.no_grad()")
         m = len(microbatches)
-        st = _State(microbatches, targets, loss_fn, m, training=True)
+        if scaler is not None:
+            scaler.check_fresh(params.values())
+        st = _State(microbatches, targets, loss_fn, m, training=True, scale=scaler.scale if scaler else 1.0)
         self._bind_sizes(microbatches[0])
         before = {n: params[n].grad.clone() for n in self.spec.tied if n in params and params[n].grad is not None}
         self._expect(lambda r: self.schedule.actions[r])
@@ -84,6 +87,8 @@ class PipelineRunner:
             finish_rows({n: params[n] for n in self.split}, current().comm("dp"))
         self._sync_tied(params, before)
         self._sync_data_parallel(params)
+        if scaler is not None:
+            scaler.unscale_([params[n] for n in sorted(params)], current().comms, self.device)
         loss = sum(st.losses) / m if st.losses else torch.zeros((), device=self.device)
         return self._everywhere(loss.detach().reshape(()).float())
 
@@ -210,7 +215,7 @@ class PipelineRunner:
     def _b(self, a, st):
         key = (a.stage, a.mb)
         if a.stage == self.last:
-            (st.loss.pop(a.mb) / st.m).backward()
+            (st.loss.pop(a.mb) / st.m * st.scale).backward()  # scale: a power of 2, exact
         else:
             grads = st.grads.pop(key, {})
             pairs = [(t, grads[n]) for n, t in st.out[key].items() if n in grads and t.requires_grad]
@@ -251,8 +256,9 @@ class PipelineRunner:
                 g = p.grad if p.grad is not None else torch.zeros_like(p)
                 if name in before:
                     g = g - before[name]
-            total = comm.all_reduce(g)
+            total = comm.all_reduce(g.to(self.device))  # an offloaded master's gradient is in host memory
             if p is not None:
+                total = total.to(p.device)
                 p.grad = total + before[name] if name in before else total
 
     def _sync_data_parallel(self, params: dict) -> None:
@@ -263,13 +269,14 @@ class PipelineRunner:
         ep = ctx.comms.get("ep")
         if ep is not None and ep.world > 1:
             dense = [p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.experts]
-            _average(dense, ep)
+            _average(dense, ep, self.device)
             for n, p in params.items():
                 if n in self.experts and p.grad is not None:
                     p.grad.div_(ep.world)
         dp = ctx.comms.get("dp")
         if dp is not None and dp.world > 1:  # rows under zero came averaged out of their reduce-scatter
-            _average([p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.split], dp)
+            _average([p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.split], dp,
+                     self.device)
 
     def _everywhere(self, loss: torch.Tensor) -> torch.Tensor:
         ctx = current()
@@ -282,10 +289,11 @@ class PipelineRunner:
         return total
 
 
-def _average(grads: list, comm) -> None:
-    """Each gradient replaced by its mean over ``comm``'s ranks, in flat buckets."""
+def _average(grads: list, comm, device) -> None:
+    """Each gradient replaced by its mean over ``comm``'s ranks, in flat buckets on ``device``."""
     for bucket in _buckets(grads):
-        flat = comm.all_reduce_(torch._utils._flatten_dense_tensors(bucket)).div_(comm.world)
+        # over the device's transport, for gradients in host memory too (offloaded masters)
+        flat = comm.all_reduce_(torch._utils._flatten_dense_tensors(bucket).to(device)).div_(comm.world)
         for g, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
             g.copy_(new)
 
@@ -293,11 +301,11 @@ def _average(grads: list, comm) -> None:
 class _State:
     """Everything one step keeps per (stage, microbatch)."""
 
-    def __init__(self, inputs, targets, loss_fn, m, training=False):
+    def __init__(self, inputs, targets, loss_fn, m, training=False, scale=1.0):
         from collections import defaultdict
 
         self.inputs, self.targets, self.loss_fn, self.m = inputs, targets, loss_fn, m
-        self.training = training
+        self.training, self.scale = training, scale
         self.recv = defaultdict(dict)
         self.out: dict = {}
         self.grads = defaultdict(dict)

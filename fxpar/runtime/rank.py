@@ -51,11 +51,13 @@ class RankProgram:
             self.names = fill(root, cap, placements, self.tp, source, device,
                               seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer)
         level = ctx.options.zero
-        if populate and (ctx.zero_rows or ctx.cast_weights):
+        if populate and (ctx.zero_rows or ctx.cast_weights or ctx.offloaded):
             rows = {ctx.held_target(t, self.ep): n for t, n in ctx.zero_rows.items()}
             cast = {ctx.held_target(t, self.ep) for t in ctx.cast_weights}
+            host = {ctx.held_target(t, self.ep) for t in ctx.offloaded}
             zero.hold_weights(root, cap, {t: n for t, n in rows.items() if t in keep}, cast & keep, level, self.dp,
-                              mesh.dp, compute_dtype(ctx.options.precision), _dtype(ctx.options.reduce_dtype))
+                              mesh.dp, compute_dtype(ctx.options.precision), _dtype(ctx.options.reduce_dtype),
+                              host & keep)
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None

@@ -20,30 +20,41 @@ from ..ops.params import SHARDED, SavedGathers, Sharded, row_split
 
 
 def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set[str], level: int, dp_rank: int,
-                 dp: int, dtype: torch.dtype | None, reduce_dtype: torch.dtype) -> None:
+                 dp: int, dtype: torch.dtype | None, reduce_dtype: torch.dtype, host: set[str] = frozenset()) -> None:
     """Hold each weight ``root`` has under a name in ``rows`` (graph name -> its rows) as this
     dp rank's rows of it: a view of the whole weight under zero 1 and 2 (which keep it), a copy
     under zero 3 (which frees it); each in ``cast`` (names) as an fp32 master the graph reads in
-    ``dtype``."""
-    for target in sorted(set(rows) | set(cast)):
+    ``dtype``; each in ``host`` with its master in host memory (pinned beside a GPU), the device
+    keeping the weight as the graph reads it."""
+    for target in sorted(set(rows) | set(cast) | set(host)):
         whole = get_path(root, target)
         compute = dtype if target in cast else whole.dtype
-        if target not in rows:  # whole on every dp rank: only the dtype differs
-            SHARDED[whole] = Sharded(target, 0, whole, None, 0, whole.shape[0] if whole.dim() else 0,
-                                     whole.detach().to(compute), compute, reduce_dtype)
-            continue
-        start, stop = row_split(rows[target], dp)[dp_rank]
-        full = whole.detach()
-        keep = level < 3
-        if keep and compute != full.dtype:  # the master rows and the whole weight the layers read
-            mine, full = full[start:stop].clone(), full.to(compute)
+        device = whole.device
+        master_device = torch.device("cpu") if target in host else device
+
+        def master(t):
+            t = t.to(master_device, copy=True) if target in host or t.dtype != compute else t
+            return t.pin_memory() if target in host and device.type == "cuda" else t
+
+        if target not in rows:  # whole on every dp rank: only the dtype or the place differs
+            full = whole.detach().to(compute)
+            param = nn.Parameter(master(whole.detach()), requires_grad=whole.requires_grad) if target in host else whole
+            SHARDED[param] = Sharded(target, 0, param, None, 0, whole.shape[0] if whole.dim() else 0,
+                                     full, compute, reduce_dtype, device, target in host)
         else:
-            mine = full[start:stop] if keep else full[start:stop].clone()
-        param = nn.Parameter(mine, requires_grad=whole.requires_grad)
-        SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if keep else None, compute,
-                                 reduce_dtype)
-        for alias in cap.aliases.get(target, [target]):
-            set_path(root, alias, param)
+            start, stop = row_split(rows[target], dp)[dp_rank]
+            full = whole.detach()
+            keep = level < 3
+            if keep and (compute != full.dtype or target in host):  # the master rows apart from the whole weight
+                mine, full = master(full[start:stop]), full.to(compute)
+            else:
+                mine = full[start:stop] if keep else master(full[start:stop].clone())
+            param = nn.Parameter(mine, requires_grad=whole.requires_grad)
+            SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if keep else None, compute,
+                                     reduce_dtype, device, target in host)
+        if param is not whole:
+            for alias in cap.aliases.get(target, [target]):
+                set_path(root, alias, param)
 
 
 def finish(params, comm) -> None:
