@@ -142,15 +142,27 @@ def _blocks(gm: GraphModule) -> set[str]:
 
 
 def _regions_by_module(gm: GraphModule, paths: set[str]) -> dict[str, list[Node]]:
-    out: dict[str, list[Node]] = {}
-    for node in gm.graph.nodes:
+    """The nodes of each module in ``paths``. A collective fxpar inserted goes with the op that
+    reads it: it carries the module of the value it converts, but runs where that value is read
+    (the all-gather of a sequence-parallel layer's output runs inside the next layer's norm)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    owner: dict[Node, str | None] = {}
+    for node in reversed(gm.graph.nodes):
         if node.op not in ("call_function", "call_module"):
             continue
-        for path, _ in _stack(node):
-            if path in paths:
-                out.setdefault(path, []).append(node)
-                break
+        if _is_fxpar(node.target) and node.users:
+            owner[node] = owner.get(min(node.users, key=order.get))
+        else:
+            owner[node] = next((path for path, _ in _stack(node) if path in paths), None)
+    out: dict[str, list[Node]] = {}
+    for node in gm.graph.nodes:
+        if owner.get(node) is not None:
+            out.setdefault(owner[node], []).append(node)
     return out
+
+
+def _is_fxpar(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpar"
 
 
 def _stack(node: Node) -> list[tuple[str, str]]:

@@ -8,7 +8,7 @@ import torch
 import fxpar
 from fxpar.memory import activations
 from fxpar.metadata import RECOMPUTE
-from fxpar.models import gpt
+from fxpar.models import gpt, llama
 from fxpar.runtime.recompute import Recomputed
 from fxpar.simulate import run_ranks
 from tests.test_dropout_rng import trains_with_the_same_masks
@@ -30,16 +30,18 @@ def test_training_equals_one_device(name, dp, pp, tp, mode):
         assert all(r.endswith("attention core") for r in kinds)
 
 
-@pytest.mark.parametrize("zero, precision", [(3, "fp32"), (1, "bf16")])
-def test_with_zero_and_precision(zero, precision):
-    if precision == "fp32":
-        check_pipeline("llama", 2, 1, 2, "1f1b", 2, recompute="full", zero=zero)
-        return
-    # bf16: the same numbers as the same plan without recomputation
-    model, (idx,) = gpt.build(flash=False, n_layer=2)
-    plans = [fxpar.compile(model, fxpar.Mesh(dp=2), (torch.cat([idx, idx]),), microbatches=1, zero=zero,
-                           precision=precision, recompute=mode) for mode in ("none", "full")]
-    (la, ga), (lb, gb) = (p.simulate_train(loss_fn, torch.cat([idx, idx])) for p in plans)
+@pytest.mark.parametrize("options", [dict(zero=3), dict(zero=1, precision="bf16"),
+                                     dict(sequence_parallel=True, precision="bf16"),
+                                     dict(sequence_parallel=True, zero=3, precision="bf16")], ids=str)
+def test_with_zero_precision_and_sequence_parallel(options):
+    """The same numbers, bit for bit, as the same plan without recomputation, and every layer
+    recomputed (the collectives sequence parallelism adds go with the layer that reads them)."""
+    model, (idx,) = llama.build()
+    args = (torch.cat([idx, idx]),)
+    plans = [fxpar.compile(model, fxpar.Mesh(dp=2, tp=2), args, microbatches=1, recompute=mode, **options)
+             for mode in ("none", "full")]
+    assert plans[1].ctx.recomputed == ["layers.0", "layers.1"]
+    (la, ga), (lb, gb) = (p.simulate_train(loss_fn, *args) for p in plans)
     assert torch.equal(la, lb) and all(torch.equal(ga[k], gb[k]) for k in ga)
 
 
