@@ -73,8 +73,9 @@ class DistComm(Communicator):
             out = torch.empty_like(chunks[self.rank])
             self._wait(dist.reduce_scatter(out, chunks, group=self.group, async_op=True), "reduce_scatter", t)
             return out
-        # gloo has no reduce_scatter: all-reduce and keep the chunk
-        return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
+        # gloo has no reduce_scatter: all-reduce and keep a copy of the chunk (a view would keep
+        # the whole sum alive with it: a zero-2 gradient would cost the weight's whole size)
+        return self._all_reduce(t).chunk(self.world, dim)[self.rank].clone(memory_format=torch.contiguous_format)
 
     def _all_to_all(self, t):
         out = torch.empty_like(t)
@@ -131,7 +132,7 @@ class ThreadComm(Communicator):
         return [p.clone() for p in self.shared.exchange(self.rank, t)]
 
     def _reduce_scatter(self, t, dim):
-        return self._all_reduce(t).chunk(self.world, dim)[self.rank].contiguous()
+        return self._all_reduce(t).chunk(self.world, dim)[self.rank].clone(memory_format=torch.contiguous_format)
 
     def _all_to_all_v(self, t, send, recv):
         # copies: the peers read them after the exchange, when this rank may reuse ``t``
