@@ -370,16 +370,24 @@ def _max(a, b):
 
 
 def _gathered(nodes, holding: Holding):
-    """The most bytes whole at once on the device beyond what stays: the split weights one op
-    reads (under zero 3, whole while it runs), and their gradients before the reduce-scatter
-    (zero 2, 3) or before they move to the host (offload)."""
-    most = 0
+    """The most bytes whole at once on the device beyond what stays: the weights of one layer
+    (``gather_params`` gathers a repeated block's weights together; outside blocks, a module's),
+    under zero 3 whole while the layer runs, with the next layer's gathered meanwhile, and their
+    gradients before the reduce-scatter (zero 2, 3) or before they move to the host (offload)."""
+    from .blocks import innermost, owners, repeated_blocks
+
+    if not nodes:
+        return 0
+    gm = nodes[0].graph.owning_module
+    block_of = owners(gm, repeated_blocks(gm)) if gm is not None else {}
+    units: dict[str, dict] = {}
     for node in nodes:
-        apart = [i for i in node.all_input_nodes if i.op == "get_attr" and (
-            (holding.zero >= 2 and i.target in holding.rows) or i.target in holding.host)]
-        grads = sum(node_memory(i).param_bytes for i in apart)
-        gathered = sum(node_memory(i).param_bytes for i in apart if holding.zero == 3 and i.target in holding.rows)
-        most = max(most, grads + gathered)
-    return most
-
-
+        for i in node.all_input_nodes:
+            if i.op == "get_attr" and ((holding.zero >= 2 and i.target in holding.rows) or i.target in holding.host):
+                units.setdefault(block_of.get(node) or innermost(node), {})[i.target] = i
+    grads = [sum(node_memory(i).param_bytes for i in w.values()) for w in units.values()]
+    gathered = [sum(node_memory(i).param_bytes for t, i in w.items() if holding.zero == 3 and t in holding.rows)
+                for w in units.values()]
+    # the next layer's weights are gathered (prefetched) while one runs
+    return max((g + w + (gathered[k + 1] if k + 1 < len(gathered) else 0)
+                for k, (g, w) in enumerate(zip(grads, gathered))), default=0)

@@ -37,6 +37,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
+from fxpar.blocks import innermost, owners, repeated_blocks, stack
 from fxpar.errors import PlanError
 from fxpar.memory import evaluate, node_memory, per_device, stage_memory
 from fxpar.metadata import RECOMPUTE, STAGE
@@ -81,7 +82,7 @@ def attention_cores(gm: GraphModule) -> dict[str, list[Node]]:
         else:
             continue
         if region:
-            name = f"{_module(node)} attention core"
+            name = f"{innermost(node)} attention core"
             out[name if name not in out else f"{name} {len(out)}"] = region
     return out
 
@@ -113,65 +114,26 @@ def _softmax_core(softmax: Node) -> list[Node] | None:
 
 
 def layer_regions(gm: GraphModule) -> dict[str, list[Node]]:
-    """``{module path: its nodes}`` for the blocks of the outermost run of sibling modules of one
-    class (``transformer.h.0``, ``transformer.h.1``, ...)."""
-    return _regions_by_module(gm, _blocks(gm))
+    """``{module path: its nodes}`` for the repeated blocks (``fxpar/blocks.py``:
+    ``transformer.h.0``, ``transformer.h.1``, ...)."""
+    return _regions_by_module(gm, repeated_blocks(gm))
 
 
 def sublayer_regions(gm: GraphModule) -> dict[str, list[Node]]:
     """``{module path: its nodes}`` for the modules right inside each block (``transformer.h.0.attn``,
     ``transformer.h.0.mlp``, ...): the finer choices of ``"auto"``."""
-    blocks = _blocks(gm)
-    inner = {path for node in gm.graph.nodes for path, _ in _stack(node)
-             if (parent := path.rpartition(".")[0]) in blocks}
+    blocks = repeated_blocks(gm)
+    inner = {path for node in gm.graph.nodes for path, _ in stack(node) if path.rpartition(".")[0] in blocks}
     return _regions_by_module(gm, inner)
 
 
-def _blocks(gm: GraphModule) -> set[str]:
-    kinds: dict[tuple, set] = {}
-    for node in gm.graph.nodes:
-        for path, kind in _stack(node):
-            parent, _, last = path.rpartition(".")
-            if last.isdigit():
-                kinds.setdefault((parent, kind), set()).add(path)
-    runs = [paths for paths in kinds.values() if len(paths) >= 2]
-    if not runs:
-        return set()
-    depth = min(min(p.count(".") for p in paths) for paths in runs)
-    return {p for paths in runs for p in paths if p.count(".") == depth}
-
-
 def _regions_by_module(gm: GraphModule, paths: set[str]) -> dict[str, list[Node]]:
-    """The nodes of each module in ``paths``. A collective fxpar inserted goes with the op that
-    reads it: it carries the module of the value it converts, but runs where that value is read
-    (the all-gather of a sequence-parallel layer's output runs inside the next layer's norm)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    owner: dict[Node, str | None] = {}
-    for node in reversed(gm.graph.nodes):
-        if node.op not in ("call_function", "call_module"):
-            continue
-        if _is_fxpar(node.target) and node.users:
-            owner[node] = owner.get(min(node.users, key=order.get))
-        else:
-            owner[node] = next((path for path, _ in _stack(node) if path in paths), None)
+    owner = owners(gm, paths)
     out: dict[str, list[Node]] = {}
     for node in gm.graph.nodes:
         if owner.get(node) is not None:
             out.setdefault(owner[node], []).append(node)
     return out
-
-
-def _is_fxpar(target) -> bool:
-    return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpar"
-
-
-def _stack(node: Node) -> list[tuple[str, str]]:
-    return [v if isinstance(v, tuple) else (v, "") for v in (node.meta.get("nn_module_stack") or {}).values()]
-
-
-def _module(node: Node) -> str:
-    stack = _stack(node)
-    return stack[-1][0] if stack else node.name
 
 
 def _valid(regions: dict, order: dict) -> dict:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fxpar
-from fxpar.ops.params import SHARDED, SavedGathers, Sharded, row_split
+from fxpar.ops.params import SHARDED, SavedGathers, row_split
+from fxpar.runtime import pipeline
 from tests.test_pipeline_simulated import check_pipeline
 from tests.test_pipeline_distributed import train
 from tests.zoo import adamw, assert_close, logits, loss_with_target, pipeline_case
@@ -46,7 +47,7 @@ def test_zero3_frees_each_weight_after_its_layer():
     plan = fxpar.compile(model, fxpar.Mesh(dp=2), args, microbatches=1, zero=3)
     kept = plan.simulate(*args)  # the graph of the forward lives as long as its output
     assert kept.requires_grad
-    assert SavedGathers._live and all(ref.expired() for ref, _ in SavedGathers._live.values())
+    assert SavedGathers._live and all(ref.expired() for ref, *_ in SavedGathers._live.values())
     loss, grads = plan.simulate_train(loss_with_target, *args, target=target)
     loss_with_target(model(*args), target).backward()
     for name, p in model.named_parameters():
@@ -76,13 +77,16 @@ def test_memory_model_counts_what_a_rank_holds(precision, monkeypatch):
     expect = {"fp32": {0: 16, 1: 8 + 8 / d, 2: 4 + 12 / d, 3: 16 / d},
               "bf16": {0: 18, 1: 6 + 12 / d, 2: 2 + 16 / d, 3: 16 / d}}[precision]
     whole_grads = {}  # zero 1: the whole gradients a step sums before reducing them into the rows
-    finish = Sharded.finish
+    finish = pipeline.finish_rows
 
-    def measured_finish(self, comm):
-        whole_grads[id(self.master)] = self.full_grad.numel() * self.full_grad.element_size()
-        finish(self, comm)
+    def measured_finish(params, comm):
+        for p in params.values():
+            entry = SHARDED.get(p)
+            if entry is not None and entry.full_grad is not None:
+                whole_grads[id(p)] = entry.full_grad.numel() * entry.full_grad.element_size()
+        finish(params, comm)
 
-    monkeypatch.setattr(Sharded, "finish", measured_finish)
+    monkeypatch.setattr(pipeline, "finish_rows", measured_finish)
     for zero in (0, 1, 2, 3):
         plan = fxpar.compile(model, fxpar.Mesh(dp=d), args, microbatches=1, zero=zero, precision=precision)
         mem = plan.memory()[0]
@@ -176,3 +180,24 @@ def test_bf16_over_gloo(pools, zero):
     # the fp32 masters stay near the fp32 run's weights: Adam moves each by at most about lr a step,
     # whichever sign bf16's rounding gives a gradient near zero
     assert max(drift) < 2 * 8 * 1e-3
+
+
+def test_zero3_gathers_each_layer_once_and_prefetches_the_next(monkeypatch):
+    """A forward gathers each layer's weights in one collective, begun while the layer before it
+    computes (every prefetch is used); a backward gathers each layer again in one; the listing
+    names what each gather prefetches."""
+    from fxpar.ops import params
+
+    model, args, target = pipeline_case("llama", 2)
+    plan = fxpar.compile(model, fxpar.Mesh(dp=2), args, microbatches=1, zero=3)
+    gathers = [n for n in plan.graph_module.graph.nodes if n.target is params.gather_params]
+    assert len(gathers) == 5  # embedding, 2 layers, norm, output
+    started = []
+    begin = params.gather_rows_start
+    monkeypatch.setattr(params, "gather_rows_start", lambda *a: started.append(len(a[0])) or begin(*a))
+    plan.simulate(*args)
+    assert len(started) == 2 * len(gathers) and not params._PREFETCHED  # 2 ranks, each prefetch used
+    started.clear()
+    plan.simulate_train(loss_with_target, *args, target=target)
+    assert len(started) == 2 * 2 * len(gathers) and not params._PREFETCHED
+    assert "prefetch=[" in plan.rank_code(0)

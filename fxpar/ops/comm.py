@@ -18,6 +18,19 @@ from collections import Counter
 import torch
 
 
+class Pending:
+    """A collective begun in the background: ``wait()`` returns its result (once)."""
+
+    def __init__(self, finish):
+        self._finish, self._result, self._done = finish, None, False
+
+    def wait(self):
+        if not self._done:
+            self._result, self._done = self._finish(), True
+            self._finish = None
+        return self._result
+
+
 class Communicator:
     rank: int
     world: int
@@ -58,6 +71,13 @@ class Communicator:
         """Every rank's tensor (all of the same shape), in rank order."""
         self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
         return self._all_gather(t.contiguous())
+
+    def all_gather_start(self, t: torch.Tensor) -> "Pending":
+        """``all_gather`` begun now and finished by the returned handle's ``wait()``, so that
+        work between the two overlaps it (a weight prefetched while a layer computes). Here it
+        is done at once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
+        out = self.all_gather(t)
+        return Pending(lambda: out)
 
     def exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor, like ``all_gather``, for fxpar's own checks between ranks: not

@@ -47,12 +47,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
-import weakref
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .comm import Pending
 from .context import current
 from .library import op
 
@@ -83,20 +83,52 @@ def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 def gather_rows(rows_here: torch.Tensor, rows: int, comm) -> torch.Tensor:
     """The whole weight (``rows`` rows) from every dp rank's rows: one all-gather of equal
     (padded) pieces."""
-    spans = row_split(rows, comm.world)
-    most = spans[0][1] - spans[0][0]
-    parts = comm.all_gather(_pad_rows(rows_here.detach(), most))
-    return torch.cat([p[: b - a] for p, (a, b) in zip(parts, spans)])
+    return gather_rows_many([rows_here], [rows], comm)[0]
 
 
-def scatter_rows(grad: torch.Tensor, rows: int, comm) -> torch.Tensor:
-    """This rank's rows of the mean over the dp ranks of ``grad`` (a whole weight's gradient):
-    one reduce-scatter of equal (padded) pieces."""
-    spans = row_split(rows, comm.world)
-    most = spans[0][1] - spans[0][0]
-    padded = torch.cat([_pad_rows(grad[a:b], most) for a, b in spans])
-    a, b = spans[comm.rank]
-    return comm.reduce_scatter(padded, 0)[: b - a].div_(comm.world)
+def gather_rows_many(mine: list[torch.Tensor], rows: list[int], comm) -> list[torch.Tensor]:
+    """The whole weights from every dp rank's rows of each (all in one dtype): one all-gather of
+    one flat piece per rank, each weight's rows padded to the most any rank holds."""
+    return gather_rows_start(mine, rows, comm).wait()
+
+
+def gather_rows_start(mine: list[torch.Tensor], rows: list[int], comm) -> Pending:
+    """``gather_rows_many`` begun in the background (``comm.all_gather_start``)."""
+    most = [row_split(n, comm.world)[0][1] for n in rows]
+    flat = torch.cat([_pad_rows(m.detach(), k).reshape(-1) for m, k in zip(mine, most)])
+    pending = comm.all_gather_start(flat)
+    sizes = [k * m[0].numel() if m.dim() else k for m, k in zip(mine, most)]
+
+    def finish():
+        parts = pending.wait()
+        out, start = [], 0
+        for m, n, k, size in zip(mine, rows, most, sizes):
+            spans = row_split(n, comm.world)
+            pieces = [p[start:start + size].view(k, *m.shape[1:])[: b - a] for p, (a, b) in zip(parts, spans)]
+            out.append(torch.cat(pieces))
+            start += size
+        return out
+
+    return Pending(finish)
+
+
+def scatter_rows_many(grads: list[torch.Tensor], rows: list[int], comm) -> list[torch.Tensor]:
+    """This rank's rows of the mean over the dp ranks of each of ``grads`` (whole weights'
+    gradients, in one dtype): one reduce-scatter whose chunk for a rank holds its rows of every
+    weight, each padded to the most any rank holds."""
+    most = [row_split(n, comm.world)[0][1] for n in rows]
+    chunks = []
+    for r in range(comm.world):
+        chunks += [_pad_rows(g[slice(*row_split(n, comm.world)[r])], k).reshape(-1)
+                   for g, n, k in zip(grads, rows, most)]
+    mine = comm.reduce_scatter(torch.cat(chunks), 0).div_(comm.world)
+    out, start = [], 0
+    for g, n, k in zip(grads, rows, most):
+        size = k * (g[0].numel() if g.dim() else 1)
+        a, b = row_split(n, comm.world)[comm.rank]
+        out.append(mine[start:start + size].view(k, *g.shape[1:])[: b - a])
+        start += size
+    return out
 
 
 class Sharded:
@@ -105,7 +137,7 @@ class Sharded:
     only ``dtype`` or the place differs from the master's); for levels 0, 1 and 2 the whole weight
     ``full`` in the compute ``dtype`` on ``device`` (the master's rows are a view of it when the
     dtypes and places agree), made again when the master's version moves on (an optimizer step, a
-    load); for zero 1 the step's gradient of the whole weight (``full_grad``) until ``finish``.
+    load); for zero 1 the step's gradient of the whole weight (``full_grad``) until ``fxpar.runtime.zero.finish``.
     Gradients are reduced over dp in ``reduce_dtype`` and given to the master in its own dtype,
     where it lives (``host``: in host memory, ``offload="optimizer"``)."""
 
@@ -120,46 +152,28 @@ class Sharded:
         self.full_grad: torch.Tensor | None = None
         self.lock = threading.Lock()
 
-    def gather(self, comm) -> torch.Tensor:
-        """The whole weight in the compute dtype, on the device, from every dp rank's rows (cast
-        before they are sent: bf16 rows cost half the bytes)."""
-        mine = self.master.detach().to(device=self.device, dtype=self.dtype, non_blocking=self.host)
-        return mine if self.level == 0 else gather_rows(mine, self.rows, comm)
+    def local(self) -> torch.Tensor:
+        """This rank's part (rows, or all of it at level 0) in the compute dtype, on the device."""
+        return self.master.detach().to(device=self.device, dtype=self.dtype, non_blocking=self.host)
 
-    def whole(self, comm) -> torch.Tensor:
-        """The whole weight for a layer to read."""
-        if self.level == 3:
-            return self.gather(comm)
-        if self.master._version != self.version:  # the optimizer (or a load) changed the master
+    def whole(self) -> torch.Tensor:
+        """The whole weight kept for the layers to read (levels 0, 1, 2), made again from the
+        master when the optimizer (or a load) changed it: here at level 0; at 1 and 2 ``wholes``
+        gathers it first."""
+        if self.master._version != self.version:
             with torch.no_grad():
-                self.full.copy_(self.gather(comm))
+                self.full.copy_(self.local())
             self.version = self.master._version
         return self.full.detach()
 
     def _to_master(self, g: torch.Tensor) -> torch.Tensor:
         return g.to(device=self.master.device, dtype=self.master.dtype)
 
-    def grad(self, g: torch.Tensor, comm, deferred: bool):
-        """What backward gives the master for ``g``, the whole weight's gradient (None under
-        zero 1 within a step, which reduces at its end; offloaded, zero 1 reduces at once, so no
-        whole gradient stays on the device)."""
-        if self.level == 0:
-            return self._to_master(g)
-        if self.level == 1 and deferred and not self.host:
-            g = g.to(self.master.dtype)
-            with self.lock:
-                self.full_grad = g.clone() if self.full_grad is None else self.full_grad.add_(g)
-            return None
-        return self._to_master(scatter_rows(g.to(self.reduce_dtype), self.rows, comm))
-
-    def finish(self, comm) -> None:
-        """zero 1, after the step's last backward: the rows' share of the averaged gradient."""
-        if self.full_grad is None:
-            return
-        mine = scatter_rows(self.full_grad.to(self.reduce_dtype), self.rows, comm).to(self.master.dtype)
-        self.full_grad = None
-        p = self.master
-        p.grad = mine if p.grad is None else p.grad.add_(mine)
+    def accumulate(self, g: torch.Tensor) -> None:
+        """Zero 1 within a step: the whole weight's gradient summed until the step's end."""
+        g = g.to(self.master.dtype)
+        with self.lock:
+            self.full_grad = g.clone() if self.full_grad is None else self.full_grad.add_(g)
 
 
 SHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # master Parameter -> Sharded
@@ -169,7 +183,7 @@ _STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("fxpar_zero_step", 
 @contextlib.contextmanager
 def one_step():
     """Within it (a training step over microbatches), zero 1 sums each weight's whole gradient
-    and leaves it to ``Sharded.finish``; outside, a backward reduce-scatters at once as zero 2
+    and leaves it to ``fxpar.runtime.zero.finish``; outside, a backward reduce-scatters at once as zero 2
     does (``loss.backward()`` by the caller has no end of step to wait for)."""
     token = _STEP.set(True)
     try:
@@ -178,61 +192,175 @@ def one_step():
         _STEP.reset(token)
 
 
-class _GatherParam(torch.autograd.Function):
+def wholes(entries: list[Sharded], comm, ready: Pending | None = None) -> list[torch.Tensor]:
+    """The whole weights for the layers to read, from ``entries`` (one rank's ``Sharded``s): those
+    gathered now (every zero-3 weight, a zero-1/2 weight the optimizer changed) in one collective,
+    or taken from ``ready``, the gather of the zero-3 ones begun earlier (``prefetch``)."""
+    out = [None] * len(entries)
+    now = [i for i, e in enumerate(entries) if e.level == 3 or (e.level > 0 and e.master._version != e.version)]
+    if now:
+        if ready is not None and all(entries[i].level == 3 for i in now):
+            fulls = ready.wait()
+        else:
+            fulls = gather_rows_many([entries[i].local() for i in now], [entries[i].rows for i in now], comm)
+        for i, full in zip(now, fulls):
+            e = entries[i]
+            if e.level == 3:
+                out[i] = full
+            else:
+                with torch.no_grad():
+                    e.full.copy_(full)
+                e.version = e.master._version
+    return [o if o is not None else e.whole() for o, e in zip(out, entries)]
+
+
+_PREFETCHED: dict = {}  # the next layer's zero-3 masters (by id) -> (its gather begun, the layer that began it)
+_PREFETCH_LOCK = threading.Lock()
+
+
+def prefetch(entries: list[Sharded], comm, starter) -> None:
+    """Begin gathering the zero-3 weights of ``entries`` (the next layer's) in the background."""
+    split = [e for e in entries if e.level == 3]
+    if not split:
+        return
+    pending = gather_rows_start([e.local() for e in split], [e.rows for e in split], comm)
+    with _PREFETCH_LOCK:
+        _PREFETCHED[tuple(id(e.master) for e in split)] = (pending, starter)
+
+
+def _prefetched(entries: list[Sharded]):
+    key = tuple(id(e.master) for e in entries if e.level == 3)
+    with _PREFETCH_LOCK:
+        return _PREFETCHED.pop(key, (None, None)) if key else (None, None)
+
+
+def reduce_grads(entries: list[Sharded], grads, comm, deferred: bool) -> list:
+    """What backward gives each master for its whole weight's gradient: the gradients split over
+    dp now reduce-scattered in one collective (in ``reduce_dtype``), zero 1 within a step summed
+    for ``finish``, the rest only moved to where the master is."""
+    out = [None] * len(entries)
+    now = []
+    for i, (e, g) in enumerate(zip(entries, grads)):
+        if g is None:
+            continue
+        if e.level == 0:
+            out[i] = e._to_master(g)
+        elif e.level == 1 and deferred and not e.host:  # offloaded, the whole gradient leaves the device at once
+            e.accumulate(g)
+        else:
+            now.append(i)
+    if now:
+        parts = scatter_rows_many([grads[i].to(entries[i].reduce_dtype) for i in now], [entries[i].rows for i in now],
+                                  comm)
+        for i, part in zip(now, parts):
+            out[i] = entries[i]._to_master(part)
+    return out
+
+
+class _GatherParams(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, rows, dtype, comm):
-        ctx.entry, ctx.rows, ctx.comm, ctx.dtype = SHARDED.get(weight), rows, comm, weight.dtype
+    def forward(ctx, comm, rows, dtype, n_next, *tensors):
+        weights, nxt = tensors[: len(tensors) - n_next], tensors[len(tensors) - n_next:]
+        ctx.comm, ctx.rows, ctx.n_next, ctx.dtypes = comm, rows, n_next, [w.dtype for w in weights]
+        ctx.entries = [SHARDED.get(w) for w in weights]
         ctx.defer = _STEP.get()  # read here: backward may run on another thread
-        if ctx.entry is None:  # a run without the rank's weights (the memory model's): the shapes
-            whole = weight.detach() if rows is None else gather_rows(weight, rows, comm)
-            return whole.to(dtype) if dtype is not None else whole.clone()
-        out = ctx.entry.whole(comm)
-        if ctx.entry.level == 3:
-            SavedGathers.track(out, ctx.entry, comm)
-        return out
+        if any(e is None for e in ctx.entries):  # a run without the rank's weights (the memory model's): the shapes
+            ctx.entries = None
+            split = [i for i, n in enumerate(rows) if n >= 0]
+            whole = dict(zip(split, gather_rows_many([weights[i] for i in split], [rows[i] for i in split], comm)))
+            outs = [whole.get(i, w.detach()) for i, w in enumerate(weights)]
+            return tuple(o.to(dtype) if dtype is not None else o.clone() for o in outs)
+        ready, before = _prefetched(ctx.entries)
+        outs = wholes(ctx.entries, comm, ready)
+        bucket = SavedGathers.Bucket([e for e in ctx.entries if e.level == 3], comm, before)
+        for e, o in zip(ctx.entries, outs):
+            if e.level == 3:
+                SavedGathers.track(o, e, bucket)
+        ctx.bucket = bucket
+        following = [SHARDED.get(w) for w in nxt]
+        if following and all(e is not None for e in following):  # while this layer computes
+            prefetch(following, comm, bucket)
+        return tuple(outs)
 
     @staticmethod
-    def backward(ctx, g):
-        if ctx.entry is not None:
-            return ctx.entry.grad(g, ctx.comm, ctx.defer), None, None, None
-        g = g.to(ctx.dtype)
-        return (g if ctx.rows is None else scatter_rows(g, ctx.rows, ctx.comm)), None, None, None
+    def backward(ctx, *grads):
+        if ctx.entries is None:
+            split = [i for i, n in enumerate(ctx.rows) if n >= 0 and grads[i] is not None]
+            rows = dict(zip(split, scatter_rows_many([grads[i].to(ctx.dtypes[i]) for i in split],
+                                                     [ctx.rows[i] for i in split], ctx.comm)))
+            out = [rows.get(i, None if g is None else g.to(ctx.dtypes[i])) for i, g in enumerate(grads)]
+        else:
+            # every op of the layer has had its backward: the weights regathered for it can go,
+            # and the layer before it, whose backward comes next, begins gathering its own
+            ctx.bucket.release()
+            if ctx.bucket.before is not None:
+                ctx.bucket.before.begin_regather()
+            out = reduce_grads(ctx.entries, grads, ctx.comm, ctx.defer)
+        return (None, None, None, None, *out, *([None] * ctx.n_next))
 
 
-@op("gather_param(Tensor weight, SymInt? rows=None, ScalarType? dtype=None, *, str group='dp') -> Tensor")
-def gather_param(weight: torch.Tensor, rows=None, dtype=None, *, group: str = "dp") -> torch.Tensor:
-    """The whole weight (of ``rows`` rows, from this dp rank's rows of it; ``rows=None``: it is
-    whole already) in ``dtype`` (None: its own). See the module doc."""
-    return _GatherParam.apply(weight, rows, dtype, current().comm(group))
+@op("gather_params(Tensor[] weights, int[] rows, ScalarType? dtype, Tensor[] prefetch, *, str group='dp') -> Tensor[]")
+def gather_params(weights: list[torch.Tensor], rows: list[int], dtype, prefetch: list[torch.Tensor], *,
+                  group: str = "dp") -> list[torch.Tensor]:
+    """The whole weights of one layer (each of ``rows[i]`` rows, from this dp rank's rows of it;
+    ``-1``: it is whole already) in ``dtype`` (None: their own), gathered in one collective; their
+    gradients reduce-scattered in one. ``prefetch``: the next layer's weights (or none), whose
+    zero-3 gather begins as this one ends, to run while this layer computes. See the module doc."""
+    return list(_GatherParams.apply(current().comm(group), tuple(rows), dtype, len(prefetch), *weights, *prefetch))
 
 
 class _Saved:
     """A gathered weight autograd saved, by what it takes to gather it again."""
 
-    __slots__ = ("entry", "comm", "size", "stride", "offset")
+    __slots__ = ("entry", "bucket", "size", "stride", "offset")
 
-    def __init__(self, entry, comm, t):
-        self.entry, self.comm = entry, comm
+    def __init__(self, entry, bucket, t):
+        self.entry, self.bucket = entry, bucket
         self.size, self.stride, self.offset = t.size(), t.stride(), t.storage_offset()
 
 
 class SavedGathers:
-    """``saved_tensors_hooks`` for zero 3: a weight ``gather_param`` made, or a view of it, is
-    saved for backward as what it takes to gather it again, so the whole weight is freed once
-    its layer's forward is done and gathered again for its backward (FSDP's reshard after
-    forward). A weight gathered again serves every op of the backward that saved it while it
-    lives."""
+    """``saved_tensors_hooks`` for zero 3: a weight ``gather_params`` made, or a view of it, is
+    saved for backward as what it takes to gather it again, so the whole weights are freed once
+    their layer's forward is done and gathered again for its backward (FSDP's reshard after
+    forward): the first weight of a layer backward needs gathers all of the layer's (one
+    collective), which are kept until the layer's backward is done."""
 
-    _live: dict = {}  # storage address -> (weak reference to the storage, Sharded)
+    _live: dict = {}  # storage address -> (weak reference to the storage, Sharded, Bucket)
     _lock = threading.Lock()
 
+    class Bucket:
+        """The zero-3 weights one ``gather_params`` gathered (``before``: the bucket of the layer
+        that ran before it, whose backward comes after its own), and those gathered again for
+        backward, kept until the layer's backward is done."""
+
+        def __init__(self, entries: list, comm, before=None):
+            self.entries, self.comm, self.before = entries, comm, before
+            self.again: dict[int, torch.Tensor] = {}  # id(entry) -> whole weight
+            self.pending: Pending | None = None
+
+        def begin_regather(self) -> None:
+            if self.entries and not self.again and self.pending is None:
+                self.pending = gather_rows_start([e.local() for e in self.entries], [e.rows for e in self.entries],
+                                                 self.comm)
+
+        def regather(self, entry) -> torch.Tensor:
+            if id(entry) not in self.again:
+                fulls = wholes(self.entries, self.comm, self.pending)
+                self.pending = None
+                self.again = {id(e): f for e, f in zip(self.entries, fulls)}
+            return self.again[id(entry)]
+
+        def release(self) -> None:
+            self.again = {}
+
     @classmethod
-    def track(cls, full: torch.Tensor, entry: Sharded, comm) -> None:
+    def track(cls, full: torch.Tensor, entry: Sharded, bucket) -> None:
         storage = full.untyped_storage()
         with cls._lock:
-            for key in [k for k, (ref, _) in cls._live.items() if ref.expired()]:
+            for key in [k for k, (ref, _, _) in cls._live.items() if ref.expired()]:
                 del cls._live[key]
-            cls._live[storage.data_ptr()] = (StorageWeakRef(storage), entry)
+            cls._live[storage.data_ptr()] = (StorageWeakRef(storage), entry, bucket)
 
     @classmethod
     def pack(cls, t):
@@ -241,18 +369,13 @@ class SavedGathers:
         hit = cls._live.get(t.untyped_storage().data_ptr())
         if hit is None or hit[0].expired():  # an address a freed weight used is not that weight
             return t
-        return _Saved(hit[1], current().comm("dp"), t)
+        return _Saved(hit[1], hit[2], t)
 
     @staticmethod
     def unpack(saved):
         if not isinstance(saved, _Saved):
             return saved
-        entry = saved.entry
-        version, ref = getattr(entry, "regathered", (None, None))
-        full = ref() if ref is not None and version == entry.master._version else None
-        if full is None:
-            full = entry.gather(saved.comm)
-            entry.regathered = (entry.master._version, weakref.ref(full))
+        full = saved.bucket.regather(saved.entry)
         return full.as_strided(saved.size, saved.stride, saved.offset)
 
     @classmethod

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..errors import CollectiveError
 from ..mesh import DIM_ORDER
-from ..ops.comm import Communicator
+from ..ops.comm import Communicator, Pending
 
 
 class DistComm(Communicator):
@@ -66,6 +66,19 @@ class DistComm(Communicator):
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         self._wait(gather(out, flat, group=self.group, async_op=True), "all_gather", t)
         return [c.view(t.shape) for c in out.chunk(self.world)]
+
+    def all_gather_start(self, t):
+        self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
+        flat = t.contiguous().reshape(-1)
+        out = torch.empty(self.world * flat.numel(), dtype=t.dtype, device=t.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out, flat, group=self.group, async_op=True)
+
+        def finish():
+            self._wait(work, "all_gather", t)
+            return [c.view(t.shape) for c in out.chunk(self.world)]
+
+        return Pending(finish)
 
     def _reduce_scatter(self, t, dim):
         if t.device.type == "cuda":

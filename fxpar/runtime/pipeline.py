@@ -22,9 +22,9 @@ from ..schedule import Schedule
 from ..stages import PipelineSpec
 from ..ops.context import current
 from ..ops.params import one_step
+from .buckets import buckets
 from .zero import finish as finish_rows
 
-BUCKET_BYTES = 25 << 20  # gradient bytes per data-parallel all-reduce (DDP's default bucket)
 
 
 @dataclass
@@ -291,7 +291,7 @@ class PipelineRunner:
 
 def _average(grads: list, comm, device) -> None:
     """Each gradient replaced by its mean over ``comm``'s ranks, in flat buckets on ``device``."""
-    for bucket in _buckets(grads):
+    for bucket in buckets(grads):
         # over the device's transport, for gradients in host memory too (offloaded masters)
         flat = comm.all_reduce_(torch._utils._flatten_dense_tensors(bucket).to(device)).div_(comm.world)
         for g, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket)):
@@ -317,18 +317,6 @@ class _State:
 
 def _accumulate(d: dict, name: str, g: torch.Tensor) -> None:
     d[name] = g if name not in d else d[name] + g
-
-
-def _buckets(grads):
-    bucket, size = [], 0
-    for g in grads:
-        if bucket and (size + g.numel() * g.element_size() > BUCKET_BYTES or g.dtype != bucket[0].dtype):
-            yield bucket
-            bucket, size = [], 0
-        bucket.append(g)
-        size += g.numel() * g.element_size()
-    if bucket:
-        yield bucket
 
 
 def split_microbatches(flat: list, m: int, parts: str = "microbatches") -> list[list]:

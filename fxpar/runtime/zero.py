@@ -16,7 +16,8 @@ import torch.nn as nn
 from ..capture import Captured
 from ..codegen import get_path
 from ..holder import set_path
-from ..ops.params import SHARDED, SavedGathers, Sharded, row_split
+from ..ops.params import SHARDED, SavedGathers, Sharded, row_split, scatter_rows_many
+from .buckets import buckets
 
 
 def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set[str], level: int, dp_rank: int,
@@ -59,11 +60,17 @@ def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set
 
 def finish(params, comm) -> None:
     """After a step's last backward under zero 1: each weight's rows get their share of its
-    gradient, averaged over the dp ranks (in the same order on every rank)."""
-    for name in sorted(params):
-        entry = SHARDED.get(params[name])
-        if entry is not None and entry.level == 1:
-            entry.finish(comm)
+    gradient, averaged over the dp ranks; one reduce-scatter per bucket of gradients (in the same
+    order on every rank)."""
+    entries = [e for name in sorted(params) if (e := SHARDED.get(params[name])) is not None
+               and e.level == 1 and e.full_grad is not None]
+    for bucket in buckets(entries, lambda e: e.full_grad):
+        grads = [e.full_grad.to(e.reduce_dtype) for e in bucket]
+        for e, mine in zip(bucket, scatter_rows_many(grads, [e.rows for e in bucket], comm)):
+            e.full_grad = None
+            p = e.master
+            mine = e._to_master(mine)
+            p.grad = mine if p.grad is None else p.grad.add_(mine)
 
 
 def install_hooks(module: nn.Module) -> None:

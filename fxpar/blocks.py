@@ -1,0 +1,62 @@
+"""The repeated blocks of a model, read off the graph: the outermost run of sibling modules of one
+class (``transformer.h.0``, ``transformer.h.1``, ...: the layers of a ``ModuleList``).
+
+Recomputation remakes a block's activations from its input (``passes/plan_recompute.py``), and
+zero gathers a block's weights in one collective (``passes/gather_weights.py``); the memory model
+counts what either holds at once. Blocks come from ``nn_module_stack`` and the class of each
+module, never from names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+
+def stack(node: Node) -> list[tuple[str, str]]:
+    """``(module path, class)`` of the modules a node ran in, outermost first."""
+    return [v if isinstance(v, tuple) else (v, "") for v in (node.meta.get("nn_module_stack") or {}).values()]
+
+
+def innermost(node: Node) -> str:
+    """The path of the innermost module a node ran in (its own name outside every module)."""
+    s = stack(node)
+    return s[-1][0] if s else node.name
+
+
+def repeated_blocks(gm: GraphModule) -> set[str]:
+    """The paths of the blocks: of the runs of at least two sibling modules of one class whose
+    names are their indices, the outermost ones."""
+    kinds: dict[tuple, set] = {}
+    for node in gm.graph.nodes:
+        for path, kind in stack(node):
+            parent, _, last = path.rpartition(".")
+            if last.isdigit():
+                kinds.setdefault((parent, kind), set()).add(path)
+    runs = [paths for paths in kinds.values() if len(paths) >= 2]
+    if not runs:
+        return set()
+    depth = min(min(p.count(".") for p in paths) for paths in runs)
+    return {p for paths in runs for p in paths if p.count(".") == depth}
+
+
+def is_fxpar_op(target) -> bool:
+    """A collective or other op fxpar inserted (``torch.ops.fxpar.*``)."""
+    return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpar"
+
+
+def owners(gm: GraphModule, paths: set[str]) -> dict[Node, str | None]:
+    """For every op, the module of ``paths`` it runs in (None: none of them). A collective fxpar
+    inserted goes with the op that reads it: it carries the module of the value it converts, but
+    runs where that value is read (the all-gather of a sequence-parallel layer's output runs
+    inside the next layer's norm)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    owner: dict[Node, str | None] = {}
+    for node in reversed(gm.graph.nodes):
+        if node.op not in ("call_function", "call_module"):
+            continue
+        if is_fxpar_op(node.target) and node.users:
+            owner[node] = owner.get(min(node.users, key=order.get))
+        else:
+            owner[node] = next((path for path, _ in stack(node) if path in paths), None)
+    return owner
