@@ -20,10 +20,12 @@ _LIB = torch.library.Library("fxpar", "DEF")
 IMPLEMENTATIONS: dict = {}  # op -> its Python implementation (``for_dynamo``)
 
 
-def op(schema: str):
+def op(schema: str, opaque: bool = False):
     """Define ``fxpar::<name>`` with ``schema`` and implement it with the decorated function;
     returns the op's default overload, which is what graphs call (``torch.ops.fxpar.<name>.default``:
-    one object, so passes can compare node targets with ``is``)."""
+    one object, so passes can compare node targets with ``is``). ``opaque``: ``torch.compile``
+    runs the implementation as Python at every call rather than tracing it, for an op whose
+    state lives outside the graph (which weights the optimizer changed since the last call)."""
 
     def define(fn):
         name = schema.split("(", 1)[0]
@@ -33,7 +35,7 @@ def op(schema: str):
         # FX names a node after its target's __name__: ``all_reduce``, as a node of an ATen op
         # is named ``linear``, not ``all_reduce_default``
         overload.__name__ = name
-        IMPLEMENTATIONS[overload] = fn
+        IMPLEMENTATIONS[overload] = torch.compiler.disable(fn) if opaque else fn
         return overload
 
     return define

@@ -299,7 +299,8 @@ class _GatherParams(torch.autograd.Function):
         return (None, None, None, None, *out, *([None] * ctx.n_next))
 
 
-@op("gather_params(Tensor[] weights, int[] rows, ScalarType? dtype, Tensor[] prefetch, *, str group='dp') -> Tensor[]")
+@op("gather_params(Tensor[] weights, int[] rows, ScalarType? dtype, Tensor[] prefetch, *, str group='dp') -> Tensor[]",
+    opaque=True)
 def gather_params(weights: list[torch.Tensor], rows: list[int], dtype, prefetch: list[torch.Tensor], *,
                   group: str = "dp") -> list[torch.Tensor]:
     """The whole weights of one layer (each of ``rows[i]`` rows, from this dp rank's rows of it;
