@@ -15,9 +15,10 @@ Regions come from the graph, never from names:
 * a layer (``"full"``): every op of one of a run of sibling modules of one class (``h.0``,
   ``h.1``, ...: the blocks of a ``ModuleList``), recomputed from its input.
 * ``"auto"``: on each device over ``memory_limit``, the regions with the fewest recomputed FLOPs
-  per byte they free, one at a time until it fits, among attention cores, the modules right
+  per byte they free, one at a time until it fits, among runs of ops without matmuls inside a
+  layer (activations, gates, a norm's arithmetic: node level), attention cores, the modules right
   inside each layer (its norms, attention, MLP) and the layers; a region chosen takes in those
-  inside it. Norms cost no matmul FLOPs and go first, attention cores next, as a rule. A device
+  inside it. What costs no matmul FLOPs goes first, attention cores next, as a rule. A device
   that does not fit when nothing more helps is an error.
 
 The memory model (``fxpar/memory.py``) counts a region's inputs as kept, and during backward the
@@ -37,7 +38,7 @@ import operator
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.blocks import innermost, owners, repeated_blocks, stack
+from fxpar.blocks import innermost, is_fxpar_op, owners, repeated_blocks, stack
 from fxpar.errors import PlanError
 from fxpar.memory import evaluate, node_memory, per_device, stage_memory
 from fxpar.metadata import RECOMPUTE, STAGE
@@ -59,7 +60,11 @@ def plan_recompute(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     elif mode == "full":
         chosen = dict(layers)
     else:
-        chosen = _fit(gm, ctx, {**cores, **_valid(sublayer_regions(gm), order), **layers})
+        chains, modules = _valid(free_chains(gm), order), _valid(sublayer_regions(gm), order)
+        # greedy from two pools (with and without the node-level runs, which can steer it away
+        # from a cheaper set of modules); the fitting choice with fewer FLOPs wins
+        tries = [_fit(gm, ctx, {**chains, **cores, **modules, **layers}), _fit(gm, ctx, {**cores, **modules, **layers})]
+        chosen = min(tries, key=lambda c: (not _fits(gm, ctx, c), _flops(ctx, c)))
     _mark(gm, chosen)
     _restage(gm, ctx)
     ctx.recomputed = [name for name in chosen]
@@ -125,6 +130,36 @@ def sublayer_regions(gm: GraphModule) -> dict[str, list[Node]]:
     blocks = repeated_blocks(gm)
     inner = {path for node in gm.graph.nodes for path, _ in stack(node) if path.rpartition(".")[0] in blocks}
     return _regions_by_module(gm, inner)
+
+
+def free_chains(gm: GraphModule) -> dict[str, list[Node]]:
+    """``{"<block> ops <first>..<last>": nodes}``: inside each block, the runs of consecutive ops
+    that cost no matmul FLOPs (activations, gates, norms' arithmetic, dropout), the node-level
+    choices of ``"auto"``: remade for next to nothing, they free what they save beyond their
+    inputs. Collectives end a run (remaking one would send its bytes again)."""
+    blocks = repeated_blocks(gm)
+    owner = owners(gm, blocks)
+    # a run stays inside one module of the block (or the block's own ops), so that it nests in
+    # the coarser regions instead of straddling two of them
+    part = owners(gm, {p for n in gm.graph.nodes for p, _ in stack(n) if p.rpartition(".")[0] in blocks})
+    out: dict[str, list[Node]] = {}
+    run: list[Node] = []
+
+    def close():
+        if len(run) > 1 or (run and node_memory(run[0]).saved_new):
+            out[f"{part.get(run[0]) or owner[run[0]]} ops {run[0].name}..{run[-1].name}"] = list(run)
+        run.clear()
+
+    for node in gm.graph.nodes:
+        block = owner.get(node)
+        cheap = (node.op == "call_function" and block is not None and not is_fxpar_op(node.target)
+                 and not node_memory(node).flops)
+        if not cheap or (run and (owner[run[0]], part.get(run[0])) != (block, part.get(node))):
+            close()
+        if cheap:
+            run.append(node)
+    close()
+    return out
 
 
 def _regions_by_module(gm: GraphModule, paths: set[str]) -> dict[str, list[Node]]:
@@ -202,8 +237,9 @@ def _fit(gm: GraphModule, ctx: PlanContext, candidates: dict) -> dict:
 
     Greedy with lazy updates: a region's FLOPs per byte only grow as others are chosen (what it
     would free is partly freed already), so the score it had is a bound; the best is taken when
-    its score, measured again, still beats every other's bound. Each measurement restages only
-    the stages of the region's device."""
+    its score, measured again, still beats every other's bound. Then each region that is no
+    longer needed to fit goes again, the costliest first. Each measurement restages only the
+    stages of the region's device."""
     limit = ctx.options.memory_limit
     stages = ctx.pipeline.stages
     rank_of = {s.index: s.rank for s in stages}
@@ -225,6 +261,11 @@ def _fit(gm: GraphModule, ctx: PlanContext, candidates: dict) -> dict:
         freed = peaks[r] - after
         return (flops[name] / freed, after) if freed > 0 else None
 
+    sets = {name: set(nodes) for name, nodes in candidates.items()}
+
+    def crosses(name):  # overlaps a chosen region without one holding the other: no one call runs both
+        return any(sets[name] & sets[c] and not (sets[name] <= sets[c] or sets[c] <= sets[name]) for c in chosen)
+
     heap = []
     for i, name in enumerate(candidates):
         if peaks[device[name]] > limit and (s := score(name)) is not None:
@@ -232,7 +273,7 @@ def _fit(gm: GraphModule, ctx: PlanContext, candidates: dict) -> dict:
     heapq.heapify(heap)
     while heap and any(p > limit for p in peaks):
         _, i, name = heapq.heappop(heap)
-        if peaks[device[name]] <= limit:
+        if peaks[device[name]] <= limit or crosses(name):
             continue
         s = score(name)
         if s is None:
@@ -243,6 +284,15 @@ def _fit(gm: GraphModule, ctx: PlanContext, candidates: dict) -> dict:
         chosen[name] = candidates[name]
         peaks[device[name]] = s[1]
     chosen = _outermost(chosen)
+    # a region the later ones made unneeded goes again, the costliest first
+    for name in sorted(chosen, key=lambda n: -flops.get(n, 0.0)):
+        if not flops.get(name):
+            continue
+        trial = {k: v for k, v in chosen.items() if k != name}
+        _mark(gm, trial)
+        _restage(gm, ctx, on[device[name]])
+        if _peaks(ctx)[device[name]] <= limit:
+            chosen = trial
     _mark(gm, chosen)
     return chosen
 
@@ -253,6 +303,17 @@ def _outermost(regions: dict) -> dict:
     return {name: nodes for name, nodes in regions.items()
             if not any(other != name and len(sets[other]) > len(sets[name]) and sets[name] <= sets[other]
                        for other in sets)}
+
+
+def _fits(gm: GraphModule, ctx: PlanContext, chosen: dict) -> bool:
+    _mark(gm, chosen)
+    _restage(gm, ctx)
+    return max(_peaks(ctx)) <= ctx.options.memory_limit
+
+
+def _flops(ctx: PlanContext, chosen: dict) -> float:
+    return sum(float(evaluate(node_memory(n).flops, ctx.pipeline.sizes, ctx.dim_names))
+               for nodes in chosen.values() for n in nodes)
 
 
 def _check(ctx: PlanContext, mode: str) -> None:

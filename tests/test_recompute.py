@@ -136,6 +136,16 @@ def test_auto_fits_the_limit_with_the_fewest_flops():
         assert_close(gb[k], ga[k], k)
 
 
+def test_auto_first_remakes_what_costs_no_matmul():
+    """Just below the peak without recomputation, runs of ops without matmuls (a norm's
+    arithmetic, an activation, dropout) inside the layers suffice: node-level regions, no FLOPs."""
+    model, args = _long_gpt()
+    peak = fxpar.compile(model, fxpar.Mesh(tp=2), args).memory()[0].peak
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), args, recompute="auto", memory_limit=int(peak * 0.97))
+    assert plan.memory()[0].peak <= peak * 0.97 and plan.memory()[0].recompute_flops == 0
+    assert any(" ops " in r for r in plan.ctx.recomputed)
+
+
 def test_auto_says_when_nothing_fits():
     model, args = _long_gpt()
     full = fxpar.compile(model, fxpar.Mesh(tp=2), args, recompute="full").memory()[0].peak
