@@ -121,8 +121,10 @@ class ShardGeometry:
         dp) whose parts make up ``name``: the tp ranks of its owning stage on every ep rank
         holding a part of it, by ep rank, then tp rank, then dp rank."""
         split, holder = self.ep_split(name), self.ep_holder(name)
-        eps = range(self.mesh.ep) if split is not None else [holder or 0]
-        dps = range(self.mesh.dp) if self.zero_rows(name) is not None else [0]
+        rows = self.zero_rows(name) is not None
+        over_ep = rows and self.zero_group(name) == "dp_ep"  # a dense weight's rows over dp x ep
+        eps = range(self.mesh.ep) if split is not None or over_ep else [holder or 0]
+        dps = range(self.mesh.dp) if rows else [0]
         pp = self.owner(name)
         return [self.mesh.rank_of(pp=pp, ep=e, tp=t, dp=d) for e in eps for t in range(self.mesh.tp) for d in dps]
 
@@ -131,11 +133,19 @@ class ShardGeometry:
         (None where it does not)."""
         return self.ctx.zero_rows.get(self._planned(name))
 
+    def zero_group(self, name: str) -> str:
+        """The ranks zero splits ``name`` over: ``"dp"``, or ``"dp_ep"`` for a dense weight under
+        expert parallelism (``PlanContext.zero_group``)."""
+        return self.ctx.zero_group(self._planned(name))
+
     def dp_rows(self, name: str, rank: int) -> tuple[int, int] | None:
         """``(start, stop)``: the rows of its tp rank's part of ``name`` that ``rank`` holds
         under zero (None where zero does not split ``name``)."""
         rows = self.zero_rows(name)
-        return None if rows is None else row_split(rows, self.mesh.dp)[self.mesh.coordinate(rank)["dp"]]
+        if rows is None:
+            return None
+        planned = self._planned(name)
+        return row_split(rows, self.ctx.zero_world(planned))[self.ctx.zero_index(planned, self.mesh.coordinate(rank))]
 
     def local_shape(self, name: str, rank: int | None = None) -> list[int]:
         """The shape of one rank's part of ``name`` (of ``rank``'s, where zero splits it over dp;
@@ -186,13 +196,17 @@ class ShardGeometry:
         """The whole tensor ``name`` from ``part(rank)`` of every rank in ``holders(name)``; None
         where one of them has none."""
         by_tp: dict[tuple, list] = {}
+        split = self.ep_split(name) is not None
+        planned = self._planned(name)
         for r in self.holders(name):
             c = self.mesh.coordinate(r)
-            by_tp.setdefault((c["ep"], c["tp"]), []).append(part(r))
-        if any(p is None for parts in by_tp.values() for p in parts):
+            # rows in the order zero split them (over dp, or dp x ep for a dense weight)
+            by_tp.setdefault((c["ep"] if split else 0, c["tp"]), []).append((self.ctx.zero_index(planned, c), part(r)))
+        if any(p is None for parts in by_tp.values() for _, p in parts):
             return None
         by_ep: dict[int, list] = {}
-        for (e, _), rows in sorted(by_tp.items()):  # a tp rank's part from its dp ranks' rows
+        for (e, _), rows in sorted(by_tp.items()):  # a tp rank's part from its replicas' rows
+            rows = [p for _, p in sorted(rows, key=lambda ip: ip[0])]
             by_ep.setdefault(e, []).append(rows[0] if len(rows) == 1 else torch.cat(rows))
         wholes = [self.join_tp(name, parts) for _, parts in sorted(by_ep.items())]
         return wholes[0] if self.ep_split(name) is None else self.join_ep(name, wholes)

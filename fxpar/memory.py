@@ -228,7 +228,8 @@ def optimizer_bytes(info: NodeMemory, optimizer: str, dtype: torch.dtype | None)
 @dataclass(frozen=True)
 class Holding:
     """How a rank holds the weights beyond reading them as the graph does: ``zero`` (0 to 3)
-    over ``dp`` ranks with the rows of each weight it splits (``ctx.zero_rows``), and the
+    over the ``dp`` ranks (``worlds``: over how many each weight, dp x ep for dense weights under
+    expert parallelism) with the rows of each weight it splits (``ctx.zero_rows``), and the
     weights read in a compute precision from fp32 masters (``cast``). Bytes are those of the rank
     holding most rows."""
 
@@ -237,13 +238,14 @@ class Holding:
     rows: dict = field(default_factory=dict)
     cast: frozenset = frozenset()
     host: frozenset = frozenset()  # weights whose masters, gradients and state are in host memory
+    worlds: dict = field(default_factory=dict)  # weight -> the ranks its rows are split over (dp, or dp x ep)
 
     def share(self, target: str, nbytes):
         """The bytes of the largest rank's rows of a weight of ``nbytes`` (all of it if unsplit)."""
         rows = self.rows.get(target)
         if rows is None:
             return nbytes
-        most = -(-rows // self.dp)
+        most = -(-rows // self.worlds.get(target, self.dp))
         return nbytes * most // rows
 
 

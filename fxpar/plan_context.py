@@ -127,8 +127,24 @@ class PlanContext:
         memory model."""
         from .memory import Holding
 
+        worlds = {t: self.zero_world(t) for t in self.zero_rows}
         return Holding(self.options.zero, self.mesh.dp, dict(self.zero_rows), frozenset(self.cast_weights),
-                       frozenset(self.offloaded))
+                       frozenset(self.offloaded), worlds)
+
+    def zero_group(self, target: str) -> str:
+        """The ranks zero splits ``target`` over: its data-parallel replicas, which for a dense
+        weight under expert parallelism are dp x ep (``"dp_ep"``: every ep rank holds it too) and
+        for an expert's weight dp (``"dp"``)."""
+        return "dp_ep" if self.mesh.ep > 1 and not self.is_expert(target) else "dp"
+
+    def zero_world(self, target: str) -> int:
+        """How many ranks zero splits ``target`` over (``zero_group``)."""
+        return self.mesh.dp * (self.mesh.ep if self.zero_group(target) == "dp_ep" else 1)
+
+    def zero_index(self, target: str, coord: dict) -> int:
+        """The position of the rank at ``coord`` among those zero splits ``target`` over: its dp
+        rank, or under ``"dp_ep"`` dp-major, ep-minor (as the communicator orders them)."""
+        return coord["dp"] * self.mesh.ep + coord["ep"] if self.zero_group(target) == "dp_ep" else coord["dp"]
 
     def held_target(self, target: str, ep_rank: int) -> str:
         """The weight ep rank ``ep_rank`` reads where the graph reads ``target`` (an expert's

@@ -40,6 +40,11 @@ def mesh_contexts(mesh, seed: int, exact: bool, timeout: float = 120.0) -> tuple
             if key not in worlds:
                 worlds[key] = ThreadWorld(getattr(mesh, dim), timeout)
             comms[dim] = ThreadComm(worlds[key], coord[dim])
+        # the replicas of a dense weight under expert parallelism, dp-major (zero splits over them)
+        key = ("dp_ep",) + tuple(v for k, v in coord.items() if k not in ("dp", "ep"))
+        if key not in worlds:
+            worlds[key] = ThreadWorld(mesh.dp * mesh.ep, timeout)
+        comms["dp_ep"] = ThreadComm(worlds[key], coord["dp"] * mesh.ep + coord["ep"])
         rep_seed, tp_seed = stream_seeds(seed, coord["tp"], coord["pp"])
         rep = torch.Generator()
         if mesh.pp == 1:  # one stage: the single-device model's stream, so exact mode can match it

@@ -4,7 +4,8 @@ keeps on the host, through ``gather_params``, one call per layer.
 Reads ``ctx.zero_rows``, ``ctx.cast_weights`` and ``ctx.offloaded`` (``plan_weights``), the stages
 of ``ctx.pipeline`` and ``fxpar_recompute``. The uses of such weights are grouped into buckets:
 by the repeated block the op reading them runs in (``fxpar/blocks.py``; outside every block, by
-the op's own module), its stage, its recomputed region and the dtype the weights are read in.
+the op's own module), its stage, its recomputed region, the dtype the weights are read in and
+the ranks their rows are split over (``ctx.zero_group``).
 Each bucket gets one ``torch.ops.fxpar.gather_params(weights, rows, dtype, group='dp')`` node,
 placed just before the bucket's first op, in that op's module, stage and region, and every use
 reads its weight out of it: under zero 3 a layer's weights are whole together while the layer
@@ -45,12 +46,13 @@ def gather_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             stage = where.get(owner_of(user).name)
             dtype = node.meta["val"].dtype if node.target in ctx.cast_weights else None
             unit = block_of.get(user) or innermost(user)
-            key = (stage.index if stage is not None else None, unit, user.meta.get(RECOMPUTE), dtype)
+            group = ctx.zero_group(node.target)  # an expert's rows over dp, a dense weight's over dp x ep
+            key = (stage.index if stage is not None else None, unit, user.meta.get(RECOMPUTE), dtype, group)
             buckets.setdefault(key, []).append((user, node))
     for uses in buckets.values():
         uses.sort(key=lambda uw: order[uw[0]])
     ordered = sorted(buckets.items(), key=lambda kv: order[kv[1][0][0]])
-    for k, ((stage_index, _, region, dtype), uses) in enumerate(ordered):
+    for k, ((stage_index, _, region, dtype, group), uses) in enumerate(ordered):
         weights = list(dict.fromkeys(w for _, w in uses))
         first = uses[0][0]
         # a region remade in backward would begin the next one's gather again, for nothing
@@ -58,7 +60,7 @@ def gather_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         with gm.graph.inserting_before(first):
             g = gm.graph.call_function(
                 gather_params, (weights, [ctx.zero_rows.get(w.target, -1) for w in weights], dtype, following),
-                {"group": "dp"})
+                {"group": group})
             items = {}
             for k, w in enumerate(weights):
                 items[w] = gm.graph.call_function(operator.getitem, (g, k))
@@ -88,9 +90,9 @@ def _next_bucket(ordered: list, k: int, ctx: PlanContext) -> list:
     (its gather begins as the ``k``-th's ends: FSDP's forward prefetch); else none."""
     if ctx.options.zero != 3:
         return []
-    stage = ordered[k][0][0]
+    stage, group = ordered[k][0][0], ordered[k][0][4]
     for key, uses in ordered[k + 1:]:
-        if key[0] == stage:
+        if key[0] == stage and key[4] == group:
             return [w for w in dict.fromkeys(w for _, w in uses) if w.target in ctx.zero_rows]
     return []
 

@@ -3,10 +3,11 @@
 Reads ``ctx.options.zero`` and ``precision``, ``ctx.param_placements`` and the graph's weights.
 Writes:
 
-* ``ctx.zero_rows``: under zero 1, 2, 3, for every trainable weight split over dp, its dim-0 size
-  on one tp rank (the rows ``fxpar.ops.params.row_split`` shares out). A weight with fewer rows
-  than dp ranks, or none (a scalar), stays whole on every dp rank and is averaged by all-reduce
-  as without zero: a few elements, which splitting would leave some ranks without.
+* ``ctx.zero_rows``: under zero 1, 2, 3, for every trainable weight split over its data-parallel
+  replicas (``ctx.zero_group``: dp, and dp x ep for a dense weight under expert parallelism), its
+  dim-0 size on one tp rank (the rows ``fxpar.ops.params.row_split`` shares out). A weight with
+  fewer rows than replicas, or none (a scalar), stays whole on every one and is averaged by
+  all-reduce as without zero: a few elements, which splitting would leave some ranks without.
 * ``ctx.cast_weights``: under a compute precision, the floating weights the graph reads in it
   (the capture cast them) while the rank holds them as fp32 masters.
 * ``ctx.offloaded``: under ``offload="optimizer"``, the floating weights with a master (trainable
@@ -30,7 +31,7 @@ from fxpar.shards import local_shape
 
 
 def plan_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
-    dp, dtype = ctx.mesh.dp, compute_dtype(ctx.options.precision)
+    dtype = compute_dtype(ctx.options.precision)
     for node in gm.graph.nodes:
         if node.op != "get_attr":
             continue
@@ -44,6 +45,6 @@ def plan_weights(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         if not (ctx.options.zero and w.requires_grad and w.dim() >= 1):
             continue
         rows = local_shape(w.shape, ctx.param_placements.get(node.target, REPLICATE))[0]
-        if rows >= dp:
+        if rows >= ctx.zero_world(node.target):
             ctx.zero_rows[node.target] = rows
     return gm

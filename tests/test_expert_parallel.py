@@ -126,10 +126,10 @@ def test_errors_name_what_to_change():
         plan.simulate(args[0][:3])
 
 
-def train_over_processes(name: str, ep: int, tp: int) -> int:
+def train_over_processes(name: str, ep: int, tp: int, dp: int = 1, **options) -> int:
     """Each rank trains its replica's part of the batch with ``train_step``; loss, the rank's
     part of every gradient and the gathered weights equal the single-device model's."""
-    mesh = fxpar.Mesh(ep=ep, tp=tp)
+    mesh = fxpar.Mesh(dp=dp, ep=ep, tp=tp)
     rank = dist.get_rank()
     part = mesh.replica(rank)
     if name == "moe":
@@ -146,7 +146,7 @@ def train_over_processes(name: str, ep: int, tp: int) -> int:
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters())
     pm = fxpar.parallelize(model, mesh, example_args=local, example_kwargs=local_kwargs or None, loss_fn=loss_fn,
-                           example_target=local_target)
+                           example_target=local_target, **options)
     params = dict(pm.named_parameters())
     opt = adamw(params.values())
     for step in range(STEPS):
@@ -186,6 +186,21 @@ def test_reference_moe_over_processes(pools, ep, tp):
         assert sum(sum(r[layer]) for r in firsts) == 4 * 16 * 2, layer
 
 
+@pytest.mark.parametrize("zero", [1, 3])
+def test_zero_splits_dense_weights_over_dp_and_ep(pools, zero):
+    """At dp=2 x ep=2 a dense weight's rows are split over all four replicas, an expert's over
+    its two dp ranks; training equals the single-device model's."""
+    pools(4).run(train_over_processes, "moe", 2, 1, dp=2, zero=zero)
+    model, args, _ = moe_case()
+    plan = fxpar.compile(model, fxpar.Mesh(dp=2, ep=2), args, zero=zero)
+    groups = {plan.ctx.zero_group(t) for t in plan.ctx.zero_rows}
+    assert groups == {"dp", "dp_ep"}
+    # each rank steps a quarter of every weight (splitting dense weights over dp only would leave
+    # each rank half of them)
+    whole = sum(p.numel() for p in model.parameters())
+    assert [sum(p.numel() for p in ps) for ps in plan.optimizer_params()] == [whole // 4] * 4
+
+
 @pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("ep, tp", [(2, 1), (2, 2)])
 def test_hugging_face_over_processes(pools, name, ep, tp):
@@ -195,11 +210,14 @@ def test_hugging_face_over_processes(pools, name, ep, tp):
 
 def _save_at(path: str, mesh: dict) -> dict:
     """One training step of the reference MoE on ``mesh``, saved with its optimizer; the weights."""
+    mesh = dict(mesh)
+    zero = mesh.pop("zero", 0)
     m = fxpar.Mesh(**mesh)
     model, args, target = moe_case()
     part = m.replica(dist.get_rank())
     local, local_target = args[0].chunk(m.replicas)[part], target.chunk(m.replicas)[part]
-    pm = fxpar.parallelize(model, m, example_args=(local,), loss_fn=loss_with_target, example_target=local_target)
+    pm = fxpar.parallelize(model, m, example_args=(local,), loss_fn=loss_with_target, example_target=local_target,
+                           zero=zero)
     opt = adamw(pm.parameters())
     pm.train_step(local, target=local_target)
     opt.step()
@@ -208,6 +226,8 @@ def _save_at(path: str, mesh: dict) -> dict:
 
 
 def _load_at(path: str, mesh: dict) -> dict:
+    mesh = dict(mesh)
+    zero = mesh.pop("zero", 0)
     m = fxpar.Mesh(**mesh)
     model, args, target = moe_case(seed=9)  # other weights: all of them must come from the file
     with torch.no_grad():
@@ -216,7 +236,7 @@ def _load_at(path: str, mesh: dict) -> dict:
     part = m.replica(dist.get_rank())
     local = args[0].chunk(m.replicas)[part]
     pm = fxpar.parallelize(model, m, example_args=(local,), loss_fn=loss_with_target,
-                           example_target=target.chunk(m.replicas)[part])
+                           example_target=target.chunk(m.replicas)[part], zero=zero)
     fxpar.load(pm, path, optimizer=adamw(pm.parameters()))
     return pm.full_state_dict()
 
@@ -224,10 +244,16 @@ def _load_at(path: str, mesh: dict) -> dict:
 def test_checkpoint_saved_at_ep_resumes_on_other_meshes(pools, tmp_path):
     path = str(tmp_path / "ep2")
     saved = pools(2).run(_save_at, path, dict(ep=2))[0]
-    for world, mesh in ((2, dict(tp=2)), (4, dict(ep=2, tp=2))):
+    for world, mesh in ((2, dict(tp=2)), (4, dict(ep=2, tp=2)), (4, dict(dp=2, ep=2, zero=3))):
         loaded = pools(world).run(_load_at, path, mesh)[0]
         for key, value in saved.items():
             assert torch.equal(loaded[key], value), f"{mesh}: {key}"
+    # and back: saved with dense rows over dp x ep, loaded without zero
+    again = str(tmp_path / "dp2ep2")
+    saved = pools(4).run(_save_at, again, dict(dp=2, ep=2, zero=2))[0]
+    loaded = pools(2).run(_load_at, again, dict(ep=2))[0]
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), f"dp2 x ep2 zero 2 -> ep2: {key}"
 
 
 def test_dispatch_and_combine_when_a_rank_gets_no_rows():

@@ -1,22 +1,25 @@
 """Weights held other than as the layers read them: rows over the data-parallel ranks (ZeRO), fp32
-masters of weights the layers read in bf16 (``precision``); and the op that makes one whole, in
-the compute dtype, where a layer reads it.
+masters of weights the layers read in bf16 (``precision``), masters in host memory (``offload``);
+and the op that makes a layer's weights whole, in the compute dtype, where the layer reads them.
 
 With ``zero=1|2|3`` every trainable weight is held in dim-0 rows split over the dp ranks, a
 balanced split (``row_split``): the first ``rows % dp`` ranks hold one row more. The optimizer
 steps those rows only (``pm.parameters()`` are the rows), so its state is ``1/dp`` of the
-weight's. The per-rank program reads each weight through ``torch.ops.fxpar.gather_param``,
-placed just before the op that uses it:
+weight's. The per-rank program reads a layer's weights through one
+``torch.ops.fxpar.gather_params``, placed just before the layer's first op
+(``passes/gather_weights.py``): one collective for all of them, and one for their gradients:
 
 =====  ==========================================  ==========================================
 zero   forward                                     backward
 =====  ==========================================  ==========================================
-1      the whole weight, kept on every rank         gradient summed whole; after the step's
-       (refreshed by an all-gather once the        last microbatch, reduce-scattered into the
-       optimizer has changed the rows)             rows' ``.grad``
+1      the whole weights, kept on every rank        gradients summed whole; after the step's
+       (refreshed by one all-gather once the       last microbatch, reduce-scattered into the
+       optimizer has changed the rows)             rows' ``.grad`` (25 MiB buckets)
 2      the same                                    reduce-scattered at once into the rows
-3      all-gathered from the rows, freed after      the same; the weight the layer saved for
-       the layer (``SavedGathers``)                backward is gathered again when it is used
+3      all-gathered from the rows, freed after      the same; the weights the layer saved for
+       the layer (``SavedGathers``); the next      backward are gathered again, all at once
+       layer's all-gather begins in the            when the first is used, the layer before's
+       background meanwhile (``prefetch``)         begun as this layer's backward ends
 =====  ==========================================  ==========================================
 
 Gradients come out averaged over the dp ranks, as data parallelism averages them. The rows of
@@ -138,13 +141,14 @@ class Sharded:
     ``full`` in the compute ``dtype`` on ``device`` (the master's rows are a view of it when the
     dtypes and places agree), made again when the master's version moves on (an optimizer step, a
     load); for zero 1 the step's gradient of the whole weight (``full_grad``) until ``fxpar.runtime.zero.finish``.
-    Gradients are reduced over dp in ``reduce_dtype`` and given to the master in its own dtype,
-    where it lives (``host``: in host memory, ``offload="optimizer"``)."""
+    Gradients are reduced over ``group`` (the ranks the rows are split over: ``"dp"``, or
+    ``"dp_ep"`` for a dense weight under expert parallelism) in ``reduce_dtype`` and given to the
+    master in its own dtype, where it lives (``host``: in host memory, ``offload="optimizer"``)."""
 
     def __init__(self, name: str, level: int, master: torch.nn.Parameter, rows: int | None, start: int, stop: int,
                  full: torch.Tensor | None, dtype: torch.dtype, reduce_dtype: torch.dtype = torch.float32,
-                 device: torch.device | None = None, host: bool = False):
-        self.name, self.level, self.rows = name, level, rows
+                 device: torch.device | None = None, host: bool = False, group: str = "dp"):
+        self.name, self.level, self.rows, self.group = name, level, rows, group
         self.master, self.start, self.stop = master, start, stop
         self.full, self.dtype, self.reduce_dtype = full, dtype, reduce_dtype
         self.device, self.host = device if device is not None else master.device, host

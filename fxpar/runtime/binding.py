@@ -49,6 +49,28 @@ class Binding:
     p2p: DistP2P
 
 
+def _replicas(plain: Mesh, comms: dict, to_global, rank: int, timeout) -> object:
+    """The communicator over the replicas of a dense weight under expert parallelism: the dp x ep
+    ranks at this rank's pp, cp and tp position, dp-major (zero splits dense weights over them).
+    Every rank makes every such group, in the same order, as ``new_group`` wants."""
+    if plain.ep == 1:
+        return comms["dp"]
+    if plain.dp == 1:
+        return comms["ep"]
+    here = plain.coordinate(rank)
+    groups, mine = [], None
+    for r in range(plain.size):
+        c = plain.coordinate(r)
+        if c["dp"] or c["ep"]:
+            continue
+        ranks = [to_global(plain.rank_of(**{**c, "dp": d, "ep": e})) for d in range(plain.dp) for e in range(plain.ep)]
+        group = dist.new_group(ranks, timeout=timeout)
+        if all(c[k] == here[k] for k in ("pp", "cp", "tp")):
+            mine = group
+        groups.append(group)
+    return DistComm(mine, timeout, "dp_ep")
+
+
 def bind(mesh, plain: Mesh, device: torch.device, timeout: datetime.timedelta, exact_rng: bool) -> Binding:
     """Bind to ``mesh`` (a ``Mesh``, whose process groups are made here, or a torch ``DeviceMesh``;
     ``plain`` is it as a ``Mesh``): a collective, made after the ranks agreed on the mesh."""
@@ -64,6 +86,8 @@ def bind(mesh, plain: Mesh, device: torch.device, timeout: datetime.timedelta, e
     def to_global(r: int) -> int:  # a position on the mesh -> its rank in the world
         c = plain.coordinate(r)
         return int(device_mesh.mesh[tuple(c[n] for n in names)])
+
+    comms["dp_ep"] = _replicas(plain, comms, to_global, rank, timeout)
 
     replica_of = [0] * plain.size
     for r in range(plain.size):

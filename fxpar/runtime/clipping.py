@@ -37,11 +37,13 @@ def clip_grad_norm_(grads: list[tuple[str, torch.Tensor]], geometry: ShardGeomet
         whole = reduce([g for place, g, _ in placed if not isinstance(place, Shard)])
         return torch.maximum(sharded, whole) if inf else sharded + whole
 
-    def norm_of(part):  # rows zero splits over dp add up over the dp ranks
-        rows = [(n, g) for n, g in part if geometry.zero_rows(n) is not None]
-        split = _combine(comms["dp"], tp_norm(rows), inf)
-        rest = tp_norm([(n, g) for n, g in part if geometry.zero_rows(n) is None])
-        return torch.maximum(split, rest) if inf else split + rest
+    def norm_of(part):  # rows zero splits add up over the ranks it splits them over
+        total = tp_norm([(n, g) for n, g in part if geometry.zero_rows(n) is None])
+        for group in ("dp", "dp_ep"):
+            rows = [(n, g) for n, g in part if geometry.zero_rows(n) is not None and geometry.zero_group(n) == group]
+            split = _combine(comms[group], tp_norm(rows), inf)
+            total = torch.maximum(total, split) if inf else total + split
+        return total
 
     counted = [(n, g) for n, g in grads if geometry.owner(n) == pp]
     experts = [(n, g) for n, g in counted if geometry.is_expert(n)]

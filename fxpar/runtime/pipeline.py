@@ -84,7 +84,7 @@ class PipelineRunner:
             self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
         if self.split:
-            finish_rows({n: params[n] for n in self.split}, current().comm("dp"))
+            finish_rows({n: params[n] for n in self.split}, current().comms)
         self._sync_tied(params, before)
         self._sync_data_parallel(params)
         if scaler is not None:
@@ -267,8 +267,9 @@ class PipelineRunner:
         came to it by all-to-all): it is divided by ep instead of all-reduced there."""
         ctx = current()
         ep = ctx.comms.get("ep")
-        if ep is not None and ep.world > 1:
-            dense = [p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.experts]
+        if ep is not None and ep.world > 1:  # rows of dense weights came averaged over dp x ep
+            dense = [p.grad for n, p in sorted(params.items())
+                     if p.grad is not None and n not in self.experts and n not in self.split]
             _average(dense, ep, self.device)
             for n, p in params.items():
                 if n in self.experts and p.grad is not None:

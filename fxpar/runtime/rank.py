@@ -55,9 +55,10 @@ class RankProgram:
             rows = {ctx.held_target(t, self.ep): n for t, n in ctx.zero_rows.items()}
             cast = {ctx.held_target(t, self.ep) for t in ctx.cast_weights}
             host = {ctx.held_target(t, self.ep) for t in ctx.offloaded}
-            zero.hold_weights(root, cap, {t: n for t, n in rows.items() if t in keep}, cast & keep, level, self.dp,
-                              mesh.dp, compute_dtype(ctx.options.precision), _dtype(ctx.options.reduce_dtype),
-                              host & keep)
+            places = {ctx.held_target(t, self.ep): (ctx.zero_index(t, coord), ctx.zero_world(t), ctx.zero_group(t))
+                      for t in ctx.zero_rows}
+            zero.hold_weights(root, cap, {t: n for t, n in rows.items() if t in keep}, cast & keep, level, places,
+                              compute_dtype(ctx.options.precision), _dtype(ctx.options.reduce_dtype), host & keep)
         self.params = {t: get_path(root, t) for t in keep if isinstance(get_path(root, t), nn.Parameter)}
         bodies = retarget_submodules(cap.gm, device)
         self.full = None
@@ -90,7 +91,7 @@ class RankProgram:
 
         self.runner = PipelineRunner(
             spec, schedule, self.stages, self.pp, peer, _values(gm, spec), cap.gm._out_spec, device, p2p,
-            _tied_shapes(gm, ctx, spec, self.dp), _input_shapes(gm),
+            _tied_shapes(gm, ctx, spec, coord), _input_shapes(gm),
         )
         self.runner.experts = {t for t in self.params if ctx.is_expert(t)}
         self.runner.split = {t for t, p in self.params.items() if zero.is_split(p)}
@@ -132,14 +133,14 @@ def _input_shapes(gm: GraphModule) -> list:
     return out
 
 
-def _tied_shapes(gm: GraphModule, ctx: PlanContext, spec, dp_rank: int) -> dict:
-    """Shape and dtype of this rank's part of each weight several stages hold."""
+def _tied_shapes(gm: GraphModule, ctx: PlanContext, spec, coord: dict) -> dict:
+    """Shape and dtype of this rank's part (at ``coord``) of each weight several stages hold."""
     out = {}
     for name in spec.tied:
         obj = get_path(gm, name)
         shape = local_shape(obj.shape, ctx.param_placements.get(name, REPLICATE))
         if name in ctx.zero_rows:
-            start, stop = row_split(ctx.zero_rows[name], ctx.mesh.dp)[dp_rank]
+            start, stop = row_split(ctx.zero_rows[name], ctx.zero_world(name))[ctx.zero_index(name, coord)]
             shape[0] = stop - start
         out[name] = (tuple(shape), obj.dtype)
     return out

@@ -30,8 +30,9 @@ def full_state_dict(local: dict, geometry: ShardGeometry, rank: int, comms: dict
         else:
             t = torch.zeros(geometry.local_shape(key, rank), dtype=template.dtype, device=device)
         rows = geometry.zero_rows(key)
-        if rows is not None and comms["dp"].world > 1:  # the tp rank's part from its dp ranks' rows
-            t = gather_rows(t, rows, comms["dp"])
+        group = comms[geometry.zero_group(key)] if rows is not None else None
+        if group is not None and group.world > 1:  # the tp rank's part from the rows of its replicas
+            t = gather_rows(t, rows, group)
         if isinstance(geometry.placement(key), Shard) and tp.world > 1:
             t = geometry.join_tp(key, tp.all_gather(t.contiguous()))
         if ep.world > 1 and geometry.ep_split(key) is not None:

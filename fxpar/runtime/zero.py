@@ -20,10 +20,12 @@ from ..ops.params import SHARDED, SavedGathers, Sharded, row_split, scatter_rows
 from .buckets import buckets
 
 
-def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set[str], level: int, dp_rank: int,
-                 dp: int, dtype: torch.dtype | None, reduce_dtype: torch.dtype, host: set[str] = frozenset()) -> None:
+def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set[str], level: int,
+                 places: dict[str, tuple[int, int, str]], dtype: torch.dtype | None, reduce_dtype: torch.dtype,
+                 host: set[str] = frozenset()) -> None:
     """Hold each weight ``root`` has under a name in ``rows`` (graph name -> its rows) as this
-    dp rank's rows of it: a view of the whole weight under zero 1 and 2 (which keep it), a copy
+    rank's rows of it (``places``: its index among the ranks the weight is split over, their
+    number and their group): a view of the whole weight under zero 1 and 2 (which keep it), a copy
     under zero 3 (which frees it); each in ``cast`` (names) as an fp32 master the graph reads in
     ``dtype``; each in ``host`` with its master in host memory (pinned beside a GPU), the device
     keeping the weight as the graph reads it."""
@@ -43,7 +45,8 @@ def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set
             SHARDED[param] = Sharded(target, 0, param, None, 0, whole.shape[0] if whole.dim() else 0,
                                      full, compute, reduce_dtype, device, target in host)
         else:
-            start, stop = row_split(rows[target], dp)[dp_rank]
+            index, world, group = places[target]
+            start, stop = row_split(rows[target], world)[index]
             full = whole.detach()
             keep = level < 3
             if keep and (compute != full.dtype or target in host):  # the master rows apart from the whole weight
@@ -52,18 +55,23 @@ def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set
                 mine = full[start:stop] if keep else master(full[start:stop].clone())
             param = nn.Parameter(mine, requires_grad=whole.requires_grad)
             SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if keep else None, compute,
-                                     reduce_dtype, device, target in host)
+                                     reduce_dtype, device, target in host, group)
         if param is not whole:
             for alias in cap.aliases.get(target, [target]):
                 set_path(root, alias, param)
 
 
-def finish(params, comm) -> None:
+def finish(params, comms: dict) -> None:
     """After a step's last backward under zero 1: each weight's rows get their share of its
-    gradient, averaged over the dp ranks; one reduce-scatter per bucket of gradients (in the same
-    order on every rank)."""
+    gradient, averaged over the ranks it is split over; one reduce-scatter per bucket of
+    gradients over one group (in the same order on every rank)."""
     entries = [e for name in sorted(params) if (e := SHARDED.get(params[name])) is not None
                and e.level == 1 and e.full_grad is not None]
+    for group in sorted({e.group for e in entries}):
+        _finish([e for e in entries if e.group == group], comms[group])
+
+
+def _finish(entries: list, comm) -> None:
     for bucket in buckets(entries, lambda e: e.full_grad):
         grads = [e.full_grad.to(e.reduce_dtype) for e in bucket]
         for e, mine in zip(bucket, scatter_rows_many(grads, [e.rows for e in bucket], comm)):
