@@ -6,6 +6,10 @@ ops but not the casts: its graph run outside autocast computes in fp32, and a ra
 in threads and stages autocast never sees. So a call under autocast is captured under it and the
 casts are written into the graph:
 
+* the call is exported on fake tensors of its device (``on_fake_device``: nothing is allocated)
+  under the same autocast, so the model's Python code reads the dtypes eager autocast gives it (a
+  norm's ``input_dtype = x.dtype``, a mask's ``torch.finfo(q.dtype).min``), then moved onto the
+  meta device the planner works on (``onto_meta``);
 * each op is run once more on fake tensors of the call's device, under the same autocast, while a
   dispatch mode records the casts autocast makes of the op's inputs;
 * every such cast becomes ``aten.to.dtype(x, dtype)`` before the op (in the op's module, at its
@@ -20,11 +24,13 @@ torch's own (which ops cast to what on which device), never a list of ours.
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
+
 import torch
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_aggregate
 from torch.utils import _pytree as pytree
-from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -48,43 +54,73 @@ def outside_autocast(state: tuple[str, torch.dtype] | None):
     return torch.autocast(state[0], enabled=False) if state else contextlib.nullcontext()
 
 
-_TO_DTYPE = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
-             torch.Tensor.bfloat16: torch.bfloat16, torch.Tensor.double: torch.float64}
+def on_fake_device(model: torch.nn.Module, device_type: str, fake) -> torch.nn.Module:
+    """A copy of ``model`` (a meta skeleton) whose parameters and buffers are fake tensors of
+    ``device_type`` in the fake mode ``fake``: autocast casts what runs on its device, and a
+    model's Python code then reads the dtypes eager autocast gives it (``input_dtype = x.dtype``
+    in a norm, ``torch.finfo(q.dtype).min`` for a mask). Nothing is allocated."""
+    memo: dict[int, object] = {}
+    with fake:
+        for p in model.parameters():
+            if id(p) not in memo:
+                t = torch.empty(p.shape, dtype=p.dtype, device=device_type)
+                memo[id(p)] = torch.nn.Parameter(t, requires_grad=p.requires_grad)
+        for b in model.buffers():
+            if id(b) not in memo:
+                memo[id(b)] = torch.empty(b.shape, dtype=b.dtype, device=device_type)
+    out = copy.deepcopy(model, memo)
+    out.train(model.training)
+    return out
 
 
-class DistinctCasts(TorchFunctionMode):
-    """While export captures for autocast: a cast to the dtype a tensor has already
-    (``x.float()`` of the fp32 capture) is recorded as a copy of its own. Otherwise the cast
-    returns ``x`` itself and export reads every later use of ``x`` from the cast, although under
-    autocast ``x`` is bf16 and the cast makes fp32 (``xq.float()`` ... ``out.type_as(xq)``).
-    ``apply_autocast`` drops the copies that stay copies to the same dtype."""
+def onto_meta(gm: GraphModule, device_type: str, fake) -> None:
+    """The graph exported on fake ``device_type`` tensors, as if captured on the meta device (what
+    the planner works on): parameters and buffers as meta tensors, values as fake meta tensors with
+    the same (symbolic) sizes, ``device_type`` arguments as ``meta``. Constants built in forward
+    keep their values."""
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if isinstance(t, torch._subclasses.fake_tensor.FakeTensor):
+            meta = torch.empty(tuple(t.shape), dtype=t.dtype, device="meta")
+            *path, leaf = name.split(".")
+            owner = gm.get_submodule(".".join(path))
+            if isinstance(t, torch.nn.Parameter):
+                owner._parameters[leaf] = torch.nn.Parameter(meta, requires_grad=t.requires_grad)
+            else:
+                owner._buffers[leaf] = meta
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        x = args[0] if args else None
-        if isinstance(x, torch.Tensor) and x.is_floating_point():
-            dtype = _TO_DTYPE.get(func)
-            if func in (torch.Tensor.to, torch.Tensor.type):
-                rest = [a for a in (*args[1:], kwargs.get("dtype")) if isinstance(a, torch.dtype)]
-                moved = any(isinstance(a, (torch.device, str, torch.Tensor)) for a in args[1:]) or "device" in kwargs
-                dtype = rest[0] if len(rest) == 1 and not moved else None
-            if dtype is not None and dtype == x.dtype:
-                return aten._to_copy.default(x, dtype=dtype)
-        return func(*args, **kwargs)
+    def to_meta(v):
+        if isinstance(v, torch.Tensor) and v.device.type == device_type:
+            with fake:
+                return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+        return v
+
+    device = torch.device(device_type)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["val"] = map_aggregate(node.meta["val"], to_meta)
+        swap = lambda a: torch.device("meta") if isinstance(a, torch.device) and a.type == device.type else a  # noqa: E731
+        node.args, node.kwargs = map_aggregate(node.args, swap), map_aggregate(node.kwargs, swap)
+    gm.recompile()
 
 
 class _Casts(TorchDispatchMode):
-    """Records the casts made of ``inputs`` (tensors by identity) while an op runs."""
+    """Records the casts made of ``inputs`` (tensors by identity) before an op computes anything:
+    autocast casts the inputs and then lets the op run; what the op casts inside (an attention
+    kernel computing bf16 inputs in fp32) comes after its first other op and is its own."""
 
     def __init__(self, inputs: list):
         super().__init__()
         self.inputs = {id(t): t for t in inputs}
         self.casts: dict[int, torch.dtype] = {}
+        self.computing = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is aten._to_copy.default and id(args[0]) in self.inputs and "dtype" in kwargs:
-            self.casts[id(args[0])] = kwargs["dtype"]
+        if func is aten._to_copy.default:
+            if not self.computing and id(args[0]) in self.inputs and "dtype" in kwargs:
+                self.casts[id(args[0])] = kwargs["dtype"]
+        elif func.namespace != "prim" and not func._opname.startswith("sym_"):  # not a query of sizes or device
+            self.computing = True
         return func(*args, **kwargs)
 
 
@@ -120,7 +156,7 @@ def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> Non
             args, kwargs = map_aggregate(node.args, twin), map_aggregate(node.kwargs, twin)
             plain, recorder = _Casts(list(twins.values())), _Casts(list(twins.values()))
             # the op's own casts, which it makes under autocast too (none where only autocast makes it run)
-            with torch.autocast(device_type, enabled=False), plain, contextlib.suppress(RuntimeError):
+            with torch.autocast(device_type, enabled=False), plain, _quiet(), contextlib.suppress(RuntimeError):
                 node.target(*args, **kwargs)
             with torch.autocast(device_type, dtype=dtype), recorder:
                 out = node.target(*args, **kwargs)
@@ -133,13 +169,21 @@ def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> Non
                     cast.meta["val"] = _retyped(source.meta["val"], to)
                     node.replace_input_with(source, cast)
             node.meta["val"] = _retype_like(node.meta.get("val"), out)
-    for node in list(graph.nodes):  # DistinctCasts' copies still to their own dtype
-        if node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"} \
-                and node.args[0].meta["val"].dtype == node.kwargs["dtype"]:
-            node.replace_all_uses_with(node.args[0])
-            graph.erase_node(node)
     graph.lint()
     gm.recompile()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Fake tensors log the error of an op that fails (mixed dtypes only autocast makes valid):
+    expected here, so not shown."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def _retyped(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

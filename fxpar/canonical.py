@@ -80,7 +80,7 @@ def filled_buffers_as_cat(gm: GraphModule) -> None:
             continue
         val = buf.meta["val"]
         parts = []
-        with gm.graph.inserting_after(last):
+        with gm.graph.inserting_before(last.next):  # in the order made (``inserting_after`` reverses it)
             for copy in sorted(copies, key=lambda c: c.args[0].args[2]):
                 piece, src = copy.args[0], copy.args[1]
                 shape = list(piece.meta["val"].shape)

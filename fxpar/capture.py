@@ -27,11 +27,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx import GraphModule
 from torch.utils import _pytree as pytree
 
-from .autocast import DistinctCasts, apply_autocast
+from .autocast import apply_autocast, on_fake_device, onto_meta
 from .canonical import filled_buffers_as_cat, index_runs_as_slices
 from .constants import RealConstants, check_constants
 from .errors import _TORCH_DIR, CaptureError
@@ -155,29 +157,37 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
     if dtype is not None:  # the masters are fp32; the graph computes in ``dtype``
         tensors = {n: nn.Parameter(torch.empty_like(t, dtype=torch.float32), requires_grad=t.requires_grad)
                    if isinstance(t, nn.Parameter) and t.is_floating_point() else t for n, t in tensors.items()}
-        skeleton = in_dtype(meta_skeleton(model), dtype)
+        skeleton = meta_skeleton(model)
         skeleton.train(model.training)
+    fake = None
+    if autocast:  # autocast applies to tensors of its device: export on fake ones of that device
+        fake = FakeTensorMode(shape_env=ShapeEnv())
+        skeleton = on_fake_device(skeleton, autocast[0], fake)
+    if dtype is not None:
+        skeleton = in_dtype(skeleton, dtype)
     if loss_fn is not None:
         skeleton = with_loss(skeleton, loss_fn)
-    meta_args, meta_kwargs = pytree.tree_map_only(
-        torch.Tensor, lambda t: torch.empty_like(t, device="meta"), (tuple(args), kwargs)
-    )
+    place = (lambda t: fake.from_tensor(torch.empty_like(t, device="meta")).to(autocast[0])) if fake else \
+        (lambda t: torch.empty_like(t, device="meta"))
+    meta_args, meta_kwargs = pytree.tree_map_only(torch.Tensor, place, (tuple(args), kwargs))
     shapes, dim_names = _normalize_dynamic(dynamic_shapes)
     try:
-        with RealConstants(), DistinctCasts() if autocast else contextlib.nullcontext():
+        with RealConstants(), torch.autocast(*autocast) if autocast else contextlib.nullcontext():
             ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the user's module and line
         raise CaptureError(_explain(e, skeleton)) from e
     gm = ep.module()
+    if fake is not None:
+        onto_meta(gm, autocast[0], fake)
     _drop_export_guards(gm)
     _portable(gm)
-    if autocast:
-        apply_autocast(gm, *autocast)
     aliases, persistent = _names(model)
     lifted = {n.target for n in gm.graph.nodes if n.op == "get_attr" and n.target not in aliases}
     check_constants(gm, lifted)
     index_runs_as_slices(gm)
     filled_buffers_as_cat(gm)
+    if autocast:
+        apply_autocast(gm, *autocast)
     sym_names = _symbol_names(gm, dim_names)
     return Captured(
         gm=gm, aliases=aliases, persistent=persistent, training=model.training, dim_names=sym_names, tensors=tensors

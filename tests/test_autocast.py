@@ -11,7 +11,7 @@ from torch.utils._pytree import tree_leaves
 
 import fxpar
 from fxpar.simulate import run_ranks
-from tests.zoo import adamw, build, logits, loss_with_target, pipeline_case
+from tests.zoo import adamw, build, hf_family, logits, loss_with_target, pipeline_case
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
 # what the graph leaves out or adds without computing: casts (compared by count), views export
@@ -72,6 +72,21 @@ def test_outputs_equal_eager_autocast(name):
     assert torch.equal(one, expect)  # the same ops in the same dtypes: the same bits
     # split over tp the sums run in another order: bf16's rounding of the output apart
     torch.testing.assert_close(two.float(), expect.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "gpt_neo", "deepseek_v3"])
+def test_families_whose_code_reads_dtypes(name):
+    """Qwen3's per-head norms cast back to the dtype they read off their input, GPT-Neo's mask
+    value is the minimum of the query's dtype, DeepSeek-V3's attention meets fp32 rotary parts and
+    bf16 projections in a buffer: all as eager autocast has them (the capture runs on fake tensors
+    of the call's device under autocast), bit for bit at tp=1."""
+    pytest.importorskip("transformers")
+    model, ids, _ = hf_family(name)
+    model.eval()
+    with torch.autocast(**BF16):
+        expect = logits(model(ids))
+        got = logits(fxpar.compile(model, fxpar.Mesh(tp=1), (ids,)).simulate(ids))
+    assert got.dtype == expect.dtype and torch.equal(got, expect)
 
 
 def test_the_listing_shows_the_casts_and_fp32_plans_have_none():
