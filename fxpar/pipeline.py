@@ -61,11 +61,11 @@ def held_apart(ctx: PlanContext) -> bool:
     return ctx.options.zero > 0 or ctx.options.precision != "fp32" or ctx.options.offload is not None
 
 
-def recomputes(ctx: PlanContext) -> bool:
+def recomputation(ctx: PlanContext) -> bool:
     return ctx.options.recompute != "none"
 
 
-def recompute(ctx: PlanContext) -> bool:
+def gathers_recomputed(ctx: PlanContext) -> bool:
     return ctx.options.recompute_gathers and ctx.world > 1
 
 
@@ -101,13 +101,13 @@ PIPELINE: list[Step] = [
     Step(plan_sharding),  # analysis: every value's placement; column/row/vocab decisions from the data flow
     Step(sequence_parallel, sp),  # analysis: the activations between TP blocks split by sequence
     Step(insert_collectives),  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
-    Step(recompute_gathers, recompute),  # rewrite: column-parallel inputs kept as shards for backward
+    Step(recompute_gathers, gathers_recomputed),  # rewrite: column-parallel inputs kept as shards for backward
     Step(assign_rng),  # rewrite: dropout draws from a replicated or a per-rank random stream
     Step(localize_shapes),  # analysis: per-rank sizes for views, splits, slices, means and embeddings
     Step(plan_weights, held_apart),  # analysis: weights split into rows over dp (zero), fp32 masters (precision)
     Step(estimate_memory),  # analysis: parameter and saved-activation bytes per node, on fake tensors
     Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
-    Step(plan_recompute, recomputes),  # analysis: regions backward recomputes (attention cores, layers, auto)
+    Step(plan_recompute, recomputation),  # analysis: regions backward recomputes (attention cores, layers, auto)
     Step(gather_weights, held_apart),  # rewrite: each such weight made whole, cast, just before the op reading it
 ]
 

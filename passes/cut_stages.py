@@ -120,6 +120,72 @@ class _Costs:
         return sum(params.values()) + factor * act
 
 
+class _Growing:
+    """``_Costs.cost(a, b, factor)`` for a stage that starts at ``a`` and grows one node at a time:
+    each step costs what the node adds, not the whole stage again (the greedy cut's inner loop)."""
+
+    def __init__(self, c: _Costs, a: int):
+        self.c, self.a, self.b = c, a, a
+        self.params: dict = {}
+        self.param_sum = self.new = self.held_sum = self.roots_sum = self.overlap = 0.0
+        self.roots: set = set()
+        self.held: set = set()
+        self.held_roots: dict = {}  # root -> how many held values live in it
+        self.sent_on: dict[int, list] = {}  # last use -> values made here and sent on until then
+
+    def _root(self, v):
+        return node_memory(self.c.all[v]).root or v
+
+    def _hold(self, v) -> None:
+        if v in self.held:
+            return
+        self.held.add(v)
+        self.held_sum += self.c.value_bytes[v]
+        r = self._root(v)
+        if not self.held_roots.get(r) and r in self.roots:
+            self.overlap += self.c.root_bytes.get(r, 0.0)
+        self.held_roots[r] = self.held_roots.get(r, 0) + 1
+
+    def _release(self, v) -> None:
+        self.held.discard(v)
+        self.held_sum -= self.c.value_bytes[v]
+        r = self._root(v)
+        self.held_roots[r] -= 1
+        if not self.held_roots[r] and r in self.roots:
+            self.overlap -= self.c.root_bytes.get(r, 0.0)
+
+    def extend(self) -> None:
+        """Take in node ``b``."""
+        c, i = self.c, self.b
+        for t, nbytes in c.params[i].items():
+            if t not in self.params:
+                self.params[t] = nbytes
+                self.param_sum += nbytes
+        self.new += c.new[i]
+        for r in c.roots[i] - self.roots:
+            self.roots.add(r)
+            self.roots_sum += c.root_bytes.get(r, 0.0)
+            if self.held_roots.get(r):
+                self.overlap += c.root_bytes.get(r, 0.0)
+        for src, v in c.inputs[i]:
+            if src < self.a:
+                self._hold(v)
+        for v in self.sent_on.pop(i, ()):  # read for the last time by node i: no longer sent on
+            self._release(v)
+        for v in c.produced[i]:
+            if c.last_use[v] > i:
+                self.sent_on.setdefault(c.last_use[v], []).append(v)
+                self._hold(v)
+        self.b += 1
+
+    def cost(self, factor: int) -> float:
+        """Peak bytes of the stage ``[a, b)`` with ``factor`` microbatches in flight."""
+        if self.b == len(self.c.seq):  # the last stage: what ends it is not sent on but kept
+            return self.c.cost(self.a, self.b, factor)
+        act = self.new + self.held_sum + self.roots_sum - self.overlap
+        return self.param_sum + factor * act
+
+
 def _run_time_sized(node: Node) -> bool:
     v = node.meta.get("val")
     return isinstance(v, torch.Tensor) and any(
@@ -143,17 +209,19 @@ def _reads(node: Node, free: set[Node]):
 def _greedy(c: _Costs, factors: list[int], budget: float) -> list[int] | None:
     """Cut positions giving every stage as many nodes as fit in ``budget``; None if it cannot."""
     cuts, a, k, n = [], 0, 0, len(c.seq)
-    b = a
-    while b < n:
-        if c.cost(a, b + 1, factors[k]) <= budget:
-            b += 1
+    stage = _Growing(c, a)
+    while stage.b < n:
+        stage.extend()
+        if stage.cost(factors[k]) <= budget:
             continue
+        b = stage.b - 1
         while b > a and c.crossing[b] == float("inf"):
             b -= 1
         if b == a or k + 1 >= len(factors):
             return None
         cuts.append(b)
         a, k = b, k + 1
+        stage = _Growing(c, a)
     return cuts
 
 

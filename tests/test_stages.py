@@ -109,3 +109,28 @@ def test_the_cut_optimizes_the_memory_it_reports(name, schedule):
     starts = [next(i for i, n in enumerate(seq) if n.name == s.nodes[0]) for s in spec.stages] + [len(seq)]
     for s, m, a, b in zip(spec.stages, plan.memory(), starts, starts[1:]):
         assert costs.cost(a, b, s.memory.in_flight) == pytest.approx(float(m.peak)), f"stage {s.index}"
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt", "moe"])
+def test_a_growing_stage_costs_what_the_whole_stage_does(name, monkeypatch):
+    """The greedy cut grows a stage one node at a time (``_Growing``): after every step its
+    cost equals the cost of the whole stage computed afresh, from every start."""
+    from fxpar.passes import cut_stages
+
+    seen = []
+    greedy = cut_stages._greedy
+
+    def checked(c, factors, budget):
+        n = len(c.seq)
+        for a in range(0, n - 1, max(1, n // 12)):
+            stage = cut_stages._Growing(c, a)
+            for b in range(a + 1, n + 1):
+                stage.extend()
+                assert stage.cost(3) == pytest.approx(c.cost(a, b, 3), rel=1e-9), (a, b)
+                seen.append(b)
+        return greedy(c, factors, budget)
+
+    monkeypatch.setattr(cut_stages, "_greedy", checked)
+    model, args = build(name)
+    fxpar.compile(model, fxpar.Mesh(pp=2, tp=2), (torch.cat([args[0]] * 4),), microbatches=4)
+    assert seen
