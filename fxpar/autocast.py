@@ -13,7 +13,7 @@ casts are written into the graph:
 * each op is run once more on fake tensors of the call's device, under the same autocast, while a
   dispatch mode records the casts autocast makes of the op's inputs;
 * every such cast becomes ``aten.to.dtype(x, dtype)`` before the op (in the op's module, at its
-  source line), and the values after it get their new dtypes.
+  source line).
 
 The result computes op by op in the dtypes eager autocast computes in, on every rank and stage,
 with or without an autocast context around the run; the dump shows the casts and the memory model
@@ -125,8 +125,9 @@ class _Casts(TorchDispatchMode):
 
 
 def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> None:
-    """Write the casts ``torch.autocast(device_type, dtype)`` makes into ``gm`` (captured on the
-    meta device, its values fake), and give every value its dtype under them."""
+    """Write the casts ``torch.autocast(device_type, dtype)`` makes into ``gm`` (captured under it
+    and moved onto the meta device: its values have autocast's dtypes already; the casts that
+    made them are what the graph lacks)."""
     from .fake_values import fake_mode
 
     fake = fake_mode(gm)
@@ -135,11 +136,8 @@ def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> Non
     with fake:
         for node in list(graph.nodes):
             if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-                if node.op == "call_function":  # getitem and the like: their input's dtypes
-                    _retype_from_inputs(node)
                 continue
-            if node.target is aten._assert_tensor_metadata.default:  # export's check of the fp32 capture
-                node.kwargs = {**node.kwargs, "dtype": node.args[0].meta["val"].dtype}
+            if node.target is aten._assert_tensor_metadata.default:  # a check of dtypes: it casts nothing
                 continue
             twins: dict[Node, torch.Tensor] = {}
 
@@ -159,7 +157,7 @@ def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> Non
             with torch.autocast(device_type, enabled=False), plain, _quiet(), contextlib.suppress(RuntimeError):
                 node.target(*args, **kwargs)
             with torch.autocast(device_type, dtype=dtype), recorder:
-                out = node.target(*args, **kwargs)
+                node.target(*args, **kwargs)
             for source, t in twins.items():
                 to = recorder.casts.get(id(t))
                 if to is not None and to != t.dtype and plain.casts.get(id(t)) != to:
@@ -168,7 +166,6 @@ def apply_autocast(gm: GraphModule, device_type: str, dtype: torch.dtype) -> Non
                     cast.meta = {k: v for k, v in node.meta.items() if k in ("nn_module_stack", "stack_trace")}
                     cast.meta["val"] = _retyped(source.meta["val"], to)
                     node.replace_input_with(source, cast)
-            node.meta["val"] = _retype_like(node.meta.get("val"), out)
     graph.lint()
     gm.recompile()
 
@@ -190,21 +187,3 @@ def _retyped(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if v.dtype == dtype:
         return v
     return torch.empty_strided(v.shape, v.stride(), dtype=dtype, device=v.device)
-
-
-def _retype_like(val, out):
-    """``val`` (the captured value, on meta) with the dtypes of ``out`` (the same structure)."""
-    if isinstance(val, torch.Tensor) and isinstance(out, torch.Tensor):
-        return _retyped(val, out.dtype)
-    if isinstance(val, (list, tuple)) and isinstance(out, (list, tuple)) and len(val) == len(out):
-        return type(val)(_retype_like(v, o) for v, o in zip(val, out))
-    return val
-
-
-def _retype_from_inputs(node: Node) -> None:
-    import operator
-
-    if node.target is operator.getitem and isinstance(node.args[0], Node):
-        src = node.args[0].meta.get("val")
-        if isinstance(src, (list, tuple)):
-            node.meta["val"] = _retype_like(node.meta.get("val"), src[node.args[1]])
