@@ -255,15 +255,28 @@ class Plan:
         return report.summary(self.graph_module, self.ctx)
 
     def dump(self, path: str) -> list[str]:
-        """Write ``rank{r}.py`` (each rank's code: its whole program, or its pipeline stages),
-        ``plan.txt`` (the node table) and ``summary.txt`` (decisions, collectives, stages with
-        their memory, the schedule)."""
+        """Write ``rank{r}.py`` for every distinct program (a rank's code: its whole program, or
+        its pipeline stages), headed by the ranks that run it: data-parallel replicas run the
+        same code, and so do other ranks whose code reads the same (one file, named after the
+        first); ``plan.txt`` (the node table) and ``summary.txt`` (decisions, collectives,
+        stages with their memory, the schedule)."""
         os.makedirs(path, exist_ok=True)
         written = []
+        programs: dict[str, list[int]] = {}  # code below its title -> the ranks (of dp rank 0) running it
+        titles: dict[str, str] = {}
         for r in range(self.mesh.size):
-            f = os.path.join(path, f"rank{r}.py")
+            if self.mesh.coordinate(r)["dp"]:
+                continue
+            title, _, body = self.rank_code(r).partition("\n")
+            programs.setdefault(body, []).append(r)
+            titles.setdefault(body, title)
+        for body, ranks in programs.items():
+            served = sorted(self.mesh.rank_of(**{**self.mesh.coordinate(r), "dp": d}) for r in ranks
+                            for d in range(self.mesh.dp))
+            f = os.path.join(path, f"rank{ranks[0]}.py")
+            runs = "" if len(served) == 1 else f"\n# the same program runs on {len(served)} ranks: {_spans(served)}"
             with open(f, "w") as fh:
-                fh.write(self.rank_code(r))
+                fh.write(titles[body] + runs + "\n" + body)
             written.append(f)
         for name, text in (("plan.txt", self.table()), ("summary.txt", self.summary())):
             f = os.path.join(path, name)
@@ -329,6 +342,16 @@ def compile(
         for r in range(mesh.size):
             print(f"[fxpar] rank {r} code:\n{plan.rank_code(r)}", file=sys.stderr)
     return plan
+
+
+def _spans(ranks: list[int]) -> str:
+    """``0-3, 8-11``: sorted ranks as runs."""
+    out, start = [], ranks[0]
+    for a, b in zip(ranks, ranks[1:] + [None]):
+        if b != a + 1:
+            out.append(str(start) if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
 
 
 def _real(forward, args, kwargs, what: str) -> None:

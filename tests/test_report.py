@@ -89,3 +89,13 @@ def test_plan_repr_and_table():
     assert "Plan(MLP, Mesh(dp=1, pp=1, tp=2)" in repr(plan)
     assert "placement" in plan.table()
     torch.testing.assert_close(plan.simulate(*args), model(*args))
+
+
+def test_dump_writes_each_distinct_program_once(tmp_path):
+    """Data-parallel replicas run the same code: one file, headed by every rank it serves."""
+    model, args = build("gpt")
+    plan = fxpar.compile(model, fxpar.Mesh(dp=2, tp=2), (torch.cat([args[0]] * 2),))
+    files = sorted(os.path.basename(f) for f in plan.dump(str(tmp_path)))
+    assert files == ["plan.txt", "rank0.py", "rank1.py", "summary.txt"]
+    head = (tmp_path / "rank1.py").read_text().splitlines()[:2]
+    assert head[1] == "# the same program runs on 2 ranks: 1, 3"
