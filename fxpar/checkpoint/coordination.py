@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import weakref
 
 import torch.distributed as dist
 
@@ -19,7 +20,10 @@ from ..errors import CollectiveError, FxparError
 from ..runtime.agree import Group
 from ..runtime.comm import DistComm, LocalComm
 
-_GROUPS: dict = {}
+# weak: once the user's world is destroyed (``destroy_process_group``) its groups go with it, in
+# order; a group held here would be torn down at interpreter exit instead, where gloo's threads
+# can abort the process after the job has finished
+_GROUPS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def distributed() -> bool:
@@ -43,9 +47,10 @@ def process_group(timeout: datetime.timedelta):
     if not distributed():
         return None
     key = (id(dist.group.WORLD), timeout.total_seconds())
-    if key not in _GROUPS:
-        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
-    return _GROUPS[key]
+    pg = _GROUPS.get(key)
+    if pg is None:
+        pg = _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return pg
 
 
 def group(timeout: datetime.timedelta) -> Group:
