@@ -67,16 +67,26 @@ def bytes_per_parameter(d: int = 8, seq: int = 2048) -> None:
                                   "ZeRO formula", "Megatron formula", "whole at once"], disable_numparse=True))
 
 
+def _config(dim: int, seq: int) -> dict:
+    """A Llama 3 shape of width ``dim``: 128-wide heads, 8 key/value heads."""
+    return dict(dim=dim, n_heads=dim // 128, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
+                max_seq_len=seq)
+
+
+def _llama_params(dim: int, layers: int) -> int:
+    """Parameters of a ``layers``-layer Llama of width ``dim``, counted off a 1-layer meta model."""
+    one = _llama(n_layers=1, **_config(dim, 128))
+    layer = sum(p.numel() for p in one.layers[0].parameters())
+    return sum(p.numel() for p in one.parameters()) + (layers - 1) * layer
+
+
 def _per_layer(dim: int, dp: int, tp: int, zero: int, seq: int, recompute: str):
     """(static, activations per microbatch) bytes on one device: the embedding and head part, and
     one layer's, from plans of 2 and 3 layers (the memory model is linear in the layers; a run of
     two is what "full" recomputation finds layers by)."""
-    heads = dim // 128
-    cfg = dict(dim=dim, n_heads=heads, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
-               max_seq_len=seq)
     out = []
     for n in (2, 3):
-        model = _llama(n_layers=n, **cfg)
+        model = _llama(n_layers=n, **_config(dim, seq))
         cap = capture(model, (torch.randint(0, 128256, (1, seq)),), dtype=torch.bfloat16)
         _, ctx = plan_graph(cap, fxpar.Mesh(dp=dp, tp=tp), zero=zero, precision="bf16", recompute=recompute,
                             sequence_parallel=tp > 1)
@@ -110,20 +120,13 @@ def largest_model(devices: int = 64, tp: int = 8, seq: int = 4096, limit: float 
                         best = (layers, pp, dp, zero, recompute, peak(layers))
         if best:
             layers, pp, dp, zero, recompute, most = best
-            params = layers * _layer_params(dim) + 2 * 128256 * dim
+            params = _llama_params(dim, layers)
             rows.append([dim, layers, f"{params / 1e9:.0f}B", f"dp={dp} pp={pp} tp={tp}", zero, recompute,
                          f"{most / GIB:.1f}"])
     print(f"\nLargest Llama (dim, layers) whose busiest device fits {limit / GIB:.0f} GiB on {devices} devices: "
           f"bf16 + fp32 masters + AdamW, sequence parallel, 1F1B, microbatch 1 x {seq} tokens")
     print(tabulate(rows, headers=["dim", "layers", "parameters", "mesh", "zero", "recompute", "busiest GiB"],
                    disable_numparse=True))
-
-
-def _layer_params(dim: int) -> int:
-    heads, kv = dim // 128, 8
-    hidden = int(2 * 4 * dim / 3 * 1.3)
-    hidden = 1024 * ((hidden + 1023) // 1024)
-    return dim * dim * 2 + 2 * dim * kv * 128 + 3 * dim * hidden + 2 * dim
 
 
 def recompute_per_layer(h: int = 2048, a: int = 16, s: int = 2048, b: int = 1) -> None:

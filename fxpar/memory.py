@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .blocks import innermost, owners, repeated_blocks
 from .metadata import MEMORY, RECOMPUTE
 
 # optimizer state per parameter, in units of the parameter's own bytes (fp32 states for fp32
@@ -376,8 +377,6 @@ def _gathered(nodes, holding: Holding):
     (``gather_params`` gathers a repeated block's weights together; outside blocks, a module's),
     under zero 3 whole while the layer runs, with the next layer's gathered meanwhile, and their
     gradients before the reduce-scatter (zero 2, 3) or before they move to the host (offload)."""
-    from .blocks import innermost, owners, repeated_blocks
-
     if not nodes:
         return 0
     gm = nodes[0].graph.owning_module

@@ -67,7 +67,7 @@ def plan_recompute(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         chosen = min(tries, key=lambda c: (not _fits(gm, ctx, c), _flops(ctx, c)))
     _mark(gm, chosen)
     _restage(gm, ctx)
-    ctx.recomputed = [name for name in chosen]
+    ctx.recomputed = list(chosen)
     if ctx.options.memory_limit is not None:
         _check(ctx, mode)
     return gm
@@ -249,8 +249,7 @@ def _fit(gm: GraphModule, ctx: PlanContext, candidates: dict) -> dict:
     _restage(gm, ctx)
     peaks = _peaks(ctx)
     device = {name: rank_of.get(_stage_of(nodes[0]), 0) for name, nodes in candidates.items()}
-    flops = {name: float(evaluate(sum(node_memory(n).flops for n in nodes), ctx.pipeline.sizes, ctx.dim_names))
-             for name, nodes in candidates.items()}
+    flops = {name: _flops(ctx, {name: nodes}) for name, nodes in candidates.items()}
 
     def score(name):
         """FLOPs per byte freed on the region's device with it chosen too; None if it frees nothing."""
@@ -311,9 +310,10 @@ def _fits(gm: GraphModule, ctx: PlanContext, chosen: dict) -> bool:
     return max(_peaks(ctx)) <= ctx.options.memory_limit
 
 
-def _flops(ctx: PlanContext, chosen: dict) -> float:
-    return sum(float(evaluate(node_memory(n).flops, ctx.pipeline.sizes, ctx.dim_names))
-               for nodes in chosen.values() for n in nodes)
+def _flops(ctx: PlanContext, regions: dict) -> float:
+    """The forward FLOPs of remaking ``regions``, at the sizes planned for."""
+    total = sum(node_memory(n).flops for nodes in regions.values() for n in nodes)
+    return float(evaluate(total, ctx.pipeline.sizes, ctx.dim_names))
 
 
 def _check(ctx: PlanContext, mode: str) -> None:
@@ -323,6 +323,7 @@ def _check(ctx: PlanContext, mode: str) -> None:
         gib = 1 << 30
         raise PlanError(
             f"with recompute={mode!r} pipeline rank {peaks.index(worst)} needs {worst / gib:.3f} GiB, over "
-            f"memory_limit={ctx.options.memory_limit / gib:.3f} GiB. Recompute more (recompute='full'), use zero "
-            "to split weights and optimizer state over dp, more tp or pp ranks, or smaller microbatches"
+            f"memory_limit={ctx.options.memory_limit / gib:.3f} GiB. "
+            + ("" if mode in ("full", "auto") else "Recompute more (recompute='full' or 'auto'), ")
+            + "use zero to split weights and optimizer state over dp, more tp or pp ranks, or smaller microbatches"
         )

@@ -14,14 +14,14 @@ from tests.zoo import adamw, assert_close, loss_with_target, pipeline_case
 STEPS = 2
 
 
-def train_compiled(mesh: dict, compile, **options) -> int:
+def train_compiled(mesh: dict, compile) -> int:
     model, args, target = pipeline_case("gpt", 2)
     ref = copy.deepcopy(model)
     ropt = adamw(ref.parameters())
     m = fxpar.Mesh(**mesh)
     tp = m.coordinate(dist.get_rank())["tp"]
     pm = fxpar.parallelize(model, m, example_args=args, loss_fn=loss_with_target, example_target=target,
-                           microbatches=2, compile=compile, **options)
+                           microbatches=2, compile=compile)
     opt = adamw(pm.parameters())
     params = dict(pm.named_parameters())
     for step in range(STEPS):

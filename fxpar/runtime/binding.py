@@ -58,7 +58,7 @@ def _replicas(plain: Mesh, comms: dict, to_global, rank: int, timeout) -> object
     if plain.dp == 1:
         return comms["ep"]
     here = plain.coordinate(rank)
-    groups, mine = [], None
+    mine = None
     for r in range(plain.size):
         c = plain.coordinate(r)
         if c["dp"] or c["ep"]:
@@ -67,7 +67,6 @@ def _replicas(plain: Mesh, comms: dict, to_global, rank: int, timeout) -> object
         group = dist.new_group(ranks, timeout=timeout)
         if all(c[k] == here[k] for k in ("pp", "cp", "tp")):
             mine = group
-        groups.append(group)
     return DistComm(mine, timeout, "dp_ep")
 
 

@@ -33,11 +33,12 @@ def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set
         whole = get_path(root, target)
         compute = dtype if target in cast else whole.dtype
         device = whole.device
-        master_device = torch.device("cpu") if target in host else device
 
-        def master(t):
-            t = t.to(master_device, copy=True) if target in host or t.dtype != compute else t
-            return t.pin_memory() if target in host and device.type == "cuda" else t
+        def master(t):  # the optimizer's own copy: in host memory when offloaded, pinned beside a GPU
+            if target not in host:
+                return t.clone()
+            t = t.to("cpu", copy=True)
+            return t.pin_memory() if device.type == "cuda" else t
 
         if target not in rows:  # whole on every dp rank: only the dtype or the place differs
             full = whole.detach().to(compute)
@@ -52,7 +53,7 @@ def hold_weights(root: nn.Module, cap: Captured, rows: dict[str, int], cast: set
             if keep and (compute != full.dtype or target in host):  # the master rows apart from the whole weight
                 mine, full = master(full[start:stop]), full.to(compute)
             else:
-                mine = full[start:stop] if keep else master(full[start:stop].clone())
+                mine = full[start:stop] if keep else master(full[start:stop])
             param = nn.Parameter(mine, requires_grad=whole.requires_grad)
             SHARDED[param] = Sharded(target, level, param, rows[target], start, stop, full if keep else None, compute,
                                      reduce_dtype, device, target in host, group)
