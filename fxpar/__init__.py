@@ -7,6 +7,7 @@
 
 from .capture import capture
 from .checkpoint import latest_checkpoint, load, save
+from .cost import Estimate, estimate
 from .empty_weights import empty_weights
 from .errors import (
     CaptureError, CheckpointError, CollectiveError, DivergenceError, FxparError, MeshError, OptionError, PlanError,
@@ -25,6 +26,8 @@ __all__ = [
     "parallelize",
     "ParallelModule",
     "Plan",
+    "estimate",
+    "Estimate",
     "capture",
     "save",
     "load",

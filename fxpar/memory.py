@@ -45,7 +45,7 @@ class NodeMemory:
     param_elem: int = 4  # bytes per element of the parameter
     trainable: bool = False
     buffer_bytes: object = 0
-    flops: object = 0  # forward FLOPs (counted when recomputation is planned)
+    flops: object = 0  # forward FLOPs on this rank
 
 
 @dataclass

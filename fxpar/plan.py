@@ -238,6 +238,12 @@ class Plan:
         (``dynamic_shapes={"x": {0: "batch"}}``)."""
         return plan_memory.max_microbatch(self.ctx, limit, dim, sizes)
 
+    def estimate(self, device="h100-80gb", gpus_per_node: int = 8):
+        """How long one optimizer step of this plan takes on ``device`` (``fxpar/cost.py``)."""
+        from .cost import estimate_plan
+
+        return estimate_plan(self, device, gpus_per_node)
+
     # checking against the single-device model ------------------------------------------------
     def check(self, *args, rtol: float = 1e-5, atol: float = 1e-5, loss_fn=None, **kwargs) -> int:
         """Run the single-device graph and all ranks; raise ``DivergenceError`` naming the first

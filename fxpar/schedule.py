@@ -99,9 +99,10 @@ class Schedule:
                 peak[a.stage] = max(peak[a.stage], live[a.stage])
         return peak
 
-    def timeline(self, f: float = 1.0, b: float = 2.0) -> dict:
-        """Start time of every compute action with unit costs ``f`` and ``b``, respecting each
-        rank's order and the data dependencies between stages (a list-scheduling simulation)."""
+    def timeline(self, f=1.0, b=2.0) -> dict:
+        """Start time of every compute action with costs ``f`` and ``b`` (numbers, or one per
+        stage), respecting each rank's order and the data dependencies between stages (a
+        list-scheduling simulation)."""
         order = self.compute_only()
         done: dict[tuple, float] = {}
         pos = [0] * self.ranks
@@ -119,7 +120,7 @@ class Schedule:
                     continue
                 t0 = max([clock[r]] + [done[d] for d in deps])
                 start[a] = t0
-                clock[r] = t0 + (f if a.kind == "F" else b)
+                clock[r] = t0 + _cost(f if a.kind == "F" else b, a.stage)
                 done[(a.kind, a.stage, a.mb)] = clock[r]
                 pos[r] += 1
                 remaining -= 1
@@ -134,11 +135,16 @@ class Schedule:
             return [("F", s, a.mb) for s in recv_from]
         return [("F", a.stage, a.mb)] + [("B", s, a.mb) for s in send_to]
 
-    def bubble(self, f: float = 1.0, b: float = 2.0) -> float:
+    def makespan(self, f=1.0, b=2.0) -> float:
+        """When the last compute action of ``timeline(f, b)`` ends."""
+        start = self.timeline(f, b)
+        return max(t + _cost(f if a.kind == "F" else b, a.stage) for a, t in start.items())
+
+    def bubble(self, f=1.0, b=2.0) -> float:
         """Idle fraction of the ranks' time under ``timeline``."""
         start = self.timeline(f, b)
-        end = max(t + (f if a.kind == "F" else b) for a, t in start.items())
-        busy = sum(f if a.kind == "F" else b for a in start)
+        end = max(t + _cost(f if a.kind == "F" else b, a.stage) for a, t in start.items())
+        busy = sum(_cost(f if a.kind == "F" else b, a.stage) for a in start)
         return 1.0 - busy / (self.ranks * end)
 
     def ideal_bubble(self) -> float:
@@ -147,6 +153,11 @@ class Schedule:
         p, m = self.ranks, self.microbatches
         v = self.stages // p
         return (p - 1) / (v * m + p - 1)
+
+
+def _cost(c, stage: int) -> float:
+    """A compute action's cost: the same for every stage, or ``c[stage]``."""
+    return c if isinstance(c, (int, float)) else c[stage]
 
 
 def chain(n: int) -> dict[int, tuple[list[int], list[int]]]:

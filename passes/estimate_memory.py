@@ -13,7 +13,6 @@ so every size is a sympy expression in them.
 
 from __future__ import annotations
 
-import contextlib
 import operator
 
 import torch
@@ -21,7 +20,7 @@ from torch.fx import GraphModule
 from torch.fx.node import map_aggregate
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
 from fxpar.codegen import get_path, rank_graph
 from fxpar.fake_values import fake_mode
@@ -32,6 +31,13 @@ from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.ops.comm import shape_comms
 from fxpar.ops.context import RankContext, running
+
+
+if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in flop_registry:
+    # torch counts the CUDA attention kernels only; the CPU one does the same matmuls
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def _bytes(t: torch.Tensor):
@@ -51,7 +57,6 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     params: set[str] = set()
     handed: dict = {}  # storages of multi-tensor outputs, owned by the getitem that takes each out
     renames: dict = {}  # fresh run-time size symbols of this fake run -> the captured graph's
-    count_flops = ctx.options.recompute != "none"  # what recomputing a node costs
     with fake_mode(gm), running(RankContext(rank=0, comms=shape_comms(ctx.mesh))):
         for node in graph.nodes:
             g = global_nodes.get(node.name)
@@ -81,11 +86,11 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 args = map_aggregate(node.args, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
                 kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
                 fn = bodies.get(node.target) or get_path(gm, node.target) if node.op == "call_module" else node.target
+                # FLOPs price recomputation and the step time (fxpar/cost.py)
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
-                        FlopCounterMode(display=False) if count_flops else contextlib.nullcontext() as flops:
+                        FlopCounterMode(display=False) as flops:
                     out = fn(*args, **kwargs)
-                if count_flops:
-                    info = {"flops": _renamed(expr(flops.get_total_flops()), renames)}
+                info = {"flops": _renamed(expr(flops.get_total_flops()), renames)}
             env[node] = out
             if g is not None:
                 _same_run_time_sizes(out, g.meta.get("val"), renames)
