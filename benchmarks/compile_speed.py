@@ -10,13 +10,12 @@ summary (every stage's memory, the schedule) as a user would print it.
 
 from __future__ import annotations
 
-import json
 import os
 import resource
-import subprocess
 import sys
 import time
 
+from each_in_a_process import entry, in_process
 from tabulate import tabulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,11 +55,12 @@ def one(index: int) -> dict:
     return dict(name=name, ranks=mesh.size, mesh=repr(mesh), export=export, compile=planned, rss=rss)
 
 
-def main():
+def main(_args):
     rows = []
     for i in range(len(CASES)):
-        out = subprocess.run([sys.executable, __file__, "--one", str(i)], capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = in_process(__file__, i)
+        if "error" in r:
+            raise SystemExit(f"{CASES[i][0]}: {r['error']}")
         rows.append([r["name"], r["mesh"], r["ranks"], f"{r['export']:.1f}", f"{r['compile']:.1f}",
                      f"{r['compile'] / r['export']:.2f}", f"{r['rss'] / 2**30:.2f}"])
     print("fxpar.compile (capture, plan, every rank's stages, summary) against a bare torch.export, meta device")
@@ -69,7 +69,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--one":
-        print(json.dumps(one(int(sys.argv[2]))))
-    else:
-        main()
+    entry(lambda key: one(int(key)), main)

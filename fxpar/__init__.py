@@ -6,6 +6,7 @@
 """
 
 from .capture import capture
+from .autoplan import autoplan
 from .checkpoint import latest_checkpoint, load, save
 from .cost import Estimate, estimate
 from .empty_weights import empty_weights
@@ -27,6 +28,7 @@ __all__ = [
     "ParallelModule",
     "Plan",
     "estimate",
+    "autoplan",
     "Estimate",
     "capture",
     "save",

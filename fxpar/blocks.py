@@ -60,3 +60,23 @@ def owners(gm: GraphModule, paths: set[str]) -> dict[Node, str | None]:
         else:
             owner[node] = next((path for path, _ in stack(node) if path in paths), None)
     return owner
+
+
+def even_cuts(gm: GraphModule, stages: int) -> list[str]:
+    """The blocks to cut before so that ``stages`` pipeline stages get as even a share of the
+    repeated blocks as they divide into (the first stages one fewer where they do not): the cut
+    Megatron-LM and torchtitan make, as ``split_points``."""
+    order: dict[str, int] = {}
+    paths = repeated_blocks(gm)
+    for i, node in enumerate(gm.graph.nodes):
+        for path, _ in stack(node):
+            if path in paths:
+                order.setdefault(path, i)
+    blocks = sorted(order, key=order.get)
+    if stages <= 1 or len(blocks) < stages:
+        return []
+    cuts, start = [], 0
+    for j in range(stages - 1):
+        start += (len(blocks) + j) // stages  # the remainder goes to the last stages
+        cuts.append(blocks[start])
+    return cuts

@@ -8,6 +8,8 @@
     python -m fxpar dump llama --tp 2 --out d   # rank0.py, rank1.py, plan.txt, summary.txt
     python -m fxpar check gpt --tp 2 --train    # simulate all ranks, compare with one device
     python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
+    python -m fxpar plan llama --tp 2 --device h100-80gb --brief  # and its step time on H100s
+    python -m fxpar plan llama --auto --world 8 --device h100-80gb --batch 64   # which mesh to use
 
 A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``, ``moe``) or ``package.module:function``
 returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
@@ -64,11 +66,34 @@ def _compile(a):
 
 
 def cmd_plan(a) -> int:
+    if a.auto:
+        return _autoplan(a)
     plan, _ = _compile(a)
     print(plan.summary())
+    if a.device:
+        print(f"estimate: {plan.estimate(a.device, a.gpus_per_node)}")
     if not a.brief:
         print()
         print(plan.table())
+    return 0
+
+
+def _autoplan(a) -> int:
+    """``plan --auto``: the planner's candidates for ``--world`` devices (the model builder's
+    example, one sample of it, stands for every sample of ``--batch``)."""
+    import torch
+
+    import fxpar
+
+    torch.manual_seed(a.seed)
+    model, args = load_model(a.model, a.set)
+    one = tuple(x[:1] if isinstance(x, torch.Tensor) and x.dim() else x for x in args)
+    world = a.world or a.dp * a.pp * a.tp
+    found = fxpar.autoplan(model, world_size=world, device=a.device or "h100-80gb", global_batch=a.batch,
+                           example_args=one, gpus_per_node=a.gpus_per_node, verbose=True)
+    if not found:
+        print("fxpar: no candidate fits; see the reasons above", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -164,6 +189,11 @@ def main(argv=None) -> int:
     sp = sub.add_parser("plan", help="print the plan: placements, decisions, collectives")
     model_args(sp)
     sp.add_argument("--brief", action="store_true", help="summary only")
+    sp.add_argument("--auto", action="store_true", help="search the mesh and options (fxpar.autoplan) instead")
+    sp.add_argument("--world", type=int, default=None, help="devices to plan for with --auto")
+    sp.add_argument("--device", default=None, help="device profile for the step-time estimate (h100-80gb, cpu, ...)")
+    sp.add_argument("--batch", type=int, default=8, help="global batch (samples) with --auto")
+    sp.add_argument("--gpus-per-node", type=int, default=8)
     sp.set_defaults(fn=cmd_plan)
     sp = sub.add_parser("dump", help="write every rank's code and the plan table to a folder")
     model_args(sp)

@@ -37,8 +37,10 @@ from . import schedule as sched
 from .devices import DeviceProfile, profile
 from .memory import evaluate, node_memory, per_device
 from .metadata import COMM, RECOMPUTE, out_placement
+from .ops import params as _registers_gather_params  # noqa: F401 - defines torch.ops.fxpar.gather_params
 from .placement import Replicate
 
+_GATHER = torch.ops.fxpar.gather_params.default  # zero's gather of one bucket of weights
 _WEIGHT_BYTES = {"bf16": 2, "fp16": 2}  # bytes of a weight as the layers read it, by precision
 _COLLECTIVE_STEPS = {"all_reduce": 2, "copy_to_tp": 2, "sum_duplicates": 2, "to_partial": 0, "pick_local": 0}
 
@@ -114,11 +116,12 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
         received = sum(num(node_memory(nodes[i]).value_bytes) for i in s.inputs if i in nodes)
         t["pp"] += links.p2p(received)
         t_b["pp"] += links.p2p(sent)
-        if zero >= 2:  # gradients reduce-scattered as each layer's backward ends
+        if zero >= 2:  # gradients reduce-scattered as each layer's backward ends, one collective a bucket
+            calls = max(1, sum(1 for name in s.nodes if nodes[name].target is _GATHER))
             whole = mem.weights * _WEIGHT_BYTES.get(ctx.options.precision, 4)
-            scatter = links.dp_collective(mem.weights * 4, mesh, "reduce_scatter")
+            scatter = links.dp_collective(mem.weights * 4, mesh, "reduce_scatter", calls)
             if zero == 3:  # each layer's weights gathered ahead (prefetched): only what compute cannot hide
-                gather = links.dp_collective(whole, mesh, "all_gather")
+                gather = links.dp_collective(whole, mesh, "all_gather", calls)
                 hide = dev.overlap
                 t["dp"] = max(0.0, gather - hide * t["compute"])
                 t_b["dp"] = max(0.0, gather + scatter - hide * t_b["compute"])
@@ -200,15 +203,16 @@ class _Links:
         alpha, bw = self._link("pp")
         return alpha + nbytes / bw
 
-    def dp_collective(self, nbytes, mesh, kind: str) -> float:
-        """A ring collective over the data-parallel replicas of ``nbytes`` (whole, per rank)."""
+    def dp_collective(self, nbytes, mesh, kind: str, calls: int = 1) -> float:
+        """Ring collectives over the data-parallel replicas of ``nbytes`` in all (whole, per
+        rank), in ``calls`` collectives."""
         group = "dp_ep" if mesh.ep > 1 else "dp"
         n = self._world(group)
         if n == 1 or not nbytes:
             return 0.0
         alpha, bw = self._link(group)
         factor = 2 if kind == "all_reduce" else 1
-        return factor * ((n - 1) * alpha + (n - 1) / n * float(nbytes) / bw)
+        return factor * (calls * (n - 1) * alpha + (n - 1) / n * float(nbytes) / bw)
 
 
 def _op_time(node, dev: DeviceProfile, num) -> float:

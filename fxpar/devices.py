@@ -93,11 +93,13 @@ PROFILES: dict[str, DeviceProfile] = {
                                 8000 * GB, 900 * GB, 50 * GB, 5e-6, 10e-6, 0.78, 0.85, 0.80, 4e-6, 0.6, sources=_NVIDIA),
     # measured here by measure_cpu() (2 cores, one thread per process, gloo over loopback); a CPU
     # reaches its own peaks, so the fractions are 1
-    "cpu": DeviceProfile("cpu", {"bf16": 1100e9, "fp16": 30e9, "fp32": 150e9}, 24 * 2**30, 35 * GB, 1.1 * GB,
-                         1.1 * GB, 400e-6, 400e-6, 1.0, 1.0, 1.0, 3e-6, 0.45, 5.0e9, overlap=False,
-                         sources=("measure_cpu() on a 2-core x86 machine (AMX) with torch 2.13.0+cpu, 2026-12; gloo over "
-                          "loopback between two processes, all-reduce of 0.25 / 1 / 4 / 16 MiB in 0.6 / 2.1 / 4.3 / "
-                          "15.3 ms: 0.4 ms per ring step and 1.1 GB/s",)),
+    "cpu": DeviceProfile("cpu", {"bf16": 820e9, "fp16": 30e9, "fp32": 155e9}, 24 * 2**30, 28 * GB, 0.86 * GB,
+                         0.86 * GB, 1.8e-3, 1.8e-3, 1.0, 1.0, 1.0, 3e-6, 0.5, 4.0e9, 15, overlap=False,
+                         sources=("measure_cpu() on a 2-core x86 machine (AMX) with torch 2.13.0+cpu, 2026-12",
+                                  "gloo over loopback between two processes, each all-reduce after a 4 ms matmul (as "
+                                  "in a program): 16 KiB / 1 MiB / 16 MiB cost 3.7 / 4.9 / 23 ms, 1.8 ms per ring "
+                                  "step and 0.86 GB/s (back to back, with nothing between them, 4 bytes take 0.2 ms: "
+                                  "a rank that computed wakes gloo's threads)")),
 }
 
 # torch.cuda.get_device_name() -> profile
@@ -128,34 +130,45 @@ def current_device() -> str:
 
 def measure_cpu(seconds: float = 0.3) -> DeviceProfile:
     """The ``"cpu"`` profile measured on this machine, one thread (as each process of a gloo run
-    on two cores computes): matmul FLOP/s per dtype, copy bandwidth, the time of a tiny op (the
-    eager dispatch floor). Links keep the table's gloo figures (measuring them needs two
-    processes; ``benchmarks/estimate_vs_measured.py`` runs them)."""
+    on two cores computes), on tensors the size of a small model's activations (a few MiB, out of
+    the core's own cache as theirs are): matmul FLOP/s per dtype, copy bandwidth, the rate of norms,
+    softmax and activations, fused attention's share of the matmul rate, AdamW's passes, the time
+    of a tiny op (the eager dispatch floor). Links keep the table's gloo figures (measuring them
+    needs two processes)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         flops = {}
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            a = torch.randn(512, 512, dtype=dtype)
-            flops[name] = 2 * 512**3 / _timed(lambda: a @ a, seconds)
-        x = torch.ones(2**20)  # 4 MiB: the size of a small model's activations, in cache as theirs are
+            # a layer's three matmuls: forward, and the input's and the weight's gradients
+            a = torch.randn(1024, 256, dtype=dtype, requires_grad=True)
+            w = torch.randn(1024, 256, dtype=dtype, requires_grad=True)
+            g = torch.randn(1024, 1024, dtype=dtype)
+            flops[name] = 3 * 2 * 1024 * 256 * 1024 / _timed(lambda: torch.nn.functional.linear(a, w).backward(g),
+                                                             seconds)
+        x = torch.ones(2**21)  # 8 MiB
         y = torch.empty_like(x)
         bw = 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), seconds)
-        m = x.view(1024, 1024)
-        norm = torch.nn.LayerNorm(1024)
-        mix = (lambda: torch.nn.functional.gelu(m), lambda: torch.log_softmax(m, -1), lambda: norm(m),
-               lambda: m + m, lambda: m * 2)
-        moved = x.numel() * (2 + 2 + 2 + 3 + 2)
-        rate = moved / sum(_timed(f, seconds / len(mix)) for f in mix)
+        m = x.view(1024, 2048).requires_grad_()
+        norm = torch.nn.LayerNorm(2048)
+        mix = (torch.nn.functional.gelu, lambda t: torch.log_softmax(t, -1), norm, lambda t: t + t, lambda t: t * 2)
+        moved = 3 * x.numel() * (2 + 2 + 2 + 3 + 2)  # forward, and a backward of twice its traffic
+        rate = moved / sum(_timed(lambda: f(m).backward(y.view(1024, 2048)), seconds / len(mix)) for f in mix)
         q = torch.randn(8, 8, 128, 32)
         sdpa = 4 * q.numel() * 128 / _timed(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), seconds)
         s = torch.ones(4, requires_grad=True)  # the floor of an op autograd records, as in training
         launch = _timed(lambda: s * 1.0001, seconds)
+        params = [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(32)]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        adamw = torch.optim.AdamW(params)
+        passes = _timed(adamw.step, seconds) * bw / (4 * 256 * 256 * len(params))
     finally:
         torch.set_num_threads(threads)
     base = PROFILES["cpu"]
     return replace(base, flops={**base.flops, **flops}, memory_bw=bw, launch=launch, vector_rate=rate,
-                   attention_eff=min(1.0, sdpa / flops["fp32"]), sources=("measure_cpu() on this machine",))
+                   attention_eff=min(1.0, sdpa / flops["fp32"]), optimizer_passes=round(passes),
+                   sources=("measure_cpu() on this machine",))
 
 
 def _timed(fn, seconds: float) -> float:
