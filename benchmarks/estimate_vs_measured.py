@@ -32,8 +32,8 @@ MODELS = {
     "Llama": ("llama", dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=2048, multiple_of=256,
                             max_seq_len=SEQ)),
 }
-MESHES = [(dict(), {}), (dict(tp=2), {}), (dict(tp=2), dict(sequence_parallel=True)), (dict(pp=2), dict(microbatches=4)),
-          (dict(dp=2), {}), (dict(dp=2), dict(zero=3))]
+MESHES = [(dict(), {}), (dict(tp=2), {}), (dict(tp=2), dict(sequence_parallel=True)),
+          (dict(pp=2), dict(microbatches=4)), (dict(dp=2), {}), (dict(dp=2), dict(zero=3))]
 
 
 def loss_fn(logits, target):

@@ -40,6 +40,10 @@ RUNS = [
          cfg=dict(n_layer=96, n_embd=12288, n_head=96), seq=2048, batch=1536, device="a100-80gb",
          mesh=dict(dp=8, pp=16, tp=8), options=dict(microbatches=192, recompute="full", precision="fp16"),
          reported=("tflops", 138.0)),
+    dict(name="GPT 177B, 2304 H100 (Megatron-LM README, Megatron-Core scaling table)", model="gpt",
+         cfg=dict(n_layer=96, n_embd=12288, n_head=96), seq=4096, batch=1152, device="h100-80gb", vocab=131072,
+         mesh=dict(dp=48, pp=6, tp=8), options=dict(microbatches=24, sequence_parallel=True, zero=1, precision="bf16"),
+         reported=("mfu", 0.44)),
     dict(name="Llama 3 405B, 8192 H100 (Llama 3 paper, Table 4)", model="llama",
          cfg=dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim_multiplier=1.2, multiple_of=4096,
                   vocab_size=128256, rope_theta=500000.0), seq=8192, batch=2048, device="h100-80gb",
@@ -61,7 +65,8 @@ def one(index: int) -> dict:
     run = RUNS[index]
     with torch.device("meta"):
         if run["model"] == "gpt":
-            model = gpt.GPT(gpt.GPTConfig(block_size=run["seq"], vocab_size=GPT_VOCAB, bias=False, **run["cfg"]))
+            model = gpt.GPT(gpt.GPTConfig(block_size=run["seq"], vocab_size=run.get("vocab", GPT_VOCAB), bias=False,
+                                          **run["cfg"]))
         else:
             model = llama.Transformer(llama.ModelArgs(max_seq_len=run["seq"], **run["cfg"]))
     tokens = torch.zeros(run["batch"], run["seq"], dtype=torch.long, device="meta")

@@ -12,8 +12,9 @@ The search, in two rounds:
    the device even so, are set aside with the reason.
 2. **Verify.** The best screened candidates are planned for real (``fxpar.compile`` of the global
    batch, pipeline stages cut between blocks, as even in blocks as they divide: ``even_cuts`` in
-   ``fxpar/blocks.py``, the cut for time rather than for memory) and estimated exactly; one that does not fit moves to the next recomputation level, or
-   is rejected. What is returned always fits by the memory model, ranked by estimated step time.
+   ``fxpar/blocks.py``, the cut for time rather than for memory) and estimated exactly; one that
+   does not fit moves to the next recomputation level, or is rejected. What is returned always
+   fits by the memory model, ranked by estimated step time.
 
 >>> from fxpar.models import gpt
 >>> model, (idx,) = gpt.build()
@@ -140,7 +141,8 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
             if pp > layers or fixed_mesh.get("pp", pp) != pp or fixed_mesh.get("dp", dp) != dp:
                 continue
             if global_batch % dp:
-                rejected.append((f"{Mesh(dp=dp, pp=pp, tp=tp)}", f"the batch of {global_batch} does not split over dp={dp}"))
+                rejected.append((repr(Mesh(dp=dp, pp=pp, tp=tp)),
+                                 f"the batch of {global_batch} does not split over dp={dp}"))
                 continue
             best = None
             for c in _variants(tp, pp, dp, global_batch // dp, screens, dev, gpus_per_node, compile_options):
@@ -149,8 +151,8 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
                 if best is None or _rank(c) < _rank(best):
                     best = c
             if best is None:
-                rejected.append((f"{Mesh(dp=dp, pp=pp, tp=tp)}", "does not fit "
-                                 f"{dev.memory / 2**30:.0f} GiB with full recomputation and zero 3 at one sample per microbatch"))
+                rejected.append((repr(Mesh(dp=dp, pp=pp, tp=tp)), f"does not fit {dev.memory / 2**30:.0f} GiB with "
+                                 "full recomputation and zero 3 at one sample per microbatch"))
             else:
                 screened.append(best)
     screened.sort(key=lambda c: c.screened_time)

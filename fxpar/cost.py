@@ -71,7 +71,8 @@ class Estimate:
 
     def __str__(self) -> str:
         parts = ", ".join(f"{k} {v * 1e3:.3g} ms" for k, v in self.breakdown.items() if v)
-        return (f"step {self.step_time * 1e3:.4g} ms on {self.device}: {self.tflops_per_device:.4g} TFLOP/s per device, "
+        return (f"step {self.step_time * 1e3:.4g} ms on {self.device}: "
+                f"{self.tflops_per_device:.4g} TFLOP/s per device, "
                 f"MFU {self.mfu:.1%}, peak {self.peak_memory / 2**30:.3g} GiB ({parts})")
 
 
@@ -269,7 +270,8 @@ def _dp_sync(devices, mesh, zero: int, links: _Links) -> float:
 def _optimizer_time(d, dev: DeviceProfile, optimizer: str) -> float:
     """The step's passes over parameter-sized tensors (weights or masters, gradients, states)."""
     weights = float(d.masters) or float(d.params)
-    passes = {"adam": dev.optimizer_passes, "adamw": dev.optimizer_passes, "sgd_momentum": 5, "sgd": 3}.get(optimizer, 0)
+    adam = dev.optimizer_passes
+    passes = {"adam": adam, "adamw": adam, "sgd_momentum": 5, "sgd": 3}.get(optimizer, 0)
     return passes * weights / (dev.memory_bw * dev.memory_eff)
 
 

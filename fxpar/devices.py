@@ -82,15 +82,20 @@ _NVIDIA = ("NVIDIA A100 datasheet (2021), H100 and H200 datasheets (2023-24), DG
 
 PROFILES: dict[str, DeviceProfile] = {
     "a100-40gb": DeviceProfile("a100-40gb", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 40 * 2**30,
-                               1555 * GB, 300 * GB, 25 * GB, 5e-6, 10e-6, 0.87, 0.85, 0.80, 4e-6, 0.65, sources=_NVIDIA),
+                               1555 * GB, 300 * GB, 25 * GB, 5e-6, 10e-6, 0.87, 0.85, 0.80, 4e-6, 0.65,
+                               sources=_NVIDIA),
     "a100-80gb": DeviceProfile("a100-80gb", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 80 * 2**30,
-                               2039 * GB, 300 * GB, 25 * GB, 5e-6, 10e-6, 0.87, 0.85, 0.80, 4e-6, 0.65, sources=_NVIDIA),
+                               2039 * GB, 300 * GB, 25 * GB, 5e-6, 10e-6, 0.87, 0.85, 0.80, 4e-6, 0.65,
+                               sources=_NVIDIA),
     "h100-80gb": DeviceProfile("h100-80gb", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 80 * 2**30,
-                               3350 * GB, 450 * GB, 50 * GB, 5e-6, 10e-6, 0.80, 0.85, 0.80, 4e-6, 0.6, sources=_NVIDIA),
+                               3350 * GB, 450 * GB, 50 * GB, 5e-6, 10e-6, 0.80, 0.85, 0.80, 4e-6, 0.6,
+                               sources=_NVIDIA),
     "h200-141gb": DeviceProfile("h200-141gb", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 141 * GB,
-                                4800 * GB, 450 * GB, 50 * GB, 5e-6, 10e-6, 0.80, 0.85, 0.80, 4e-6, 0.6, sources=_NVIDIA),
+                                4800 * GB, 450 * GB, 50 * GB, 5e-6, 10e-6, 0.80, 0.85, 0.80, 4e-6, 0.6,
+                               sources=_NVIDIA),
     "b200-192gb": DeviceProfile("b200-192gb", {"bf16": 2250e12, "fp16": 2250e12, "fp32": 75e12}, 180 * GB,
-                                8000 * GB, 900 * GB, 50 * GB, 5e-6, 10e-6, 0.78, 0.85, 0.80, 4e-6, 0.6, sources=_NVIDIA),
+                                8000 * GB, 900 * GB, 50 * GB, 5e-6, 10e-6, 0.78, 0.85, 0.80, 4e-6, 0.6,
+                               sources=_NVIDIA),
     # measured here by measure_cpu() (2 cores, one thread per process, gloo over loopback); a CPU
     # reaches its own peaks, so the fractions are 1
     "cpu": DeviceProfile("cpu", {"bf16": 820e9, "fp16": 30e9, "fp32": 155e9}, 24 * 2**30, 28 * GB, 0.86 * GB,

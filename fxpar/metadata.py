@@ -45,8 +45,9 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
     masks); ``"context"`` on the cp rank's program, before ``assign_rng``.
 ``fxpar_memory`` : ``fxpar.memory.NodeMemory``
     What the node costs one rank: parameter bytes, the storage its output creates, what autograd
-    keeps for backward (new tensors, references to other nodes' outputs); sympy expressions with
-    symbolic sizes. Written by ``estimate_memory``. Example:
+    keeps for backward (new tensors, references to other nodes' outputs), its forward FLOPs
+    (``FlopCounterMode``: what recomputation and the step-time model price); sympy expressions
+    with symbolic sizes. Written by ``estimate_memory``. Example:
     ``NodeMemory(out_bytes=8192, value_bytes=8192, root='linear', saved_new=0, saved_roots=('mul_1',))``.
 ``fxpar_grad_partial`` : ``bool``
     Set on replicated values whose gradient each rank holds only its part of, summed by a

@@ -79,7 +79,8 @@ def _planned(model, args, kwargs, options):
     fixed = {k: v for k, v in options.items() if k not in _RUNTIME}
     if fixed.get("example_target") is not None:
         fixed["example_target"] = first(fixed["example_target"])
-    found = autoplan(model, world_size=dist.get_world_size(), device=current_device() if device_type == "cuda" else "cpu",
+    profile = current_device() if device_type == "cuda" else "cpu"
+    found = autoplan(model, world_size=dist.get_world_size(), device=profile,
                      global_batch=batch, example_args=pytree.tree_map(first, args),
                      example_kwargs=pytree.tree_map(first, kwargs or {}), verbose=dist.get_rank() == 0, **fixed)
     if not found:

@@ -7,8 +7,9 @@ require grad where the model's do. Every tensor autograd keeps is looked up by i
 storage some node produced is a reference to that node's output (counted once per stage however
 many ops keep it), any other is new memory of the op that kept it (a dropout mask, softmax's
 output, the copy a matmul makes of a transposed operand). Parameters are counted as parameters,
-never as activations. With symbolic batch/sequence sizes the fake tensors carry the same symbols,
-so every size is a sympy expression in them.
+never as activations. Each op's FLOPs are counted as it runs (``FlopCounterMode``), for
+recomputation's choices and the step-time model (``fxpar/cost.py``). With symbolic batch/sequence
+sizes the fake tensors carry the same symbols, so every size is a sympy expression in them.
 """
 
 from __future__ import annotations

@@ -178,3 +178,15 @@ def test_parallelize_auto_trains_like_one_process(pools, world, fixed):
     meshes = pools(world).run(_train_auto, **fixed)
     assert len(set(meshes)) == 1
     assert all(f"{k}={v}" in meshes[0] for k, v in fixed.items())
+
+
+def test_even_cuts_share_the_blocks_out():
+    from fxpar.blocks import even_cuts
+
+    model, (tokens,) = llama.build(n_layers=10)
+    plan = fxpar.compile(model, fxpar.Mesh(pp=4), (tokens,), microbatches=2,
+                         split_points=even_cuts(fxpar.capture(model, (tokens,)).gm, 4))
+    blocks = [sorted({m.split(".")[1] for m in s.modules if m.startswith("layers.")}, key=int)
+              for s in plan.ctx.pipeline.stages]
+    assert [len(b) for b in blocks] == [2, 2, 3, 3], blocks
+    assert even_cuts(fxpar.capture(model, (tokens,)).gm, 11) == []  # more stages than blocks: the planner decides
