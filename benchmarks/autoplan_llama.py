@@ -25,11 +25,11 @@ MODELS = {
     "405B": dict(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim_multiplier=1.2, multiple_of=4096),
 }
 WORLDS = {8: 32, 64: 256, 1024: 1024, 4096: 2048}  # devices -> global batch (sequences)
-PUBLISHED = {  # where the authors published a mesh for this model (and about this many GPUs)
-    ("8B", 8): "FSDP 8 (torchtitan, 8 H100)",
-    ("70B", 64): "FSDP 32 x TP 8 on 256 H100 (torchtitan)",
-    ("405B", 1024): "FSDP 8 x TP 8 x PP 8 on 512 H100 (torchtitan)",
-    ("405B", 4096): "TP 8 x PP 16 x DP 64 on 8192 H100 (Llama 3 paper, Table 4)",
+PUBLISHED = {  # where the authors published a mesh for this model (and about this many GPUs): (source, its tp x pp)
+    ("8B", 8): ("FSDP 8 (torchtitan, 8 H100)", dict(tp=1, pp=1)),
+    ("70B", 64): ("FSDP 32 x TP 8 on 256 H100 (torchtitan)", dict(tp=8, pp=1)),
+    ("405B", 1024): ("FSDP 8 x TP 8 x PP 8 on 512 H100 (torchtitan)", dict(tp=8, pp=8)),
+    ("405B", 4096): ("TP 8 x PP 16 x DP 64 on 8192 H100 (Llama 3 paper, Table 4)", dict(tp=8, pp=16)),
 }
 
 
@@ -48,23 +48,31 @@ def one(name: str) -> list:
     def loss(logits, target):
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
+    def search(world, batch, **fixed):
+        return fxpar.autoplan(model, world_size=world, device="h100-80gb", global_batch=batch, example_args=(sample,),
+                              loss_fn=loss, example_target=sample, verbose=False, **fixed)
+
     out = []
     for world, batch in WORLDS.items():
         t0 = time.perf_counter()
-        found = fxpar.autoplan(model, world_size=world, device="h100-80gb", global_batch=batch, example_args=(sample,),
-                               loss_fn=loss, example_target=sample, verbose=False)
+        found = search(world, batch)
         took = time.perf_counter() - t0
         if not found:
-            out.append(dict(world=world, batch=batch, mesh="none fits", took=took,
-                            why="; ".join(f"{w}: {r}" for w, r in found.rejected[:2])))
+            out.append(dict(world=world, batch=batch, mesh="none fits", took=took, why=found.rejected[0][1]))
             continue
         best = found[0]
-        out.append(dict(world=world, batch=batch, mesh=repr(best.mesh), took=took,
-                        options=", ".join(f"{k}={v}" for k, v in best.options.items() if k != "sequence_parallel"),
-                        step=best.estimate.step_time, mfu=best.estimate.mfu, peak=best.estimate.peak_memory,
-                        runner=repr(found[1].mesh) if len(found) > 1 else "",
-                        runner_step=found[1].estimate.step_time if len(found) > 1 else 0.0))
+        row = dict(world=world, batch=batch, mesh=repr(best.mesh), took=took, options=_shown(best.options),
+                   step=best.estimate.step_time, mfu=best.estimate.mfu, peak=best.estimate.peak_memory)
+        if (name, world) in PUBLISHED:  # the authors' tp x pp, with the best options the planner finds for it
+            theirs = search(world, batch, **PUBLISHED[name, world][1])
+            row["theirs"] = (f"{theirs[0].mesh} {_shown(theirs[0].options)}: {theirs[0].estimate.step_time:.3g} s"
+                             if theirs else "does not fit: " + theirs.rejected[0][1])
+        out.append(row)
     return out
+
+
+def _shown(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "sequence_parallel")
 
 
 def main(names):
@@ -76,14 +84,16 @@ def main(names):
             continue
         for r in found:
             if "step" not in r:
-                rows.append([name, r["world"], r["batch"], r["mesh"], r["why"], "", "", "", "", f"{r['took']:.0f}"])
+                rows.append([name, r["world"], r["batch"], r["mesh"], r["why"], "", "", "", f"{r['took']:.0f}"])
                 continue
             rows.append([name, r["world"], r["batch"], r["mesh"], r["options"], f"{r['step']:.3g}", f"{r['mfu']:.1%}",
-                         f"{r['peak'] / 2**30:.0f}", f"{r['runner']} {r['runner_step']:.3g}",
-                         f"{r['took']:.0f}", PUBLISHED.get((name, r["world"]), "")])
-    print("fxpar.autoplan, Llama 3 on H100-80GB (bf16, 8192-token sequences), best candidate")
-    print(tabulate(rows, headers=["model", "GPUs", "batch", "mesh", "options", "step s", "MFU", "peak GiB",
-                                  "runner-up (step s)", "search s", "published"], disable_numparse=True))
+                         f"{r['peak'] / 2**30:.0f}", f"{r['took']:.0f}"])
+            if "theirs" in r:
+                rows.append(["", "", "", "published: " + PUBLISHED[name, r["world"]][0], r["theirs"]] + [""] * 4)
+    print("fxpar.autoplan, Llama 3 on H100-80GB (bf16, 8192-token sequences), best candidate; under it, the")
+    print("published tp x pp with the best options the planner finds for it")
+    print(tabulate(rows, headers=["model", "GPUs", "batch", "mesh", "options", "step s", "MFU", "peak GiB", "search s"],
+                   disable_numparse=True, maxcolwidths=[None, None, None, 40, 60]))
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
             *screens[tp, rc], graph = cache[key]
             layers = max(1, len(repeated_blocks(graph)))
 
-    screened = []
+    screened, misses = [], []
     for (tp, rc), _ in sorted(screens.items()):
         if rc != "none":
             continue
@@ -144,18 +144,22 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
                 rejected.append((repr(Mesh(dp=dp, pp=pp, tp=tp)),
                                  f"the batch of {global_batch} does not split over dp={dp}"))
                 continue
-            best = None
+            best, least = None, None
             for c in _variants(tp, pp, dp, global_batch // dp, screens, dev, gpus_per_node, compile_options):
+                if least is None or c.screened_memory < least.screened_memory:
+                    least = c
                 if c.screened_memory > dev.memory * SCREEN_MARGIN:
                     continue
                 if best is None or _rank(c) < _rank(best):
                     best = c
             if best is None:
-                rejected.append((repr(Mesh(dp=dp, pp=pp, tp=tp)), f"does not fit {dev.memory / 2**30:.0f} GiB with "
-                                 "full recomputation and zero 3 at one sample per microbatch"))
+                misses.append((least.screened_memory, least.describe()))
             else:
                 screened.append(best)
     screened.sort(key=lambda c: c.screened_time)
+    for need, what in sorted(misses)[:3]:  # those that came closest, with what they would need
+        rejected.append((what, f"needs about {need / 2**30:.3g} GiB per device, more than "
+                               f"{SCREEN_MARGIN:.0%} of {dev.memory / 2**30:.0f} GiB (the least of its variants)"))
 
     batch_args, batch_kwargs, batch_target = _batch(one_args, one_kwargs, target, global_batch)
     verified = []

@@ -14,6 +14,7 @@ sizes the fake tensors carry the same symbols, so every size is a sympy expressi
 
 from __future__ import annotations
 
+import contextlib
 import operator
 
 import torch
@@ -39,6 +40,16 @@ if torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default not in flo
     @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
     def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _no_flops(target) -> bool:
+    """Ops that cannot run a matmul: views, pointwise ops and getitem (counting is skipped, the
+    counter's dispatch costing more than they do)."""
+    if target is operator.getitem:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return target.is_view or torch.Tag.pointwise in target.tags
 
 
 def _bytes(t: torch.Tensor):
@@ -88,10 +99,11 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 kwargs = map_aggregate(node.kwargs, lambda a: env[a] if isinstance(a, torch.fx.Node) else a)
                 fn = bodies.get(node.target) or get_path(gm, node.target) if node.op == "call_module" else node.target
                 # FLOPs price recomputation and the step time (fxpar/cost.py)
+                counting = not _no_flops(node.target)
                 with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t), \
-                        FlopCounterMode(display=False) as flops:
+                        FlopCounterMode(display=False) if counting else contextlib.nullcontext() as flops:
                     out = fn(*args, **kwargs)
-                info = {"flops": _renamed(expr(flops.get_total_flops()), renames)}
+                info = {"flops": _renamed(expr(flops.get_total_flops()), renames) if counting else 0}
             env[node] = out
             if g is not None:
                 _same_run_time_sizes(out, g.meta.get("val"), renames)
