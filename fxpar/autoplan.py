@@ -164,9 +164,9 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
     batch_args, batch_kwargs, batch_target = _batch(one_args, one_kwargs, target, global_batch)
     verified = []
     for c in screened[:VERIFY]:
-        for rc in RECOMPUTE_ORDER[RECOMPUTE_ORDER.index(c.options["recompute"]):]:
-            if "recompute" in fixed_options and rc != fixed_options["recompute"]:
-                continue
+        levels = ([fixed_options["recompute"]] if "recompute" in fixed_options
+                  else RECOMPUTE_ORDER[RECOMPUTE_ORDER.index(c.options["recompute"]):])
+        for rc in levels:
             c.options["recompute"] = rc
             cuts = {} if "split_points" in fixed_options else {"split_points": even_cuts(graph, c.mesh.pp)}
             plan = plan_model(model, c.mesh, batch_args, batch_kwargs, example_target=batch_target,
@@ -192,6 +192,8 @@ def _variants(tp, pp, dp, per_replica, screens, dev, gpus_per_node, fixed):
     zeros = [fixed["zero"]] if "zero" in fixed else ([0] if dp == 1 else [1, 3])
     recomputes = [fixed["recompute"]] if "recompute" in fixed else list(RECOMPUTE_ORDER)
     sizes = [b for b in _divisors(per_replica) if pp == 1 or b == 1 or per_replica // b >= pp]
+    if "microbatches" in fixed:
+        sizes = [per_replica // fixed["microbatches"]] if per_replica % fixed["microbatches"] == 0 else []
     for mb in sizes:
         m = per_replica // mb
         for zero in zeros:
@@ -205,7 +207,8 @@ def _scaled(mesh, mb, m, zero, rc, screens, links, dev, fixed) -> Candidate:
     est, mem = screens[tp, "none"]
     est_full, mem_full = screens[tp, "full"]
     per_sample = est.step_time - est.breakdown["optimizer"]
-    remade = {"none": 0.0, "selective": 0.1, "full": 1.0}[rc]  # of the forward again, as a share of a step's 3
+    # of the forward again, as a share of a step's 3 ("auto" screened as selective: it remakes what it must)
+    remade = {"none": 0.0, "full": 1.0}.get(rc, 0.1)
     work = per_sample * (1 + remade / 3) * mb / pp
     schedule = sched.make(fixed.get("schedule", "1f1b"), pp, m)
     pipeline = schedule.makespan(work / 3, 2 * work / 3)
@@ -225,7 +228,7 @@ def _scaled(mesh, mb, m, zero, rc, screens, links, dev, fixed) -> Candidate:
     per_stage_static = (mem.params + mem.buffers) / pp
     split = lambda x, level: x / dp if zero >= level else x  # noqa: E731
     memory = (split(per_stage_static, 3) + split(mem.grads / pp, 2) + split((mem.optimizer + mem.masters) / pp, 1)
-              + acts[rc] * mb * in_flight / pp)
+              + acts.get(rc, acts["selective"]) * mb * in_flight / pp)
     if zero == 3:
         memory += 2 * mem.params / pp / max(1, pp)  # a layer whole, and the next prefetched (bounded)
     options = {"microbatches": m, "zero": zero, "recompute": rc, "sequence_parallel": tp > 1}

@@ -10,7 +10,8 @@ measurement and nothing fitted to a model:
   (``passes/estimate_memory.py``). Backward costs twice the forward (two matmuls per matmul,
   the same for the bytes of elementwise ops); recomputed regions run their forward again.
 * **communication**: every collective the plan inserted (``fxpar_comm``: the bytes a rank sends
-  with a ring), an alpha-beta model per link: steps x latency + bytes / bandwidth, where a mesh
+  with a ring), an alpha-beta model per link: steps x latency + bytes / bandwidth (the steps of a
+  ring or of a tree, whichever are fewer, as NCCL chooses), where a mesh
   dimension whose groups fit in one node (``gpus_per_node``) runs over NVLink and one that spans
   nodes over the network. fxpar's collectives run in line with the computation, so they are
   counted as exposed; zero 3's weight gathers are prefetched and hide behind a stage's compute.
@@ -28,6 +29,7 @@ and backward, 3 x the forward's), against the peak of the dtype the layers compu
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -192,7 +194,7 @@ class _Links:
         """Forward and backward seconds of a collective node."""
         n = self._world(info.group)
         alpha, bw = self._link(info.group)
-        steps = _COLLECTIVE_STEPS.get(info.kind, 1) * (n - 1)
+        steps = _COLLECTIVE_STEPS.get(info.kind, 1) * _latency_steps(n)
         out = []
         for moved in (num(info.bytes), num(info.bwd_bytes)):
             out.append(steps * alpha + moved / bw if moved else 0.0)
@@ -213,7 +215,14 @@ class _Links:
             return 0.0
         alpha, bw = self._link(group)
         factor = 2 if kind == "all_reduce" else 1
-        return factor * (calls * (n - 1) * alpha + (n - 1) / n * float(nbytes) / bw)
+        return factor * (calls * _latency_steps(n) * alpha + (n - 1) / n * float(nbytes) / bw)
+
+
+def _latency_steps(n: int) -> int:
+    """Latency-bound steps of a collective over ``n`` ranks (per pass: an all-reduce makes two):
+    a ring's n - 1, or a tree's log2 n where that is fewer, as NCCL picks (double binary trees for
+    all-reduce, PAT for all-gather and reduce-scatter) and the bandwidth term stays the ring's."""
+    return min(n - 1, max(1, math.ceil(math.log2(n)))) if n > 1 else 0
 
 
 def _op_time(node, dev: DeviceProfile, num) -> float:

@@ -190,3 +190,12 @@ def test_even_cuts_share_the_blocks_out():
               for s in plan.ctx.pipeline.stages]
     assert [len(b) for b in blocks] == [2, 2, 3, 3], blocks
     assert even_cuts(fxpar.capture(model, (tokens,)).gm, 11) == []  # more stages than blocks: the planner decides
+
+
+def test_autoplan_keeps_what_is_fixed():
+    model, sample = _llama(heads=4, kv=2)
+    found = fxpar.autoplan(model, world_size=4, device="cpu", global_batch=8, example_args=(sample,), verbose=False,
+                           pp=2, microbatches=4, recompute="auto", memory_limit=1 << 30)
+    assert found, found.rejected
+    for c in found:
+        assert c.mesh.pp == 2 and c.options["microbatches"] == 4 and c.options["recompute"] == "auto"
