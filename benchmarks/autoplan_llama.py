@@ -72,7 +72,8 @@ def one(name: str) -> list:
 
 
 def _shown(options: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "sequence_parallel")
+    shown = ("microbatches", "zero", "recompute")  # the rest: sequence parallel with tp, bf16, 1f1b, even stages
+    return ", ".join(f"{k}={options[k]}" for k in shown)
 
 
 def main(names):

@@ -58,8 +58,7 @@ class Candidate:
     screened_memory: float = 0.0
 
     def describe(self) -> str:
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"{self.mesh} {opts}"
+        return f"{self.mesh} {_shown(self.options)}"
 
 
 class Candidates(list):
@@ -74,7 +73,7 @@ class Candidates(list):
         rows = []
         for c in self[:top]:
             e = c.estimate
-            rows.append([c.mesh, ", ".join(f"{k}={v}" for k, v in c.options.items()), f"{e.step_time:.4g}",
+            rows.append([c.mesh, _shown(c.options), f"{e.step_time:.4g}",
                          f"{e.mfu:.1%}", f"{e.tflops_per_device:.4g}", f"{e.peak_memory / 2**30:.3g}"])
         out = [f"autoplan on {self.device}: best first",
                tabulate(rows, headers=["mesh", "options", "step s", "MFU", "TFLOP/s/dev", "peak GiB"],
@@ -168,9 +167,10 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
                   else RECOMPUTE_ORDER[RECOMPUTE_ORDER.index(c.options["recompute"]):])
         for rc in levels:
             c.options["recompute"] = rc
-            cuts = {} if "split_points" in fixed_options else {"split_points": even_cuts(graph, c.mesh.pp)}
+            if "split_points" not in fixed_options and c.mesh.pp > 1:  # kept: parallelize(**options) cuts alike
+                c.options["split_points"] = tuple(even_cuts(graph, c.mesh.pp))
             plan = plan_model(model, c.mesh, batch_args, batch_kwargs, example_target=batch_target,
-                              **{**compile_options, **c.options, **cuts})
+                              **{**compile_options, **c.options})
             c.estimate = estimate_plan(plan, dev, gpus_per_node)
             if c.estimate.fits:
                 verified.append(c)
@@ -231,8 +231,14 @@ def _scaled(mesh, mb, m, zero, rc, screens, links, dev, fixed) -> Candidate:
               + acts.get(rc, acts["selective"]) * mb * in_flight / pp)
     if zero == 3:
         memory += 2 * mem.params / pp / max(1, pp)  # a layer whole, and the next prefetched (bounded)
-    options = {"microbatches": m, "zero": zero, "recompute": rc, "sequence_parallel": tp > 1}
+    options = {"microbatches": m, "zero": zero, "recompute": rc, "sequence_parallel": tp > 1,
+               "schedule": fixed.get("schedule", "1f1b"), "precision": fixed["precision"]}
     return Candidate(mesh, options, screened_time=pipeline + sync + optimizer, screened_memory=memory)
+
+
+def _shown(options: dict) -> str:
+    """The options as ``k=v``, leaving out the stage cuts (module names, one per stage)."""
+    return ", ".join(f"{k}={v}" for k, v in options.items() if k != "split_points")
 
 
 def _rank(c: Candidate) -> float:
