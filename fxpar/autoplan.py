@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from . import schedule as sched
 from .blocks import even_cuts, repeated_blocks
-from .cost import Estimate, _Links, estimate_plan
+from .cost import Estimate, Links, estimate_plan
 from .devices import profile
 from .errors import OptionError
 from .mesh import Mesh
@@ -188,7 +188,7 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
 def _variants(tp, pp, dp, per_replica, screens, dev, gpus_per_node, fixed):
     """Candidates of one mesh, scaled from the one-sample plans: microbatch sizes, zero, recompute."""
     mesh = Mesh(dp=dp, pp=pp, tp=tp)
-    links = _Links(mesh, dev, gpus_per_node)
+    links = Links(mesh, dev, gpus_per_node)
     zeros = [fixed["zero"]] if "zero" in fixed else ([0] if dp == 1 else [1, 3])
     recomputes = [fixed["recompute"]] if "recompute" in fixed else list(RECOMPUTE_ORDER)
     sizes = [b for b in _divisors(per_replica) if pp == 1 or b == 1 or per_replica // b >= pp]

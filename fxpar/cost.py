@@ -86,7 +86,7 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     spec = ctx.pipeline
     sizes, names = spec.sizes, ctx.dim_names
     num = lambda e: float(evaluate(e, sizes, names))  # noqa: E731
-    links = _Links(mesh, dev, gpus_per_node)
+    links = Links(mesh, dev, gpus_per_node)
     nodes = {n.name: n for n in gm.graph.nodes}
     m = spec.microbatches
     zero = ctx.options.zero
@@ -168,8 +168,9 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     )
 
 
-class _Links:
-    """Latency and bandwidth of each mesh dimension's groups on ``dev``."""
+class Links:
+    """Latency and bandwidth of each mesh dimension's groups on ``dev`` (the autoplanner prices its
+    candidates' data-parallel traffic with it too)."""
 
     def __init__(self, mesh, dev: DeviceProfile, gpus_per_node: int):
         self.mesh, self.dev = mesh, dev
@@ -260,7 +261,7 @@ def _replicas_of_work(node, mesh) -> int:
     return tp * mesh.cp
 
 
-def _dp_sync(devices, mesh, zero: int, links: _Links) -> float:
+def _dp_sync(devices, mesh, zero: int, links: Links) -> float:
     """After the last backward: gradients all-reduced over the replicas (zero 0), or
     reduce-scattered (zero 1; zero 2 and 3 did during backward, priced with the stages) and the
     updated rows all-gathered (zero 1 and 2; zero 3 gathers at the next use)."""
