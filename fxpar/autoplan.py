@@ -35,7 +35,7 @@ from torch.utils import _pytree as pytree
 
 from . import schedule as sched
 from .blocks import even_cuts, repeated_blocks
-from .cost import Estimate, Links, estimate_plan
+from .cost import Estimate, Links, estimate_plan, is_attention
 from .devices import profile
 from .errors import OptionError
 from .mesh import Mesh
@@ -109,7 +109,6 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
     compile_options = dict(fixed_options, precision=precision)
     rejected: list = []
 
-    heads = _attention_heads(model, one_args, one_kwargs, compile_options, target)
     from .plan import compile as plan_model
 
     layers, graph = 1, None
@@ -117,7 +116,8 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
     for tp in _divisors(world_size):
         if tp > gpus_per_node or fixed_mesh.get("tp", tp) != tp:
             continue
-        why = _tp_refusal(tp, heads)
+        # the heads are read off the first plan's graph (tp=1 unless tp is fixed: then it is checked after)
+        why = _tp_refusal(tp, _attention_heads(graph)) if graph is not None else None
         if why:
             rejected.append((f"tp={tp}", why))
             continue
@@ -130,6 +130,10 @@ def autoplan(model, world_size: int, device="h100-80gb", global_batch: int = 1, 
                 cache[key] = (estimate_plan(plan, dev, gpus_per_node), plan.device_memory()[0], plan.captured.gm)
             *screens[tp, rc], graph = cache[key]
             layers = max(1, len(repeated_blocks(graph)))
+        why = _tp_refusal(tp, _attention_heads(graph))
+        if why:
+            rejected.append((f"tp={tp}", why))
+            del screens[tp, "none"], screens[tp, "full"]
 
     screened, misses = [], []
     for (tp, rc), _ in sorted(screens.items()):
@@ -255,15 +259,11 @@ def _options(fixed: dict, tp: int, recompute: str, zero: int, microbatches: int)
     return {**fixed, "recompute": recompute, "zero": zero, "microbatches": microbatches, "sequence_parallel": tp > 1}
 
 
-def _attention_heads(model, args, kwargs, options, target) -> list[tuple[int, int]]:
-    """(query heads, key/value heads) of every fused attention op of the captured graph."""
-    from .capture import capture
-
-    cap = capture(model, args, kwargs)
+def _attention_heads(graph) -> list[tuple[int, int]]:
+    """(query heads, key/value heads) of every fused attention op of a captured graph."""
     out = []
-    for node in cap.gm.graph.nodes:
-        name = getattr(node.target, "__name__", str(node.target))
-        if node.op == "call_function" and "scaled_dot_product" in name and len(node.args) >= 2:
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and is_attention(node) and len(node.args) >= 2:
             q, k = (a.meta.get("val") for a in node.args[:2])
             if isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor):
                 out.append((int(q.shape[1]), int(k.shape[1])))

@@ -39,11 +39,11 @@ from . import schedule as sched
 from .devices import DeviceProfile, profile
 from .memory import evaluate, node_memory, per_device
 from .metadata import COMM, RECOMPUTE, out_placement
+from .options import compute_dtype
 from .ops import params as _registers_gather_params  # noqa: F401 - defines torch.ops.fxpar.gather_params
 from .placement import Replicate
 
 _GATHER = torch.ops.fxpar.gather_params.default  # zero's gather of one bucket of weights
-_WEIGHT_BYTES = {"bf16": 2, "fp16": 2}  # bytes of a weight as the layers read it, by precision
 _COLLECTIVE_STEPS = {"all_reduce": 2, "copy_to_tp": 2, "sum_duplicates": 2, "to_partial": 0, "pick_local": 0}
 
 
@@ -91,6 +91,7 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     m = spec.microbatches
     zero = ctx.options.zero
     memories = [s.memory.at(sizes, names) for s in spec.stages]
+    layer_dtype = compute_dtype(ctx.options.precision) or torch.float32
 
     fwd, bwd, parts, flops_run, flops_model = [], [], [], 0.0, 0.0
     for s, mem in zip(spec.stages, memories):
@@ -121,7 +122,7 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
         t_b["pp"] += links.p2p(sent)
         if zero >= 2:  # gradients reduce-scattered as each layer's backward ends, one collective a bucket
             calls = max(1, sum(1 for name in s.nodes if nodes[name].target is _GATHER))
-            whole = mem.weights * _WEIGHT_BYTES.get(ctx.options.precision, 4)
+            whole = mem.weights * layer_dtype.itemsize  # the weights as the layers read them
             scatter = links.dp_collective(mem.weights * 4, mesh, "reduce_scatter", calls)
             if zero == 3:  # each layer's weights gathered ahead (prefetched): only what compute cannot hide
                 gather = links.dp_collective(whole, mesh, "all_gather", calls)
@@ -155,11 +156,10 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     step = sum(breakdown.values())
     flops_run *= m / mesh.pp  # per device: its pipeline rank's share, every microbatch
     flops_model *= m * mesh.replicas
-    peak_dtype = _compute_dtype(ctx)
     return Estimate(
         step_time=step,
         tflops_per_device=flops_run / step / 1e12,
-        mfu=flops_model / (step * mesh.size * dev.peak(peak_dtype)),
+        mfu=flops_model / (step * mesh.size * dev.peak(layer_dtype)),
         peak_memory=max(float(d.peak) for d in devices),
         breakdown=breakdown,
         device=dev.name,
@@ -240,14 +240,14 @@ def _op_time(node, dev: DeviceProfile, num) -> float:
     val = node.meta.get("val")
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     if flops:
-        eff = dev.attention_eff if _is_attention(node) else dev.matmul_eff
+        eff = dev.attention_eff if is_attention(node) else dev.matmul_eff
         compute = flops / (dev.peak(dtype) * eff)
     else:
         compute = moved / dtype.itemsize / dev.vector_rate
     return max(compute, moved / (dev.memory_bw * dev.memory_eff), dev.launch)
 
 
-def _is_attention(node) -> bool:
+def is_attention(node) -> bool:
     """A fused attention kernel (its FLOPs run at attention's efficiency, not a GEMM's)."""
     name = getattr(node.target, "__name__", str(node.target))
     return "scaled_dot_product" in name or "flash_attention" in name or "flex_attention" in name
@@ -284,9 +284,6 @@ def _optimizer_time(d, dev: DeviceProfile, optimizer: str) -> float:
     passes = {"adam": adam, "adamw": adam, "sgd_momentum": 5, "sgd": 3}.get(optimizer, 0)
     return passes * weights / (dev.memory_bw * dev.memory_eff)
 
-
-def _compute_dtype(ctx) -> str:
-    return {"bf16": "bf16", "fp16": "fp16"}.get(ctx.options.precision, "fp32")
 
 
 def estimate(model, mesh, example_args=(), example_kwargs=None, *, device="h100-80gb", gpus_per_node: int = 8,

@@ -142,10 +142,8 @@ class Schedule:
 
     def bubble(self, f=1.0, b=2.0) -> float:
         """Idle fraction of the ranks' time under ``timeline``."""
-        start = self.timeline(f, b)
-        end = max(t + _cost(f if a.kind == "F" else b, a.stage) for a, t in start.items())
-        busy = sum(_cost(f if a.kind == "F" else b, a.stage) for a in start)
-        return 1.0 - busy / (self.ranks * end)
+        busy = sum(_cost(f if a.kind == "F" else b, a.stage) for acts in self.compute_only() for a in acts)
+        return 1.0 - busy / (self.ranks * self.makespan(f, b))
 
     def ideal_bubble(self) -> float:
         """The textbook bubble of a p-rank pipeline on m microbatches: (p-1)/(m+p-1), and about

@@ -199,3 +199,10 @@ def test_autoplan_keeps_what_is_fixed():
     assert found, found.rejected
     for c in found:
         assert c.mesh.pp == 2 and c.options["microbatches"] == 4 and c.options["recompute"] == "auto"
+
+
+def test_a_fixed_tp_that_does_not_divide_the_heads_is_set_aside():
+    model, sample = _llama(heads=4, kv=2)
+    found = fxpar.autoplan(model, world_size=8, device="cpu", global_batch=8, example_args=(sample,), verbose=False,
+                           tp=8)
+    assert not found and found.rejected == [("tp=8", "tp=8 does not divide the 4 attention heads")]
