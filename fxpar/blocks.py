@@ -9,8 +9,11 @@ module, never from names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.node import map_aggregate
 
 
 def stack(node: Node) -> list[tuple[str, str]]:
@@ -24,11 +27,15 @@ def innermost(node: Node) -> str:
     return s[-1][0] if s else node.name
 
 
-def repeated_blocks(gm: GraphModule) -> set[str]:
+def _nodes(g: GraphModule | Graph):
+    return g.graph.nodes if isinstance(g, GraphModule) else g.nodes
+
+
+def repeated_blocks(gm: GraphModule | Graph) -> set[str]:
     """The paths of the blocks: of the runs of at least two sibling modules of one class whose
     names are their indices, the outermost ones."""
     kinds: dict[tuple, set] = {}
-    for node in gm.graph.nodes:
+    for node in _nodes(gm):
         for path, kind in stack(node):
             parent, _, last = path.rpartition(".")
             if last.isdigit():
@@ -45,14 +52,14 @@ def is_fxpar_op(target) -> bool:
     return isinstance(target, torch._ops.OpOverload) and target.namespace == "fxpar"
 
 
-def owners(gm: GraphModule, paths: set[str]) -> dict[Node, str | None]:
+def owners(gm: GraphModule | Graph, paths: set[str]) -> dict[Node, str | None]:
     """For every op, the module of ``paths`` it runs in (None: none of them). A collective fxpar
     inserted goes with the op that reads it: it carries the module of the value it converts, but
     runs where that value is read (the all-gather of a sequence-parallel layer's output runs
     inside the next layer's norm)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = {n: i for i, n in enumerate(_nodes(gm))}
     owner: dict[Node, str | None] = {}
-    for node in reversed(gm.graph.nodes):
+    for node in reversed(_nodes(gm)):
         if node.op not in ("call_function", "call_module"):
             continue
         if is_fxpar_op(node.target) and node.users:
@@ -80,3 +87,61 @@ def even_cuts(gm: GraphModule, stages: int) -> list[str]:
         start += (len(blocks) + j) // stages  # the remainder goes to the last stages
         cuts.append(blocks[start])
     return cuts
+
+
+@dataclass
+class Copy:
+    """A repeated block whose ops are another block's (its ``template``, earlier in the graph) one
+    for one: the same ops on the same shapes and constants, wired the same way. ``inputs`` maps the
+    values the template reads from outside it to the ones this block reads in their place."""
+
+    template: list[Node]
+    nodes: list[Node]
+    inputs: dict[Node, Node]
+
+
+def copies(graph: Graph) -> list[Copy]:
+    """Every repeated block that repeats an earlier one exactly (``fxpar/blocks.py``'s blocks,
+    compared op by op): an analysis can take a copy's results from its template, node by node,
+    instead of working them out again (80 layers of a 70B model are one block and 79 copies).
+
+    A block's values from outside it (its input, the weights it reads) are numbered by first
+    use, so two blocks match when they read their own weights the same way."""
+    paths = repeated_blocks(graph)
+    if not paths:
+        return []
+    members: dict[str, list[Node]] = {}
+    for node, path in owners(graph, paths).items():
+        if path is not None:
+            members.setdefault(path, []).append(node)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first: dict[str, tuple[list[Node], list[Node]]] = {}
+    out = []
+    blocks = sorted((sorted(nodes, key=order.get) for nodes in members.values()), key=lambda ns: order[ns[0]])
+    for nodes in blocks:
+        key, outside = _signature(nodes)
+        if key not in first:
+            first[key] = (nodes, outside)
+            continue
+        template, template_outside = first[key]
+        out.append(Copy(template, nodes, dict(zip(template_outside, outside))))
+    return out
+
+
+def _signature(nodes: list[Node]) -> tuple[str, list[Node]]:
+    """A block's structure as text (ops, constants, shapes, and its wiring with the nodes inside
+    numbered by position and those outside by first use), and the outside nodes in that order."""
+    inside = {n: i for i, n in enumerate(nodes)}
+    outside: dict[Node, int] = {}
+
+    def wire(a):
+        if not isinstance(a, Node):
+            return a
+        return ("in", inside[a]) if a in inside else ("out", outside.setdefault(a, len(outside)))
+
+    parts = []
+    for n in nodes:
+        val = n.meta.get("val")
+        described = (tuple(str(d) for d in val.shape), val.dtype) if isinstance(val, torch.Tensor) else type(val)
+        parts.append((n.op, n.target, map_aggregate(n.args, wire), map_aggregate(n.kwargs, wire), described))
+    return repr(parts), list(outside)

@@ -176,7 +176,7 @@ def capture(model: nn.Module, args=(), kwargs=None, *, dynamic_shapes=None, loss
             ep = torch.export.export(skeleton, meta_args, meta_kwargs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with the user's module and line
         raise CaptureError(_explain(e, skeleton)) from e
-    gm = ep.module()
+    gm = ep.module(check_guards=False)  # the runtime checks input shapes itself
     if fake is not None:
         onto_meta(gm, autocast[0], fake)
     _drop_export_guards(gm)
@@ -219,17 +219,18 @@ def _check_call(model: nn.Module, args, kwargs) -> None:
 
 
 def _drop_export_guards(gm: GraphModule) -> None:
-    """Remove export's input guard call (it was made for meta inputs; the runtime checks input
-    shapes itself and captures again for new ones) and reads of attributes nobody uses."""
+    """Remove export's input checks (made for meta inputs; the runtime checks input shapes itself
+    and captures again for new ones) and reads of attributes nobody uses."""
+    changed = False
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target == "_guards_fn":
-            gm.graph.erase_node(node)
-        elif node.op == "get_attr" and not node.users:  # e.g. the second name of a tied weight
-            gm.graph.erase_node(node)
+        if (node.op == "call_module" and node.target == "_guards_fn") or (node.op == "get_attr" and not node.users):
+            gm.graph.erase_node(node)  # a get_attr nobody reads: e.g. the second name of a tied weight
+            changed = True
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
-    gm.graph.lint()
-    gm.recompile()
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
 
 
 def _portable(gm: GraphModule) -> None:

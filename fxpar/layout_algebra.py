@@ -12,6 +12,7 @@ cost is the size of that group (e.g. ``n_heads * head_dim``), not of the tensor.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from math import prod
 
 import numpy as np
@@ -100,7 +101,7 @@ def view_shard(in_shape, out_shape, shard: Shard) -> Shard | None:
             return shard.with_dim(real_out[0])
         if not all(isinstance(s, int) for s in sizes_in + sizes_out) or prod(sizes_in) > ENUMERATION_LIMIT:
             return None
-        return _enumerate(sizes_in, gi.index(shard.dim), sizes_out, gj, shard)
+        return _enumerate(tuple(sizes_in), gi.index(shard.dim), tuple(sizes_out), tuple(gj), shard)
     return None
 
 
@@ -110,7 +111,8 @@ def _local_flat(sizes_in, k, idx):
     return np.ravel_multi_index(np.ix_(*grids), sizes_in).reshape(-1)
 
 
-def _enumerate(sizes_in, k, sizes_out, out_dims, shard: Shard) -> Shard | None:
+@lru_cache(maxsize=4096)  # a model's repeated layers ask the same question once per layer
+def _enumerate(sizes_in: tuple, k: int, sizes_out: tuple, out_dims: tuple, shard: Shard) -> Shard | None:
     flats = [_local_flat(sizes_in, k, shard.indices(r)) for r in range(shard.world)]
     numel_local = flats[0].size
     for j, size_j in enumerate(sizes_out):

@@ -9,6 +9,7 @@ import difflib
 import fnmatch
 
 from torch.fx import GraphModule
+from torch.fx._lazy_graph_module import _LazyGraphModule
 from torch.utils import _pytree as pytree
 
 from .capture import Captured
@@ -31,7 +32,8 @@ def plan_graph(cap: Captured, mesh: Mesh, options: PlanOptions | None = None,
         options = options.replace(**changes)
     check_overrides(cap, options.overrides)
     ctx = PlanContext(mesh=mesh, options=options, dim_names=dict(cap.dim_names))
-    gm = GraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
+    # the passes edit the graph and recompile after; the code is made once, when first read
+    gm = _LazyGraphModule(cap.gm, copy_graph(cap.gm.graph)[0], class_name="GlobalPlan")
     gm = run_pipeline(gm, ctx)
     return gm, ctx
 

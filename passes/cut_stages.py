@@ -42,11 +42,11 @@ class _Costs:
                  holding=None):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
-        self.all = {n.name: n for n in gm.graph.nodes}
         free = replicable(gm)
         num = lambda e: float(evaluate(e, sizes, names))  # noqa: E731
         self.root_bytes = {n.name: num(node_memory(n).out_bytes) for n in gm.graph.nodes}
         self.value_bytes = {n.name: num(node_memory(n).value_bytes) for n in gm.graph.nodes}
+        self.root_of = {n.name: node_memory(n).root or n.name for n in gm.graph.nodes}
         self.new, self.roots, self.params, self.inputs = [], [], [], []
         for node in seq:
             info = node_memory(node)
@@ -115,7 +115,7 @@ class _Costs:
         # what the stage sends on is kept until its gradient comes back
         if b < len(self.seq):
             held |= {v for i in range(a, b) for v in self.produced[i] if self.last_use[v] >= b}
-        held_roots = {node_memory(self.all[v]).root or v for v in held}
+        held_roots = {self.root_of[v] for v in held}
         act = new + sum(self.value_bytes[v] for v in held) + sum(self.root_bytes.get(r, 0.0) for r in roots - held_roots)
         return sum(params.values()) + factor * act
 
@@ -133,15 +133,12 @@ class _Growing:
         self.held_roots: dict = {}  # root -> how many held values live in it
         self.sent_on: dict[int, list] = {}  # last use -> values made here and sent on until then
 
-    def _root(self, v):
-        return node_memory(self.c.all[v]).root or v
-
     def _hold(self, v) -> None:
         if v in self.held:
             return
         self.held.add(v)
         self.held_sum += self.c.value_bytes[v]
-        r = self._root(v)
+        r = self.c.root_of[v]
         if not self.held_roots.get(r) and r in self.roots:
             self.overlap += self.c.root_bytes.get(r, 0.0)
         self.held_roots[r] = self.held_roots.get(r, 0) + 1
@@ -149,7 +146,7 @@ class _Growing:
     def _release(self, v) -> None:
         self.held.discard(v)
         self.held_sum -= self.c.value_bytes[v]
-        r = self._root(v)
+        r = self.c.root_of[v]
         self.held_roots[r] -= 1
         if not self.held_roots[r] and r in self.roots:
             self.overlap -= self.c.root_bytes.get(r, 0.0)
@@ -259,11 +256,14 @@ def _fewer_bytes(c: _Costs, factors, cuts: list[int], budget: float) -> list[int
     for k in range(len(cuts)):
         left = cuts[k - 1] if k else 0
         right = cuts[k + 1] if k + 1 < len(cuts) else n
-        best = (c.crossing[cuts[k]], 0, cuts[k])
-        for g in range(max(left + 1, cuts[k] - WINDOW), min(right, cuts[k] + WINDOW + 1)):
-            if c.cost(left, g, factors[k]) <= budget and c.cost(g, right, factors[k + 1]) <= budget:
-                best = min(best, (c.crossing[g], abs(g - cuts[k]), g))
-        cuts[k] = best[2]
+        now = (c.crossing[cuts[k]], 0, cuts[k])
+        # the best position is the first that fits, taken in order of bytes crossing (then of
+        # distance): stage costs are priced only for positions better than the cut as it is
+        better = sorted(t for g in range(max(left + 1, cuts[k] - WINDOW), min(right, cuts[k] + WINDOW + 1))
+                        if (t := (c.crossing[g], abs(g - cuts[k]), g)) < now)
+        fits = (g for _, _, g in better
+                if c.cost(left, g, factors[k]) <= budget and c.cost(g, right, factors[k + 1]) <= budget)
+        cuts[k] = next(fits, cuts[k])
     return cuts
 
 

@@ -15,6 +15,7 @@ sizes the fake tensors carry the same symbols, so every size is a sympy expressi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import operator
 
 import torch
@@ -24,6 +25,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
+from fxpar.blocks import copies
 from fxpar.codegen import get_path, rank_graph
 from fxpar.fake_values import fake_mode
 from fxpar.holder import retarget_submodules
@@ -69,10 +71,17 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     params: set[str] = set()
     handed: dict = {}  # storages of multi-tensor outputs, owned by the getitem that takes each out
     renames: dict = {}  # fresh run-time size symbols of this fake run -> the captured graph's
+    found: dict[str, NodeMemory] = {}
+    repeats = _Repeats(graph, env, owner, found)
     with fake_mode(gm), running(RankContext(rank=0, comms=shape_comms(ctx.mesh))):
         for node in graph.nodes:
             g = global_nodes.get(node.name)
             if node.op == "output":
+                continue
+            copied = repeats.take(node)
+            if copied is not None:
+                if g is not None:
+                    g.meta[MEMORY] = copied
                 continue
             saved: list[torch.Tensor] = []
             info = {}
@@ -138,16 +147,97 @@ def estimate_memory(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                         roots.add(owner[ref])
                 else:
                     saved_new += _bytes(t)
+            found[node.name] = NodeMemory(
+                out_bytes=_renamed(out_bytes, renames),
+                value_bytes=_renamed(value_bytes, renames),
+                root=root,
+                saved_new=_renamed(saved_new, renames),
+                saved_roots=tuple(sorted(roots)),
+                **info,
+            )
             if g is not None:
-                g.meta[MEMORY] = NodeMemory(
-                    out_bytes=_renamed(out_bytes, renames),
-                    value_bytes=_renamed(value_bytes, renames),
-                    root=root,
-                    saved_new=_renamed(saved_new, renames),
-                    saved_roots=tuple(sorted(roots)),
-                    **info,
-                )
+                g.meta[MEMORY] = found[node.name]
     return gm
+
+
+class _Repeats:
+    """The results of a repeated block's ops taken from the block it repeats (``blocks.copies``),
+    renamed to its own nodes, instead of run again on fake tensors: a 70B model's 80 layers cost
+    one layer's run. A copy is taken only where that is exact: the template ran before it, every
+    storage the template's results name is its own or one of its inputs', and what it hands on to
+    ops outside is tensors of storages of their own (the copy hands on fresh ones, alike)."""
+
+    def __init__(self, graph, env: dict, owner: dict, found: dict):
+        self.env, self.owner, self.found = env, owner, found
+        self.order = {n: i for i, n in enumerate(graph.nodes)}
+        self.pending = {c.nodes[0]: c for c in copies(graph)}
+        self.taken: dict = {}  # node of a copy -> (template node, template's names -> the copy's, the copy's nodes)
+
+    def take(self, node) -> NodeMemory | None:
+        """``node``'s results if it is part of a copy that can be taken, else None (run it)."""
+        copy = self.pending.pop(node, None)
+        if copy is not None:
+            names = self._names(copy)
+            if names is not None:
+                members = set(copy.nodes)
+                self.taken.update((n, (t, names, members)) for t, n in zip(copy.template, copy.nodes))
+        if node not in self.taken:
+            return None
+        template, names, members = self.taken.pop(node)
+        info = self.found[template.name]
+        if any(u not in members for u in node.users):
+            self._hand_on(template, node)
+        return dataclasses.replace(info, root=names[info.root],
+                                   saved_roots=tuple(sorted(names[r] for r in info.saved_roots)))
+
+    def _names(self, copy):
+        """Names of the template's nodes and of the storages its results name -> the copy's; None
+        where the copy cannot be taken."""
+        if self.order[copy.template[-1]] > self.order[copy.nodes[0]] or any(
+                self.order[i] > self.order[copy.nodes[0]] for i in copy.inputs.values()):
+            return None
+        if any(t.name not in self.found for t in copy.template):
+            return None
+        names = {t.name: n.name for t, n in zip(copy.template, copy.nodes)}
+        storages: dict = {}
+        for a, b in copy.inputs.items():
+            names[a.name] = b.name
+            xs, ys = pytree.tree_leaves(self.env.get(a)), pytree.tree_leaves(self.env.get(b))
+            if len(xs) != len(ys):
+                return None
+            for x, y in zip(xs, ys):
+                if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+                    if x is not y and str(x) != str(y):  # a size (symbolic ones by their expression)
+                        return None
+                    continue
+                # this rank's inputs: a weight placed otherwise than the template's is no copy
+                if (x.shape, x.stride(), x.dtype, x.requires_grad) != (y.shape, y.stride(), y.dtype, y.requires_grad):
+                    return None
+                rx, ry = self.owner.get(StorageWeakRef(x.untyped_storage())), self.owner.get(StorageWeakRef(y.untyped_storage()))
+                if storages.setdefault(rx, ry) != ry:
+                    return None
+        if len(set(storages.values())) != len(storages):  # inputs that share storage share it alike
+            return None
+        names.update((rx, ry) for rx, ry in storages.items() if rx is not None)
+        inside = set(copy.template)
+        for t in copy.template:
+            info = self.found[t.name]
+            if any(r not in names for r in (info.root, *info.saved_roots)):
+                return None
+            handed = any(u not in inside for u in t.users)
+            if handed and not (isinstance(self.env.get(t), torch.Tensor) and info.root == t.name):
+                return None
+        return names
+
+    def _hand_on(self, template, node) -> None:
+        """A fresh tensor like the template's output, of a storage of its own, for ops outside."""
+        t = self.env[template]
+        out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        if t.requires_grad:
+            out = out.requires_grad_().clone()  # not a leaf, as the template's was not
+        self.env[node] = out
+        self.owner[StorageWeakRef(out.untyped_storage())] = node.name
+
 
 
 def _same_run_time_sizes(local, global_val, renames: dict) -> None:
@@ -166,4 +256,3 @@ def _same_run_time_sizes(local, global_val, renames: dict) -> None:
 
 def _renamed(e, renames: dict):
     return e.subs(renames) if renames and hasattr(e, "subs") else e
-

@@ -112,22 +112,7 @@ def static_numel(node: Node) -> int | None:
 
 def tensor_args(node: Node) -> list[Node]:
     """Tensor-valued input nodes in argument order (lists flattened), without repeats."""
-    out: list[Node] = []
-
-    def visit(a):
-        if isinstance(a, Node):
-            if is_tensor_node(a) and a not in out:
-                out.append(a)
-        elif isinstance(a, (list, tuple)):
-            for x in a:
-                visit(x)
-        elif isinstance(a, dict):
-            for x in a.values():
-                visit(x)
-
-    visit(node.args)
-    visit(node.kwargs)
-    return out
+    return [a for a in node.all_input_nodes if is_tensor_node(a)]
 
 
 def op_name(node: Node) -> str:
