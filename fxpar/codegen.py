@@ -59,7 +59,7 @@ def build_module(root: nn.Module, graph: Graph, template: GraphModule, name: str
     attrs = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
-            if _has_attr(root, node.target):
+            if has_path(root, node.target):
                 attrs[node.target] = get_path(root, node.target)
             elif node.target in extra:
                 attrs[node.target] = extra[node.target]
@@ -75,7 +75,8 @@ def build_module(root: nn.Module, graph: Graph, template: GraphModule, name: str
     return gm
 
 
-def _has_attr(obj, target: str) -> bool:
+def has_path(obj, target: str) -> bool:
+    """Whether ``obj.a.b.c`` exists for ``target="a.b.c"``."""
     try:
         get_path(obj, target)
         return True

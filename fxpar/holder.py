@@ -42,6 +42,7 @@ def populate(
     keep: set[str] | None = None,
     unused: bool = True,
     outer: dict | None = None,
+    zeros=frozenset(),
 ) -> dict[str, str]:
     """Register rank ``rank``'s parameters and buffers in ``root`` under every original name.
 
@@ -50,7 +51,8 @@ def populate(
     pipeline stage's); ``unused`` also registers the tensors forward never reads. ``outer`` maps
     names to a ``(placement, rank)`` split taken before ``placements`` (an ep rank's experts of a
     stacked weight, then the tp rank's part of them); ``init_fn`` is asked for such a tensor
-    whole. Returns ``{graph name: user-facing name}`` for the parameters.
+    whole. Buffers named in ``zeros`` (a key/value cache) start as zeros. Returns ``{graph name:
+    user-facing name}`` for the parameters.
     """
     outer = outer or {}
     roles = param_roles(cap.gm)
@@ -91,6 +93,8 @@ def populate(
         elif is_param:
             role = roles.get(target, "normal" if meta_obj.dim() >= 2 else "zeros")
             local = init_tensor(target, meta_obj.shape, meta_obj.dtype, place, rank, seed, role, device, outer=split)
+        elif target in zeros:
+            local = torch.zeros_like(shard_tensor(meta_obj, place, rank), device=device)
         else:
             if target in used:  # a buffer forward never reads can stay without values
                 missing.append(aliases[0])

@@ -4,6 +4,11 @@ applied through complex numbers, SwiGLU feed-forward and grouped-query attention
 Plain PyTorch with nothing fxpar-specific. Attention reshapes with the configured head counts
 (``view(bsz, seqlen, self.n_local_heads, self.head_dim)``) and repeats key/value heads with
 ``expand`` + ``reshape`` before scaled-dot-product attention.
+
+For generation, ``model.setup_caches(max_batch_size, max_seq_len)`` gives every attention a
+key/value cache as gpt-fast writes one (buffers filled in place at the positions given,
+``cache[:, input_pos] = xk``) and ``model(tokens, input_pos)`` runs the tokens at those positions
+against everything cached before them.
 """
 
 from dataclasses import dataclass
@@ -77,6 +82,21 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     )
 
 
+class KVCache(nn.Module):
+    """The keys and values of every position so far, ``(batch, position, kv head, head dim)``."""
+
+    def __init__(self, max_batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.register_buffer("cache_k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("cache_v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor):
+        self.cache_k[:, input_pos] = xk
+        self.cache_v[:, input_pos] = xv
+        return self.cache_k, self.cache_v
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -89,20 +109,26 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor):
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos=None, mask=None):
         bsz, seqlen, _ = x.shape
         xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
         xq = xq.view(bsz, seqlen, self.n_local_heads, self.head_dim)
         xk = xk.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xv = xv.view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis=freqs_cis)
+        if input_pos is not None:  # everything cached so far, this step's tokens written in
+            xk, xv = self.cache.update(input_pos, xk, xv)
         keys = repeat_kv(xk, self.n_rep)  # (bs, seqlen, n_local_heads, head_dim)
         values = repeat_kv(xv, self.n_rep)
         xq = xq.transpose(1, 2)  # (bs, n_local_heads, seqlen, head_dim)
         keys = keys.transpose(1, 2)
         values = values.transpose(1, 2)
-        output = F.scaled_dot_product_attention(xq, keys, values, is_causal=True)
+        if mask is None:
+            output = F.scaled_dot_product_attention(xq, keys, values, is_causal=True)
+        else:
+            output = F.scaled_dot_product_attention(xq, keys, values, attn_mask=mask)
         output = output.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(output)
 
@@ -136,8 +162,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x, freqs_cis, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -156,12 +182,27 @@ class Transformer(nn.Module):
             persistent=False,
         )
 
-    def forward(self, tokens: torch.Tensor):
+    def setup_caches(self, max_batch_size: int, max_seq_len: int):
+        """Give every attention a key/value cache for batches of ``max_batch_size`` sequences of
+        up to ``max_seq_len`` positions, in the dtype and on the device of the weights."""
+        weight = self.output.weight
+        for layer in self.layers:
+            a = layer.attention
+            a.cache = KVCache(max_batch_size, max_seq_len, a.n_local_kv_heads, a.head_dim, weight.dtype, weight.device)
+        causal = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=weight.device))
+        self.register_buffer("causal_mask", causal, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: Optional[torch.Tensor] = None):
+        """Logits for ``tokens``; with ``input_pos`` (after ``setup_caches``), the tokens are at
+        those positions and attend to every position cached up to them."""
         _bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens)
-        freqs_cis = self.freqs_cis[:seqlen]
+        if input_pos is None:
+            freqs_cis, mask = self.freqs_cis[:seqlen], None
+        else:
+            freqs_cis, mask = self.freqs_cis[input_pos], self.causal_mask[None, None, input_pos]
         for layer in self.layers:
-            h = layer(h, freqs_cis)
+            h = layer(h, freqs_cis, input_pos, mask)
         h = self.norm(h)
         return self.output(h).float()
 

@@ -64,8 +64,8 @@ class Block(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.moe_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, freqs_cis):
-        h = x + self.attention(self.attention_norm(x), freqs_cis)
+    def forward(self, x, freqs_cis, input_pos=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, mask)
         return h + self.moe(self.moe_norm(h))
 
 

@@ -36,11 +36,13 @@ import dataclasses
 import torch
 from torch.fx import GraphModule, Node
 
+from fxpar.errors import PlanError, describe_node, module_path
 from fxpar.layout_algebra import holds_all_of
 from fxpar.metadata import COMM, GRAD_PARTIAL, INPUTS, ORIGIN, PLACEMENT, REQUIRES_GRAD, CommInfo, copy_meta, out_placement, replace_uses, splits_output
 from fxpar.placement import PARTIAL, REPLICATE, Placement, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules.base import static_numel
+from fxpar.rules.writes import mutated_state
 from fxpar.ops import collectives as C
 from fxpar.ops.library import runs_arg
 
@@ -137,6 +139,13 @@ def insert_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             have = out_placement(inp) or REPLICATE
             new = inp
             conv = conversion(have, want)
+            if conv is not None and inp in mutated_state(node):
+                raise PlanError(
+                    f"{describe_node(node)} writes into {inp.name} in place, which each rank holds as {have}, but the "
+                    f"write needs it {want}: a converted copy would take the write and lose it. Store the tensor "
+                    f"as the write needs it (overrides={{{module_path(node)!r}: 'replicate'}} keeps the values "
+                    "whole), or write with an op that returns a new tensor"
+                )
             if conv is not None:
                 new = convert(node, inp, *conv, have, want)
             # whole on every rank but used by a sharded op: each rank's backward sees only its

@@ -35,6 +35,7 @@ def localizer_for(node: Node):
 # importing the rule modules registers them
 from . import (  # noqa: E402,F401
     attention, collectives, conv, embedding, experts, indexing, loss, matmul, pointwise, reductions, slicing, views,
+    writes,
 )
 
 aten = torch.ops.aten
@@ -108,6 +109,8 @@ def inverse_of(node: Node):
         return views.INVERSES[node.target]
     if node.target == aten.cat.default:
         return slicing.invert_cat
+    if node.target in writes.WRITES:
+        return writes.invert
     if node.target in conv.CONVS:
         return conv.invert_conv
     tags = getattr(node.target, "tags", ())

@@ -32,8 +32,9 @@ from .checks import (
     callable_name, check_loss_call, explain_options, explain_structure, explain_values, model_structure, model_values,
 )
 from .clipping import clip_grad_norm_
+from .generate import generate
 from .pipeline import join_microbatches, microbatch_size, split_microbatches
-from .programs import Programs
+from .programs import FORWARD, Programs
 from .scaling import LossScaler
 from .telemetry import write_chrome_trace  # noqa: F401 - importable from here, as it always was
 
@@ -134,8 +135,12 @@ class ParallelModule(nn.Module):
 
     # running -----------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        self._cache.check_call(args, kwargs, self.training)
-        prog = self._cache.get(args, kwargs, self.training)
+        return self._run(FORWARD, args, kwargs)
+
+    def _run(self, entry: str, args, kwargs):
+        """Run the program of ``entry`` (the model's forward, or another: ``Programs.add_entry``)."""
+        self._cache.check_call(args, kwargs, self.training, entry)
+        prog = self._cache.get(args, kwargs, self.training, entry=entry)
         with running(self._ctx), outside_autocast(autocast_of(args, kwargs)):
             if prog.full is not None and (self._mesh.replicas == 1 or not _training(self)):
                 if self._microbatches == 1:
@@ -153,6 +158,32 @@ class ParallelModule(nn.Module):
             mbs = microbatches(prog.captured, args, kwargs, self._microbatches)
             self.__dict__["_last"] = prog
             return self._everywhere(prog, mbs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None, eos_token_id=None,
+                 pad_token_id: int | None = None, seed: int = 0) -> torch.Tensor:
+        """Continue each prompt of ``input_ids`` ``(batch, length)`` by up to ``max_new_tokens``
+        tokens with the model's key/value cache; returns the prompts and the new tokens, as
+        Hugging Face's ``generate`` does. Greedy by default; ``do_sample=True`` draws after
+        ``temperature``, ``top_k`` and ``top_p``, from a generator seeded with ``seed`` on every
+        rank (every rank draws the same). A sequence that makes ``eos_token_id`` (an id or a list)
+        is filled with ``pad_token_id`` (default: the eos id) from then on; generation stops when
+        all have. Prompts of different lengths are left-padded, as ``attention_mask`` says (models
+        whose forward takes a mask: Hugging Face's).
+
+        The prompt runs as one program and every new token as another, each captured once
+        (``fxpar/runtime/generate.py``). A Hugging Face model needs nothing more; a model that
+        keeps its own cache takes positions as gpt-fast's do. Call it alike on every rank::
+
+            pm = fxpar.parallelize(hf_model.eval(), fxpar.Mesh(tp=2))
+            tokens = pm.generate(input_ids, attention_mask=mask, max_new_tokens=32)
+
+            model.setup_caches(max_batch_size=4, max_seq_len=256)   # fxpar.models.llama, gpt-fast
+            pm = fxpar.parallelize(model.eval(), fxpar.Mesh(tp=2))
+            tokens = pm.generate(prompts, max_new_tokens=32)
+        """
+        return generate(self, input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                        eos_token_id, pad_token_id, seed)
 
     def train_step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward, loss and backward of one batch (this data-parallel replica's part) over all

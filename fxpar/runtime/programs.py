@@ -4,6 +4,10 @@ that every rank calls alike, capture and planning, and the ``RankProgram`` built
 
 The first program makes the parameters and fixes how they are placed (``geometry``); every later
 one reuses them and must place them the same way.
+
+Besides the model's forward, a module may have other entries: the same parameters under the same
+names, run by another forward (generation's, against a key/value cache: ``fxpar/static_cache.py``).
+An entry may add buffers of its own, made as zeros where a program first reads them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from .checks import check_not_meta, explain_contents, explain_plan, explain_sign
 from .rank import RankProgram
 
 
+FORWARD = "forward"  # the model's own forward
+
+
 class Programs:
     """The programs of the module ``root`` (where the first one registers the parameters) on the
     process ``bound``; ``options`` are the ``PlanOptions``, the rest what ``fxpar.parallelize``
@@ -37,6 +44,7 @@ class Programs:
                  seed, init_fn, compile_options, check_mode, device):
         self.root, self.bound, self.everyone = root, bound, everyone
         self.skeleton, self.source, self.loss_fn = skeleton, source, loss_fn
+        self.entries: dict[str, tuple] = {FORWARD: (skeleton, frozenset())}  # name -> (skeleton, its zero buffers)
         self.options, self.dynamic_shapes = options, dynamic_shapes
         self.seed, self.init_fn, self.compile_options = seed, init_fn, compile_options
         self.check_mode, self.device = check_mode, device
@@ -51,17 +59,23 @@ class Programs:
     def _pp_rank(self) -> int:
         return self.bound.mesh.coordinate(self.bound.rank)["pp"]
 
-    def get(self, args, kwargs, training: bool, loss: bool = False, inputs: dict | None = None) -> RankProgram:
+    def add_entry(self, name: str, skeleton, zeros=frozenset()) -> None:
+        """Another forward of the module: ``skeleton`` (meta) holds the same parameters under the
+        same names; ``zeros`` names the buffers it adds, made as zeros on each rank."""
+        self.entries[name] = (skeleton, frozenset(zeros))
+
+    def get(self, args, kwargs, training: bool, loss: bool = False, inputs: dict | None = None,
+            entry: str = FORWARD) -> RankProgram:
         """The program for these inputs (their signature agreed by ``check_call``), built at the
         signature's first call. ``inputs``: the keyword inputs the ranks of a replica must agree
         on the values of (default ``kwargs``; a target besides)."""
-        prog = self.programs.get((loss, self._key(args, kwargs, training)))
+        prog = self.programs.get((entry, loss, self._key(args, kwargs, training, entry)))
         if prog is None or self.check_mode == "always":
-            self._check_contents(args, kwargs if inputs is None else inputs)
+            self._check_contents(args, kwargs if inputs is None else inputs, entry)
         if prog is None:
-            prog = self._build(args, kwargs, training, loss)
+            prog = self._build(args, kwargs, training, loss, entry)
             # keyed after building: the first capture tells which dims are symbolic
-            self.programs[(loss, self._key(args, kwargs, training))] = prog
+            self.programs[(entry, loss, self._key(args, kwargs, training, entry))] = prog
         return prog
 
     def loss_program(self, args, kwargs, training: bool) -> RankProgram | None:
@@ -83,30 +97,36 @@ class Programs:
             )
             return None
 
-    def check_call(self, args, kwargs, training: bool) -> None:
+    def check_call(self, args, kwargs, training: bool, entry: str = FORWARD) -> None:
         """At every call, every rank agrees on the inputs' kinds (structure, shapes but for the
         dynamic sizes, dtypes, Python values) and on train/eval mode: a call whose program is new
         on one rank only would send that rank into checks its peers never join. One all-gather
         of 8 bytes; ``check_inputs="never"`` skips it."""
         check = self.check_mode != "never" and self.everyone.world > 1
-        signature, contents = input_summaries(self.skeleton.forward, args, kwargs, self.dynamic, digests=False)
+        signature, contents = input_summaries(self.entries[entry][0].forward, args, kwargs, self._dynamic(entry),
+                                              digests=False)
         if check:
             mode = "train" if training else "eval"
-            agree(self.everyone, {**signature, "mode": mode, "autocast": str(autocast_of(args, kwargs))},
+            extra = {} if entry == FORWARD else {"entry": entry}
+            agree(self.everyone, {**signature, **extra, "mode": mode, "autocast": str(autocast_of(args, kwargs))},
                   explain_signature)
         check_not_meta(contents)
 
-    def _check_contents(self, args, kwargs) -> None:
+    def _check_contents(self, args, kwargs, entry: str = FORWARD) -> None:
         """The ranks of a replica agree on the values of the inputs."""
         mesh = self.bound.mesh
         if self.check_mode == "never" or self.everyone.world == 1 or mesh.size == mesh.replicas:
             return
-        _, contents = input_summaries(self.skeleton.forward, args, kwargs, self.dynamic)
+        _, contents = input_summaries(self.entries[entry][0].forward, args, kwargs, self._dynamic(entry))
         agree(self.everyone, contents, explain_contents(self.bound.replica_of), self.bound.replica_of)
 
-    def _key(self, args, kwargs, training: bool):
+    def _dynamic(self, entry: str):
+        """The symbolic dims of the model's forward's inputs (other entries take other inputs)."""
+        return self.dynamic if entry == FORWARD else None
+
+    def _key(self, args, kwargs, training: bool, entry: str = FORWARD):
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        dyn = self.dynamic or {}
+        dyn = self._dynamic(entry) or {}
         parts, k = [], 0
         for x in leaves:
             if isinstance(x, torch.Tensor):
@@ -117,17 +137,18 @@ class Programs:
                 parts.append(x)
         return (training, autocast_of(args, kwargs), str(spec), tuple(parts))
 
-    def _build(self, args, kwargs, training: bool, loss: bool) -> RankProgram:
+    def _build(self, args, kwargs, training: bool, loss: bool, entry: str = FORWARD) -> RankProgram:
         first = self.geometry is None
-        plan = lambda: self._plan(args, kwargs, training, loss)  # noqa: E731
+        plan = lambda: self._plan(args, kwargs, training, loss, entry)  # noqa: E731
         cap, gm, ctx = agree_on_failure(self.everyone, plan, "to capture and plan the model")
         agree(self.everyone, plan_summary(ctx), explain_plan)
-        held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params}
+        own = frozenset().union(*(z for _, z in self.entries.values()))  # the entries' own buffers
+        held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params} - own
         if not first:
             first_ctx = self.geometry.ctx
             experts_moved = (ctx.expert_shards, ctx.expert_slots) != (first_ctx.expert_shards, first_ctx.expert_slots)
-            if held != self.held or experts_moved or any(
-                    ctx.param_placements.get(k, REPLICATE) != v for k, v in first_ctx.param_placements.items()):
+            if held != self.held or experts_moved or any(ctx.param_placements.get(k, REPLICATE) != v
+                                                         for k, v in first_ctx.param_placements.items() if k not in own):
                 raise FxparError(
                     "these inputs lead to a different placement of the parameters than the first call; "
                     "parallelize a separate module for them"
@@ -141,22 +162,23 @@ class Programs:
         prog = agree_on_failure(self.everyone, lambda: RankProgram(
             self.root, cap, gm, ctx, b.mesh, b.rank, self.device, b.p2p,
             source=self.source, seed=self.seed, init_fn=self.init_fn, populate=first, to_global=b.to_global,
-            compile_options=self.compile_options,
+            compile_options=self.compile_options, zeros=self.entries[entry][1],
         ), "to build its shards and programs")
         if first:
             self.geometry = ShardGeometry(cap, ctx, b.mesh)
             self.source = None  # the shards are made: the model's own tensors are not needed again
-            self.dynamic = _dynamic_dims(cap)
+            self.dynamic = _dynamic_dims(cap) if entry == FORWARD else None
             self.held = held
             self._check_rng(gm)
         self.plans.append((gm, ctx))
         return prog
 
-    def _plan(self, args, kwargs, training: bool, loss: bool):
+    def _plan(self, args, kwargs, training: bool, loss: bool, entry: str = FORWARD):
         """Capture and plan on this rank alone (no communication): ``(captured, graph, ctx)``."""
-        self.skeleton.train(training)
+        skeleton = self.entries[entry][0]
+        skeleton.train(training)
         mb_args, mb_kwargs = first_microbatch(args, kwargs, self.options.microbatches)
-        cap = capture(self.skeleton, mb_args, mb_kwargs, dynamic_shapes=self.dynamic_shapes,
+        cap = capture(skeleton, mb_args, mb_kwargs, dynamic_shapes=self.dynamic_shapes,
                       loss_fn=self.loss_fn if loss else None, dtype=compute_dtype(self.options.precision),
                       autocast=autocast_of(args, kwargs))
         options = self.options

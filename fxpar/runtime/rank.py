@@ -11,7 +11,7 @@ from torch.fx import GraphModule
 
 from .. import schedule as sched
 from ..capture import Captured
-from ..codegen import build_module, get_path, rank_graph, stage_graph
+from ..codegen import build_module, get_path, has_path, rank_graph, stage_graph
 from ..holder import populate as fill
 from ..holder import retarget_submodules
 from ..mesh import Mesh
@@ -36,7 +36,7 @@ class RankProgram:
 
     def __init__(self, root: nn.Module, cap: Captured, gm: GraphModule, ctx: PlanContext, mesh: Mesh, rank: int,
                  device, p2p, *, source=None, seed: int = 0, init_fn=None, populate: bool = True, to_global=None,
-                 compile_options: dict | None = None):
+                 compile_options: dict | None = None, zeros=frozenset()):
         coord = mesh.coordinate(rank)
         self.dp, self.pp, self.ep, self.cp, self.tp = (coord[d] for d in ("dp", "pp", "ep", "cp", "tp"))
         self.captured = cap
@@ -49,7 +49,11 @@ class RankProgram:
         self.names = {}
         if populate:  # a later input signature reuses the parameters the first one made
             self.names = fill(root, cap, placements, self.tp, source, device,
-                              seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer)
+                              seed=seed, init_fn=init_fn, keep=keep, unused=self.pp == 0, outer=outer, zeros=zeros)
+        else:  # but for buffers of its own that it is the first to read (a key/value cache)
+            new = {t for t in keep & zeros if not has_path(root, t)}
+            if new:
+                fill(root, cap, placements, self.tp, None, device, keep=new, unused=False, zeros=zeros)
         level = ctx.options.zero
         if populate and (ctx.zero_rows or ctx.cast_weights or ctx.offloaded):
             rows = {ctx.held_target(t, self.ep): n for t, n in ctx.zero_rows.items()}
