@@ -10,6 +10,7 @@
     python -m fxpar plan llama --tp 2 --sp      # with sequence parallelism
     python -m fxpar plan llama --tp 2 --device h100-80gb --brief  # and its step time on H100s
     python -m fxpar plan llama --auto --world 8 --device h100-80gb --batch 64   # which mesh to use
+    python -m fxpar generate llama --tp 2 --prompt-len 64 --new 32   # tokens/s, latency per token
 
 A model is a module of ``models/`` (``gpt``, ``llama``, ``mlp``, ``moe``) or ``package.module:function``
 returning ``(model, example_args)``; ``--set n_layer=4`` passes config overrides to it.
@@ -164,6 +165,13 @@ def cmd_demo(a) -> int:
     return demo(tp=a.tp, steps=a.steps, out=a.out)
 
 
+def cmd_generate(a) -> int:
+    from .generate_demo import main as generate
+
+    return generate(a.model, tp=a.tp, pp=a.pp, prompt_len=a.prompt_len, new=a.new, batch=a.batch, settings=a.set,
+                    seed=a.seed)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m fxpar", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -210,6 +218,16 @@ def main(argv=None) -> int:
     sp.add_argument("--steps", type=int, default=5)
     sp.add_argument("--out", default="fxpar_out")
     sp.set_defaults(fn=cmd_demo)
+    sp = sub.add_parser("generate", help="generate with the key/value cache over local CPU processes, against one")
+    sp.add_argument("model", help="models/ name (gpt, llama, moe) or module:function")
+    sp.add_argument("--tp", type=int, default=2)
+    sp.add_argument("--pp", type=int, default=1)
+    sp.add_argument("--prompt-len", type=int, default=64)
+    sp.add_argument("--new", type=int, default=32, help="tokens to generate")
+    sp.add_argument("--batch", type=int, default=1, help="prompts generated together")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for the model builder")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(fn=cmd_generate)
     a = p.parse_args(argv)
     from .errors import FxparError
 

@@ -22,6 +22,7 @@ import torch
 
 from .blocks import innermost, owners, repeated_blocks
 from .metadata import MEMORY, RECOMPUTE
+from .rules.writes import WRITES, mutated_state, written
 
 # optimizer state per parameter, in units of the parameter's own bytes (fp32 states for fp32
 # parameters): SGD without momentum keeps nothing, with momentum one buffer, Adam/AdamW two
@@ -69,6 +70,8 @@ class StageMemory:
     recomputed: object = 0  # bytes beyond the kept activations while backward remakes a region (the worst one)
     recompute_flops: object = 0  # forward FLOPs recomputed per microbatch
     offloaded: bool = False  # masters, gradients and optimizer state are in host memory (offload="optimizer")
+    cache: object = 0  # of ``buffers``, those the program writes in place: a key/value cache
+    cache_per_position: object = 0  # of ``cache``, the bytes of one position (slot) of its length
 
     @property
     def static(self):
@@ -95,7 +98,8 @@ class StageMemory:
         f = lambda e: evaluate(e, sizes, names)  # noqa: E731
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
-                           f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops), self.offloaded)
+                           f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops), self.offloaded,
+                           f(self.cache), f(self.cache_per_position))
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:
@@ -116,6 +120,8 @@ def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]
         d.recomputed = m.recomputed if d.recomputed == 0 else max(d.recomputed, m.recomputed)
         d.recompute_flops += m.recompute_flops
         d.offloaded = d.offloaded or m.offloaded
+        d.cache += m.cache
+        d.cache_per_position += m.cache_per_position
     return out
 
 
@@ -304,6 +310,10 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
             m.optimizer += state
             m.weights += info.param_bytes // info.param_elem
         m.buffers += info.buffer_bytes
+        positions = cache_positions(node) if info.buffer_bytes else None
+        if positions is not None:
+            m.cache += info.buffer_bytes
+            m.cache_per_position += info.buffer_bytes // positions if positions else 0
     kept, regions = activations(nodes, all_nodes, held)
     m.activations_per_microbatch = kept
     for r in regions.values():
@@ -313,6 +323,25 @@ def stage_memory(nodes, all_nodes: dict, optimizer: str = "adamw", held=(), opti
         m.gathered = _gathered(nodes, holding)
     m.offloaded = bool(holding is not None and holding.host)
     return m
+
+
+def cache_positions(node) -> int | None:
+    """For a buffer the program writes in place (a key/value cache), the length of the dim it
+    writes positions along (0 where it writes all of it: a counter); None for other tensors."""
+    stack, found = [node], None
+    while stack:
+        n = stack.pop()
+        for user in n.users:
+            if user.op != "call_function" or not user.args or user.args[0] is not n:
+                continue
+            if getattr(user.target, "is_view", False):
+                stack.append(user)
+            elif user.target in WRITES or n in mutated_state(user):
+                w = written(user) if user.target in WRITES else None
+                dims = w[2] if w is not None else set()
+                size = n.meta["val"].shape[next(iter(dims))] if len(dims) == 1 else 0
+                found = max(found or 0, size if isinstance(size, int) else 0)
+    return found
 
 
 @dataclass(frozen=True)

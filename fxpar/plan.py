@@ -238,6 +238,17 @@ class Plan:
         (``dynamic_shapes={"x": {0: "batch"}}``)."""
         return plan_memory.max_microbatch(self.ctx, limit, dim, sizes)
 
+    def max_cache(self, limit: float, **sizes) -> int:
+        """The most positions the model's key/value cache can hold (its length, for the batch it
+        was set up for) with every device within ``limit`` bytes: weights and the program's own
+        memory as planned, the cache the rest (``fxpar/plan_memory.py``).
+
+        >>> model.setup_caches(max_batch_size=8, max_seq_len=128)          # doctest: +SKIP
+        >>> plan = fxpar.compile(model, fxpar.Mesh(tp=8), (tokens, torch.arange(T)))  # doctest: +SKIP
+        >>> plan.max_cache(80 << 30)     # positions for 8 sequences in 80 GiB  # doctest: +SKIP
+        """
+        return plan_memory.max_cache(self.ctx, limit, sizes)
+
     def estimate(self, device="h100-80gb", gpus_per_node: int = 8):
         """How long one optimizer step of this plan takes on ``device`` (``fxpar/cost.py``)."""
         from .cost import estimate_plan

@@ -21,6 +21,25 @@ def device_memory(ctx: PlanContext, sizes: dict) -> list:
     return per_device(stage_memory(ctx, sizes), [s.rank for s in ctx.pipeline.stages])
 
 
+def max_cache(ctx: PlanContext, limit: float, sizes: dict) -> int:
+    """The most positions a key/value cache (the buffers the program writes in place, along the
+    dim it writes positions at) can hold, for the batch it was made for, with every device within
+    ``limit`` bytes when generating: the weights and other buffers stay, the cache grows; nothing
+    training keeps counts (gradients, optimizer state, activations saved for backward)."""
+    most = None
+    for m in device_memory(ctx, sizes):
+        fixed = m.params + m.buffers - m.cache + m.gathered
+        if not m.cache_per_position:
+            if fixed > limit:
+                return 0
+            continue
+        room = (limit - fixed) // m.cache_per_position
+        most = room if most is None else min(most, room)
+    if most is None:
+        raise FxparError("the program writes no key/value cache (no buffer written in place at positions)")
+    return max(0, int(most))
+
+
 def max_microbatch(ctx: PlanContext, limit: float, dim: str, sizes: dict) -> int:
     """The largest size of the symbolic dimension ``dim`` at which every device fits ``limit``
     bytes (0 if none does): a doubling search, then a bisection."""

@@ -291,16 +291,18 @@ def stage_table(gm: GraphModule, ctx) -> str:
         mods = f"{s.modules[0]} .. {s.modules[-1]}" if len(s.modules) > 1 else (s.modules[0] if s.modules else "")
         rows.append([s.index, s.rank, len(s.nodes), mods, fmt_bytes(m.params), fmt_bytes(m.grads), fmt_bytes(m.optimizer),
                      f"{fmt_bytes(m.activations_per_microbatch)} x{m.in_flight}", fmt_bytes(m.peak), fmt_bytes(sent)]
-                    + ([fmt_bytes(m.host)] if m.offloaded else []))
+                    + ([fmt_bytes(m.host)] if m.offloaded else []) + [fmt_bytes(m.cache)])
     sizes = ", ".join(f"{k}={v}" for k, v in spec.sizes.items()) or "the example's"
     offloaded = any(s.memory.offloaded for s in spec.stages)
+    cached = any(s.memory.cache for s in spec.stages)  # a key/value cache: its bytes, of the peak
+    rows = [r if cached else r[:-1] for r in rows]
     head = (f"stages ({spec.schedule}, {spec.microbatches} microbatches, sizes {sizes}, optimizer {ctx.options.optimizer}); "
             f"memory per device of the stage's rank" + ("; grads, optimizer and fp32 masters in host memory (offload)"
                                                        if offloaded else ""))
     return head + "\n" + tabulate(
         rows, headers=["stage", "pp rank", "nodes", "modules", "params", "grads", "optimizer", "activations x in flight",
-                       "peak (device)" if offloaded else "peak", "sends/microbatch"] + (["host"] if offloaded else []),
-        disable_numparse=True)
+                       "peak (device)" if offloaded else "peak", "sends/microbatch"] + (["host"] if offloaded else [])
+        + (["kv cache"] if cached else []), disable_numparse=True)
 
 
 def state_table(ctx) -> str:

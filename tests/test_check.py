@@ -32,7 +32,7 @@ def test_a_missing_all_reduce_is_found_at_the_first_node_that_reads_it():
     reader = next(iter(broken.users))
     assert f"node {reader.name}" in msg
     # the residual add reads it (resid_dropout has p=0: no op in the plan)
-    assert "models/gpt.py" in msg and "x = x + self.attn(self.ln_1(x))" in msg
+    assert "models/gpt.py" in msg and "x = x + self.attn(self.ln_1(x), input_pos, mask)" in msg
     assert "transformer.h.0" in msg
 
 

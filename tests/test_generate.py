@@ -52,6 +52,20 @@ def test_the_cache_holds_each_ranks_own_key_value_heads(kv_heads, tp, local_head
         assert place.local_size == local_heads, f"{target} is stored {place}, not by key/value head"
 
 
+def test_the_cache_is_counted_and_sized():
+    model, prompt = _model(kv_heads=2)
+    plan = fxpar.compile(model, fxpar.Mesh(tp=2), (prompt, torch.arange(PROMPT)))
+    m = plan.device_memory()[0]
+    batch, head_dim = prompt.shape[0], 64 // 4
+    per_position = 2 * 2 * batch * 1 * head_dim * 4  # 2 layers x (keys, values) x batch x 1 head of 2 x fp32
+    assert m.cache == per_position * MAX_LEN and m.cache_per_position == per_position
+    assert "kv cache" in plan.summary()
+    weights = m.params + m.buffers - m.cache
+    assert plan.max_cache(weights + 10 * per_position) == 10
+    assert plan.max_cache(weights + 10 * per_position - 1) == 9
+    assert plan.max_cache(weights // 2) == 0
+
+
 def _generate(mesh: dict, kv_heads: int, name: str) -> dict:
     model, prompt = _model(kv_heads, cached=False, name=name)
     expect = _recomputed(model, prompt)
@@ -125,6 +139,34 @@ def test_hugging_face_models_generate_as_they_do_alone(pools, family, mesh):
         assert r["cache_heads"] == [max(1, kv // mesh["tp"])], f"rank {rank} holds {r['cache_heads']} heads of {kv}"
         layers = fields.get("num_hidden_layers", fields.get("n_layer"))
         assert r["cache_layers"] == layers // mesh.get("pp", 1)  # a pipeline rank holds its layers' caches only
+
+
+def _forward_first(mesh: dict) -> dict:
+    """Parallelized for the model's own forward (no positions: the cache never read) and run,
+    then generation: the cache is placed when the first program that reads it is made."""
+    model, prompt = _model(cached=False)
+    expect = _recomputed(model, prompt)
+    model.setup_caches(prompt.shape[0], MAX_LEN)
+    pm = fxpar.parallelize(model, fxpar.Mesh(**mesh), example_args=(prompt,))
+    with torch.no_grad():
+        pm(prompt)
+    try:
+        got = pm.generate(prompt, max_new_tokens=NEW)
+    except FxparError as e:
+        return dict(error=str(e))
+    heads = sorted({b.shape[2] for n, b in pm.named_buffers() if n.endswith("cache_k")})
+    return dict(got=got, expect=expect, heads=heads)
+
+
+def test_a_cache_the_first_program_never_read_is_placed_by_the_one_that_does(pools):
+    for r in pools(2).run(_forward_first, dict(tp=2)):
+        assert torch.equal(r["got"], r["expect"])
+        assert r["heads"] == [1]  # one key/value head of two: split, not kept whole
+    for r in pools(4).run(_forward_first, dict(pp=2, tp=2)):  # pipeline rank 1 never held its layers' caches
+        if "error" in r:
+            assert "read first by these inputs" in r["error"] and "make the first call" in r["error"]
+        else:
+            assert torch.equal(r["got"], r["expect"])
 
 
 def _stops_at_eos() -> tuple:

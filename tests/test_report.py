@@ -19,7 +19,7 @@ def test_dump_writes_every_rank_annotated(tmp_path):
     assert 'fxpar.all_reduce(linear_1, group="tp")' in code
     assert "sends 8.0 KiB fwd" in code
     assert "# S(2) (2, 16, 2, 16)" in code  # local shape of the heads of rank 1
-    assert "# gpt.py:49  k = k.view(B, T, self.n_head, C // self.n_head)" in code  # relative to the model's package
+    assert "# gpt.py:70  k = k.view(B, T, self.n_head, C // self.n_head)" in code  # relative to the model's package
     assert "aten.view(getitem_1, size=[2, 16, 2, 16])" in code  # the literal 4 heads became 2
     assert "column-parallel c_attn (3 segments), row-parallel c_proj" in code  # the module's header
     assert "= None" not in code and "getattr(" not in code and "fxpar.dropout(" not in code  # p=0: no op

@@ -30,9 +30,10 @@ INDEX_PUT = (aten.index_put_.default, aten.index_put.default)
 WRITES = frozenset(INDEX_COPY + INDEX_PUT + (aten.copy_.default,))
 
 
-def written(node: Node) -> tuple[Node, Node, set[int]] | None:
-    """``(tensor written into, values, dims indexed)`` of a write; None where the values do not
-    line up with the tensor dim for dim (an index of several dims, values broadcast)."""
+def written(node: Node) -> tuple[Node, Node, set[int], int] | None:
+    """``(tensor written into, values, dims indexed, dims the values lack)`` of a write; None where
+    the values do not line up with the tensor (an index of several dims). Values broadcast from the
+    right, as ``x[:, pos] = v`` passes them with their leading size-1 dims dropped."""
     base = node.args[0]
     if node.target in INDEX_COPY:
         source = arg(node, 3, "source")
@@ -46,9 +47,9 @@ def written(node: Node) -> tuple[Node, Node, set[int]] | None:
         dims = set(given)
     else:
         source, dims = node.args[1], set()
-    if not isinstance(source, Node) or ndim(source) != ndim(base):
+    if not isinstance(source, Node) or ndim(source) > ndim(base):
         return None
-    return base, source, dims
+    return base, source, dims, ndim(base) - ndim(source)
 
 
 @register(*WRITES)
@@ -56,13 +57,17 @@ def write(node: Node, ctx: RuleContext) -> Sharding:
     found = written(node)
     if found is None:
         return Sharding(REPLICATE, {n: REPLICATE for n in tensor_args(node)})
-    base, source, dims = found
+    base, source, dims, lack = found
     indices = {n: REPLICATE for n in tensor_args(node) if n is not base and n is not source}
     pb, ps = ctx.placement(base), ctx.placement(source)
     # how the tensor is stored decides; a tensor not yet placed (a cache) takes the values' layout
-    for p in (pb, ps if pb is FREE or node.target is not aten.copy_.default else None):
-        if isinstance(p, Shard) and p.dim not in dims and shape(base)[p.dim] == shape(source)[p.dim]:
-            return Sharding(p, {base: p, source: p, **indices})
+    taken = [pb if isinstance(pb, Shard) else None]
+    if pb is FREE or node.target is not aten.copy_.default:
+        taken.append(ps.with_dim(ps.dim + lack) if isinstance(ps, Shard) else None)
+    for p in taken:
+        if p is None or p.dim in dims or p.dim < lack or shape(base)[p.dim] != shape(source)[p.dim - lack]:
+            continue
+        return Sharding(p, {base: p, source: p.with_dim(p.dim - lack), **indices})
     # whole on every rank (a tensor stored split along an indexed dim is then refused where the
     # write would need it gathered: insert_collectives)
     return Sharding(REPLICATE, {base: REPLICATE, source: REPLICATE, **indices})
@@ -72,9 +77,9 @@ def invert(node: Node, wanted) -> dict | None:
     """The values must come in the layout the written tensor is wanted in (a layout request for
     the cache goes to the projection that makes what is written)."""
     found = written(node)
-    if found is None or not isinstance(wanted, Shard) or wanted.dim in found[2]:
+    if found is None or not isinstance(wanted, Shard) or wanted.dim in found[2] or wanted.dim < found[3]:
         return None
-    return {found[1]: wanted}
+    return {found[1]: wanted.with_dim(wanted.dim - found[3])}
 
 
 def mutated_state(node: Node) -> list[Node]:

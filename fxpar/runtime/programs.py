@@ -16,16 +16,20 @@ import hashlib
 import warnings
 
 import torch
+import torch.nn as nn
 from torch.utils import _pytree as pytree
 
 from .. import report
 from ..autocast import autocast_of
 from ..capture import capture
+from ..codegen import get_path, has_path
+from ..holder import set_path
 from ..errors import CaptureError, FxparError
 from ..geometry import ShardGeometry
 from ..options import compute_dtype
 from ..planning import first_microbatch, plan_graph
 from ..placement import REPLICATE
+from ..shards import shard_tensor
 from .agree import agree, agree_on_failure
 from .binding import Binding
 from .checks import check_not_meta, explain_contents, explain_plan, explain_signature, input_summaries, plan_summary
@@ -54,6 +58,9 @@ class Programs:
         self.geometry: ShardGeometry | None = None
         self.dynamic = None  # for the k-th tensor input, the dims captured as symbolic
         self.held = None  # the parameters this pipeline rank's stages hold
+        # placements programs have settled, by graph name: the first program's for what it reads,
+        # a later one's for a tensor no program read before it (a cache behind another input)
+        self.settled: dict = {}
 
     @property
     def _pp_rank(self) -> int:
@@ -144,14 +151,17 @@ class Programs:
         agree(self.everyone, plan_summary(ctx), explain_plan)
         own = frozenset().union(*(z for _, z in self.entries.values()))  # the entries' own buffers
         held = {p for s in ctx.pipeline.stages if s.rank == self._pp_rank for p in s.params} - own
+        fresh = {}  # tensors no program read before, placed now
         if not first:
             first_ctx = self.geometry.ctx
             experts_moved = (ctx.expert_shards, ctx.expert_slots) != (first_ctx.expert_shards, first_ctx.expert_slots)
-            if held != self.held or experts_moved or any(ctx.param_placements.get(k, REPLICATE) != v
-                                                         for k, v in first_ctx.param_placements.items() if k not in own):
+            fresh = {k: p for k, p in ctx.param_placements.items() if k not in self.settled and k not in own}
+            moved = sorted(k for k, v in self.settled.items() if ctx.param_placements.get(k, REPLICATE) != v)
+            if (held & self.settled.keys()) != (self.held & self.settled.keys()) or experts_moved or moved:
                 raise FxparError(
-                    "these inputs lead to a different placement of the parameters than the first call; "
-                    "parallelize a separate module for them"
+                    "these inputs lead to a different placement of the parameters than the first call"
+                    + (f" ({', '.join(moved[:4])}{', ...' if len(moved) > 4 else ''})" if moved else "")
+                    + "; parallelize a separate module for them"
                 )
         for w in ctx.warnings:
             warnings.warn(f"fxpar: {w}", stacklevel=3)
@@ -159,11 +169,20 @@ class Programs:
         if replicated:
             warnings.warn(f"fxpar: {replicated}", stacklevel=3)
         b = self.bound
-        prog = agree_on_failure(self.everyone, lambda: RankProgram(
-            self.root, cap, gm, ctx, b.mesh, b.rank, self.device, b.p2p,
-            source=self.source, seed=self.seed, init_fn=self.init_fn, populate=first, to_global=b.to_global,
-            compile_options=self.compile_options, zeros=self.entries[entry][1],
-        ), "to build its shards and programs")
+
+        def build():
+            self._place_fresh({k: p for k, p in fresh.items() if k in held}, cap)
+            return RankProgram(
+                self.root, cap, gm, ctx, b.mesh, b.rank, self.device, b.p2p,
+                source=self.source, seed=self.seed, init_fn=self.init_fn, populate=first, to_global=b.to_global,
+                compile_options=self.compile_options, zeros=self.entries[entry][1],
+            )
+
+        prog = agree_on_failure(self.everyone, build, "to build its shards and programs")
+        read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+        self.settled.update((k, p) for k, p in ctx.param_placements.items() if k in read and k not in own)
+        if not first:
+            self.held |= held & fresh.keys()
         if first:
             self.geometry = ShardGeometry(cap, ctx, b.mesh)
             self.source = None  # the shards are made: the model's own tensors are not needed again
@@ -172,6 +191,25 @@ class Programs:
             self._check_rng(gm)
         self.plans.append((gm, ctx))
         return prog
+
+    def _place_fresh(self, fresh: dict, cap) -> None:
+        """Tensors a later program is the first to read (the first one made them whole, as
+        tensors forward never reads) take the placement it gives them: each rank cuts its part
+        out of the whole it holds."""
+        for target, place in fresh.items():
+            if place == REPLICATE:
+                continue
+            names = cap.aliases.get(target, [target])
+            if not has_path(self.root, names[0]):
+                raise FxparError(
+                    f"{names[0]} is read first by these inputs, on pipeline rank {self._pp_rank}, which does not "
+                    "hold it: make the first call (or parallelize's example inputs) one that reads it"
+                )
+            whole = get_path(self.root, names[0])
+            local = shard_tensor(whole, place, self.bound.mesh.coordinate(self.bound.rank)["tp"])
+            value = nn.Parameter(local, requires_grad=whole.requires_grad) if isinstance(whole, nn.Parameter) else local
+            for name in names:
+                set_path(self.root, name, value, persistent=cap.persistent.get(name, True))
 
     def _plan(self, args, kwargs, training: bool, loss: bool, entry: str = FORWARD):
         """Capture and plan on this rank alone (no communication): ``(captured, graph, ctx)``."""
@@ -184,10 +222,11 @@ class Programs:
         options = self.options
         if self.geometry is not None:  # the parameters stay as they are: split the same way, in the same stages
             first = self.geometry.ctx
-            keep = {"fixed_weights": dict(first.param_placements)}
+            keep = {"fixed_weights": dict(self.settled)}
             if self.bound.mesh.pp > 1:
                 spec = first.pipeline
-                keep["param_stages"] = {p: s.index for s in spec.stages for p in s.params if p not in spec.tied}
+                keep["param_stages"] = {p: s.index for s in spec.stages for p in s.params
+                                        if p not in spec.tied and p in self.settled}
             options = options.replace(**keep)
         gm, ctx = plan_graph(cap, self.bound.mesh, options)
         return cap, gm, ctx
