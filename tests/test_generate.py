@@ -92,7 +92,7 @@ def test_greedy_tokens_are_those_of_one_process_without_a_cache(pools, world, me
         assert torch.equal(r["sampled"][:, :PROMPT], r["expect"][:, :PROMPT])
 
 
-def _hugging_face(family: str, mesh: dict) -> dict:
+def _hugging_face(family: str, mesh: dict, microbatches: int = 1) -> dict:
     """Left-padded prompts, greedy and with eos, against the model's own ``generate``."""
     transformers = pytest.importorskip("transformers")
     config_cls, model_cls, fields = {**FAMILIES, **MOE_FAMILIES}[family]
@@ -100,7 +100,7 @@ def _hugging_face(family: str, mesh: dict) -> dict:
     cfg = getattr(transformers, config_cls)(vocab_size=128, bos_token_id=0, **{"eos_token_id": 0, **fields})
     model = getattr(transformers, model_cls)(cfg).eval()
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 128, (3, 7), generator=g)
+    ids = torch.randint(1, 128, (4, 7), generator=g)
     mask = torch.ones_like(ids)
     for row, pads in ((1, 3), (2, 1)):  # prompts of 7, 4 and 6 tokens
         ids[row, :pads], mask[row, :pads] = 0, 0
@@ -108,28 +108,31 @@ def _hugging_face(family: str, mesh: dict) -> dict:
     eos = int(expect[0, 7 + 2])  # what the first sequence makes third
     expect_eos = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
                                 eos_token_id=eos)
-    pm = fxpar.parallelize(model, fxpar.Mesh(**mesh))
+    pm = fxpar.parallelize(model, fxpar.Mesh(**mesh), microbatches=microbatches)
     got = pm.generate(ids, attention_mask=mask, max_new_tokens=NEW)
     got_eos = pm.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)
     programs = len(pm._programs)
     # a prompt four times as long: a program for it, and the same one-token program as before (it
     # reads the cache, never the prompt again)
-    pm.generate(torch.randint(1, 128, (3, 28), generator=g), max_new_tokens=2)
+    pm.generate(torch.randint(1, 128, (4, 28), generator=g), max_new_tokens=2)
     cache = [b for n, b in pm.named_buffers() if n.startswith("fxpar_cache") and "_keys_" in n]
+    heads = sorted({b.shape[1] for b in cache})  # (batch, heads, length, dim), by rows (slots, heads, dim)
     return dict(got=got, expect=expect, got_eos=got_eos, expect_eos=expect_eos, programs=programs,
-                longer=len(pm._programs), cache_heads=sorted({b.shape[1] for b in cache}), cache_layers=len(cache))
+                longer=len(pm._programs), cache_heads=heads, cache_layers=len(cache))
 
 
-HF_CASES = [("llama", dict(tp=2)), ("qwen3", dict(tp=2)), ("gemma", dict(tp=2)), ("gpt2", dict(tp=2)),
-            ("gpt_neox", dict(tp=2)), ("mixtral", dict(tp=2)), ("llama", dict(pp=2, tp=2)),
-            ("qwen3", dict(pp=2, tp=2))]
+HF_CASES = [("llama", dict(tp=2), 1), ("qwen3", dict(tp=2), 1), ("gemma", dict(tp=2), 1), ("gpt2", dict(tp=2), 1),
+            ("gpt_neox", dict(tp=2), 1), ("mixtral", dict(tp=2), 1), ("llama", dict(pp=2, tp=2), 1),
+            ("qwen3", dict(pp=2, tp=2), 1), ("llama", dict(pp=2, tp=2), 2)]
 
 
-@pytest.mark.parametrize("family, mesh", HF_CASES, ids=[f"{f}-{'x'.join(f'{k}{v}' for k, v in m.items())}"
-                                                        for f, m in HF_CASES])
-def test_hugging_face_models_generate_as_they_do_alone(pools, family, mesh):
+@pytest.mark.parametrize("family, mesh, microbatches", HF_CASES,
+                         ids=[f"{f}-{'x'.join(f'{k}{v}' for k, v in m.items())}-m{n}" for f, m, n in HF_CASES])
+def test_hugging_face_models_generate_as_they_do_alone(pools, family, mesh, microbatches):
+    """With microbatches, two groups of requests are in the pipeline at once, each reading and
+    writing its own rows of the cache."""
     world = mesh.get("pp", 1) * mesh["tp"]
-    for rank, r in enumerate(pools(world).run(_hugging_face, family, mesh)):
+    for rank, r in enumerate(pools(world).run(_hugging_face, family, mesh, microbatches)):
         assert torch.equal(r["got"], r["expect"]), f"rank {rank}: {r['got'].tolist()} != {r['expect'].tolist()}"
         assert torch.equal(r["got_eos"], r["expect_eos"]), f"rank {rank} with eos: {r['got_eos'].tolist()}"
         assert r["programs"] == 2  # one prompt program, one token program, both reused for the eos run

@@ -85,6 +85,11 @@ def _steps(pm, input_ids, attention_mask, max_new_tokens: int):
                 f"{name}.forward takes no attention mask, so pm.generate cannot run padded prompts through it "
                 "(an attention_mask with zeros): generate for prompts of one length at a time"
             )
+        if pm._microbatches > 1:
+            raise FxparError(
+                f"{name} keeps its own key/value cache for the whole batch, which microbatches of it cannot share: "
+                "generate with microbatches=1 (a Hugging Face model's cache, which fxpar makes, takes microbatches)"
+            )
         return _Positions(pm, input_ids)
     if cache_argument(skeleton) is not None and hasattr(skeleton, "config"):
         return _StaticCache(pm, input_ids, attention_mask, max_new_tokens)
@@ -134,10 +139,11 @@ class _StaticCache:
         batch, given = input_ids.shape
         length = _round_up(given, self.PROMPT)
         max_len = _round_up(length + max_new_tokens, self.ROUND)
-        self.entry = f"generate[{batch}x{max_len}]"
+        by_rows = pm._microbatches > 1  # microbatches of the batch, each with its rows of the cache
+        self.entry = f"generate[{batch}x{max_len}{' by rows' if by_rows else ''}]"
         programs = pm._cache
         if self.entry not in programs.entries:
-            module, buffers = with_static_cache(programs.skeleton, batch, max_len)
+            module, buffers = with_static_cache(programs.skeleton, batch, max_len, by_rows)
             programs.add_entry(self.entry, module, buffers)
         device = input_ids.device
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device, torch.long)
@@ -145,13 +151,14 @@ class _StaticCache:
         input_ids = torch.cat([input_ids.new_zeros(batch, more), input_ids], dim=1)
         mask = torch.cat([mask.new_zeros(batch, more), mask], dim=1)
         self.pm, self.ids, self.at = pm, input_ids, length
+        self.rows = torch.arange(batch, device=device)
         self.slots = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.slots[:, :length] = mask
         self.positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
 
     def _run(self, tokens, positions, start: int) -> torch.Tensor:
         start = torch.tensor(start, device=tokens.device)
-        return self.pm._run(self.entry, (tokens, self.slots, positions, start), {})[:, -1]
+        return self.pm._run(self.entry, (tokens, self.slots, positions, start, self.rows), {})[:, -1]
 
     def prompt(self) -> torch.Tensor:
         return self._run(self.ids, self.positions, 0)
