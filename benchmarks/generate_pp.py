@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 
 import torch
-import torch.multiprocessing as mp
 from tabulate import tabulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fxpar.local_ranks import spawn_local  # noqa: E402
 from fxpar.generate_demo import prompts, timed  # noqa: E402
 
 CONFIG = dict(vocab_size=1024, hidden_size=1024, intermediate_size=3072, num_hidden_layers=8, num_attention_heads=8,
@@ -38,14 +37,13 @@ def _model():
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
-def _rank(rank, port, microbatches, results):
+def _rank(rank, world, microbatches, results):
     import torch.distributed as dist
 
     import fxpar
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=PP, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     ids = prompts(BATCH, PROMPT, CONFIG["vocab_size"])
     pm = fxpar.parallelize(_model(), fxpar.Mesh(pp=PP), microbatches=microbatches)
     pm.generate(ids, max_new_tokens=2)
@@ -56,18 +54,7 @@ def _rank(rank, port, microbatches, results):
 
 
 def _spawn(microbatches):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, microbatches, results)) for r in range(PP)]
-    for p in procs:
-        p.start()
-    out = results.get(timeout=900)
-    for p in procs:
-        p.join()
-    return out
+    return spawn_local(_rank, PP, microbatches)
 
 
 def main():

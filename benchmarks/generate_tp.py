@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import sys
 
 import torch
-import torch.multiprocessing as mp
 from tabulate import tabulate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fxpar.local_ranks import spawn_local  # noqa: E402
 from fxpar.generate_demo import timed, greedy, one_process, prompts  # noqa: E402
 
 CONFIG = dict(dim=512, n_layers=4, n_heads=8, n_kv_heads=4, vocab_size=1024, multiple_of=64, max_seq_len=256)
@@ -42,14 +41,13 @@ def _model():
     return model.eval()
 
 
-def _rank(rank, port, how, results):
+def _rank(rank, world, how, results):
     import torch.distributed as dist
 
     import fxpar
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=TP, timeout=datetime.timedelta(seconds=300))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     model = _model()
     ids = prompts(BATCH, PROMPT, CONFIG["vocab_size"])
     sent, lengths = None, None
@@ -91,18 +89,7 @@ def _rank(rank, port, how, results):
 
 
 def _spawn(how):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, how, results)) for r in range(TP)]
-    for p in procs:
-        p.start()
-    out = results.get(timeout=900)
-    for p in procs:
-        p.join()
-    return out
+    return spawn_local(_rank, TP, how)
 
 
 def main():

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import datetime
 import inspect
-import os
-import socket
 import time
 
 import torch
-import torch.multiprocessing as mp
+
+from .local_ranks import spawn_local
 
 
 def build(spec: str, settings, seed: int, batch: int, max_len: int):
@@ -84,12 +83,11 @@ def timed(run, new: int):
     return tokens, first, (total - first) / max(new - 1, 1)
 
 
-def _rank(rank, world, port, a, results):
+def _rank(rank, world, a, results):
     import torch.distributed as dist
 
     import fxpar
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
     model, vocab = build(a["model"], a["set"], a["seed"], a["batch"], a["max_len"])
@@ -110,23 +108,13 @@ def _rank(rank, world, port, a, results):
 
 def main(model: str = "llama", tp: int = 2, pp: int = 1, prompt_len: int = 64, new: int = 32, batch: int = 1,
          settings=None, seed: int = 0) -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     world = tp * pp
     max_len = prompt_len + new
     a = dict(model=model, set=settings, seed=seed, batch=batch, max_len=max_len, prompt_len=prompt_len, new=new,
              tp=tp, pp=pp)
     print(f"{model}: batch {batch}, prompt {prompt_len} tokens, {new} new (greedy), on tp={tp} pp={pp} CPU processes "
           "(gloo) and on 1 process")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, a, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    r = results.get(timeout=900)
-    for p in procs:
-        p.join()
+    r = spawn_local(_rank, world, a)
     single, ref = build(model, settings, seed, batch, max_len)
     ids = prompts(batch, prompt_len, ref)
     tokens, first, per_token = one_process(single, ids, new)

@@ -255,3 +255,11 @@ def test_an_in_place_write_is_never_made_on_a_copy():
     with pytest.raises(PlanError, match="in place") as e:
         fxpar.compile(SplitThenOverwritten(), fxpar.Mesh(tp=2), args)
     assert "index_copy_" in str(e.value) and "table" in str(e.value)
+
+
+def test_cli_generate(capsys):
+    from fxpar.cli import main
+
+    assert main(["generate", "gpt", "--tp", "2", "--prompt-len", "8", "--new", "4", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens match: yes" in out and "ms / token" in out and "KiB per new token" in out
