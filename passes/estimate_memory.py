@@ -213,7 +213,8 @@ class _Repeats:
                 # this rank's inputs: a weight placed otherwise than the template's is no copy
                 if (x.shape, x.stride(), x.dtype, x.requires_grad) != (y.shape, y.stride(), y.dtype, y.requires_grad):
                     return None
-                rx, ry = self.owner.get(StorageWeakRef(x.untyped_storage())), self.owner.get(StorageWeakRef(y.untyped_storage()))
+                rx = self.owner.get(StorageWeakRef(x.untyped_storage()))
+                ry = self.owner.get(StorageWeakRef(y.untyped_storage()))
                 if storages.setdefault(rx, ry) != ry:
                     return None
         if len(set(storages.values())) != len(storages):  # inputs that share storage share it alike

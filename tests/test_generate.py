@@ -92,10 +92,16 @@ def test_greedy_tokens_are_those_of_one_process_without_a_cache(pools, world, me
         assert torch.equal(r["sampled"][:, :PROMPT], r["expect"][:, :PROMPT])
 
 
+# partial rotary, and a sequence that makes the config's eos (0) without being asked to stop there
+EXTRA = {"phi": ("PhiConfig", "PhiForCausalLM", dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+                                                     num_attention_heads=4, max_position_embeddings=32))}
+KNOWN = {**FAMILIES, **MOE_FAMILIES, **EXTRA}
+
+
 def _hugging_face(family: str, mesh: dict, microbatches: int = 1) -> dict:
     """Left-padded prompts, greedy and with eos, against the model's own ``generate``."""
     transformers = pytest.importorskip("transformers")
-    config_cls, model_cls, fields = {**FAMILIES, **MOE_FAMILIES}[family]
+    config_cls, model_cls, fields = KNOWN[family]
     torch.manual_seed(0)
     cfg = getattr(transformers, config_cls)(vocab_size=128, bos_token_id=0, **{"eos_token_id": 0, **fields})
     model = getattr(transformers, model_cls)(cfg).eval()
@@ -122,8 +128,9 @@ def _hugging_face(family: str, mesh: dict, microbatches: int = 1) -> dict:
 
 
 HF_CASES = [("llama", dict(tp=2), 1), ("qwen3", dict(tp=2), 1), ("gemma", dict(tp=2), 1), ("gpt2", dict(tp=2), 1),
-            ("gpt_neox", dict(tp=2), 1), ("mixtral", dict(tp=2), 1), ("llama", dict(pp=2, tp=2), 1),
-            ("qwen3", dict(pp=2, tp=2), 1), ("llama", dict(pp=2, tp=2), 2)]
+            ("gpt_neox", dict(tp=2), 1), ("mixtral", dict(tp=2), 1), ("phi", dict(tp=2), 1),
+            ("llama", dict(pp=2, tp=2), 1), ("qwen3", dict(pp=2, tp=2), 1), ("gemma", dict(pp=2, tp=2), 1),
+            ("gpt2", dict(pp=2, tp=2), 1), ("llama", dict(pp=2, tp=2), 2)]
 
 
 @pytest.mark.parametrize("family, mesh, microbatches", HF_CASES,
@@ -137,7 +144,7 @@ def test_hugging_face_models_generate_as_they_do_alone(pools, family, mesh, micr
         assert torch.equal(r["got_eos"], r["expect_eos"]), f"rank {rank} with eos: {r['got_eos'].tolist()}"
         assert r["programs"] == 2  # one prompt program, one token program, both reused for the eos run
         assert r["longer"] == 3
-        _, _, fields = {**FAMILIES, **MOE_FAMILIES}[family]
+        _, _, fields = KNOWN[family]
         kv = fields.get("num_key_value_heads", fields.get("num_attention_heads", fields.get("n_head")))
         assert r["cache_heads"] == [max(1, kv // mesh["tp"])], f"rank {rank} holds {r['cache_heads']} heads of {kv}"
         layers = fields.get("num_hidden_layers", fields.get("n_layer"))
@@ -193,6 +200,55 @@ def test_a_sequence_that_makes_eos_is_filled_with_it(pools):
         assert torch.equal(second[:end], greedy[1, PROMPT:PROMPT + end])
         if out.shape[1] < PROMPT + NEW:  # stopped early: both sequences made eos
             assert len(made)
+
+
+def _token_flops() -> dict:
+    """FLOPs this rank runs for 24 new tokens after a prompt of 7 and after one of 28 tokens."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    transformers = pytest.importorskip("transformers")
+    config_cls, model_cls, fields = FAMILIES["llama"]
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(vocab_size=128, **fields)).eval()
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))
+    g = torch.Generator().manual_seed(1)
+
+    def flops(ids, new):
+        with FlopCounterMode(display=False) as counter:
+            pm.generate(ids, max_new_tokens=new, eos_token_id=[])
+        return counter.get_total_flops()
+
+    out = {}
+    for length in (7, 28):
+        ids = torch.randint(1, 128, (2, length), generator=g)
+        pm.generate(ids, max_new_tokens=2)  # its programs made (capture runs ops too)
+        out[length] = flops(ids, 25) - flops(ids, 1)
+    ids = torch.randint(1, 128, (2, 7), generator=g)
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(24):  # the whole prefix again every step, one process
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    out["again"] = counter.get_total_flops()
+    return out
+
+
+def test_new_tokens_cost_the_same_after_a_long_prompt(pools):
+    """The cache is used: a token's work does not grow with the prompt (it would, re-running it)."""
+    for r in pools(2).run(_token_flops):
+        assert r[7] == r[28] > 0
+        assert r["again"] > 2 * r[7]
+
+
+def _disagreeing() -> str:
+    model, prompt = _model()
+    pm = fxpar.parallelize(model, fxpar.Mesh(tp=2))
+    with pytest.raises(FxparError) as e:
+        pm.generate(prompt, max_new_tokens=2 + torch.distributed.get_rank())
+    return str(e.value)
+
+
+def test_ranks_that_ask_for_different_generations_are_told_before_any_step(pools):
+    for message in pools(2).run(_disagreeing):
+        assert "pm.generate with different arguments" in message and "max_new_tokens" in message
 
 
 def test_sampling_filters():

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import CaptureError, FxparError
 from ..static_cache import cache_argument, with_static_cache
+from .agree import agree, differences
 
 
 def generate(pm, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_mask=None, do_sample: bool = False,
@@ -30,7 +31,20 @@ def generate(pm, input_ids: torch.Tensor, max_new_tokens: int = 32, attention_ma
              pad_token_id: int | None = None, seed: int = 0) -> torch.Tensor:
     """``pm.generate``: see ``ParallelModule.generate``."""
     _check(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p)
+    # a rank that would make another number of steps than its peers would leave them waiting
+    mask_shape = None if attention_mask is None else list(attention_mask.shape)
+    agree(pm._cache.everyone, {
+        "input_ids": list(input_ids.shape), "attention_mask": mask_shape, "max_new_tokens": max_new_tokens,
+        "do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+        "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "seed": seed,
+    }, _explain)
     steps = _steps(pm, input_ids, attention_mask, max_new_tokens)
+    # a Hugging Face model's own generation settings, as its generate takes them
+    defaults = getattr(pm._cache.skeleton, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(defaults, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(defaults, "pad_token_id", None)
     eos = _as_ids(eos_token_id, input_ids.device)
     pad = pad_token_id if pad_token_id is not None else int(eos[0]) if eos is not None else 0
     generator = torch.Generator(device=input_ids.device).manual_seed(seed) if do_sample else None
@@ -181,10 +195,16 @@ def _last(out) -> torch.Tensor:
 
 
 def _as_ids(ids, device) -> torch.Tensor | None:
+    """The eos ids as a tensor; None for none (``[]`` turns a model's default off)."""
     if ids is None:
         return None
     ids = [ids] if isinstance(ids, int) else list(ids)
-    return torch.tensor(ids, device=device)
+    return torch.tensor(ids, device=device) if ids else None
+
+
+def _explain(summaries: list, ranks: list[int]) -> str:
+    return ("the ranks called pm.generate with different arguments:\n  " + "\n  ".join(differences(summaries, ranks))
+            + "\nEvery rank must call pm.generate alike (the same prompts' shapes and the same options)")
 
 
 def _check(input_ids, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p) -> None:

@@ -168,7 +168,8 @@ class ParallelModule(nn.Module):
         ``temperature``, ``top_k`` and ``top_p``, from a generator seeded with ``seed`` on every
         rank (every rank draws the same). A sequence that makes ``eos_token_id`` (an id or a list)
         is filled with ``pad_token_id`` (default: the eos id) from then on; generation stops when
-        all have. Prompts of different lengths are left-padded, as ``attention_mask`` says (models
+        all have. Both default to a Hugging Face model's ``generation_config``, as its own
+        ``generate`` does. Prompts of different lengths are left-padded, as ``attention_mask`` says (models
         whose forward takes a mask: Hugging Face's).
 
         The prompt runs as one program and every new token as another, each captured once
