@@ -180,7 +180,9 @@ class Programs:
 
         prog = agree_on_failure(self.everyone, build, "to build its shards and programs")
         read = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
-        self.settled.update((k, p) for k, p in ctx.param_placements.items() if k in read and k not in own)
+        # parameters are settled by the first program, read or not: an optimizer may hold them
+        self.settled.update((k, p) for k, p in ctx.param_placements.items()
+                            if k not in own and (k in read or (first and _is_parameter(cap, k))))
         if not first:
             self.held |= held & fresh.keys()
         if first:
@@ -193,7 +195,7 @@ class Programs:
         return prog
 
     def _place_fresh(self, fresh: dict, cap) -> None:
-        """Tensors a later program is the first to read (the first one made them whole, as
+        """Buffers a later program is the first to read (the first one made them whole, as
         tensors forward never reads) take the placement it gives them: each rank cuts its part
         out of the whole it holds."""
         for target, place in fresh.items():
@@ -205,11 +207,9 @@ class Programs:
                     f"{names[0]} is read first by these inputs, on pipeline rank {self._pp_rank}, which does not "
                     "hold it: make the first call (or parallelize's example inputs) one that reads it"
                 )
-            whole = get_path(self.root, names[0])
-            local = shard_tensor(whole, place, self.bound.mesh.coordinate(self.bound.rank)["tp"])
-            value = nn.Parameter(local, requires_grad=whole.requires_grad) if isinstance(whole, nn.Parameter) else local
+            local = shard_tensor(get_path(self.root, names[0]), place, self.bound.mesh.coordinate(self.bound.rank)["tp"])
             for name in names:
-                set_path(self.root, name, value, persistent=cap.persistent.get(name, True))
+                set_path(self.root, name, local, persistent=cap.persistent.get(name, True))
 
     def _plan(self, args, kwargs, training: bool, loss: bool, entry: str = FORWARD):
         """Capture and plan on this rank alone (no communication): ``(captured, graph, ctx)``."""
@@ -249,6 +249,11 @@ class Programs:
                 "regions will draw different masks; call torch.manual_seed(same_seed) on every rank",
                 stacklevel=4,
             )
+
+
+def _is_parameter(cap, target: str) -> bool:
+    names = cap.aliases.get(target) or [target]
+    return isinstance(cap.tensors.get(names[0]), nn.Parameter)
 
 
 def _dynamic_dims(cap) -> dict[int, tuple[int, ...]]:
