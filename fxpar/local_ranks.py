@@ -20,12 +20,20 @@ def free_port() -> int:
 
 def spawn_local(target, world: int, *args, timeout: float = 900):
     """Rank 0's result of ``target(rank, world, *args, results)`` over ``world`` processes."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # inherited by the children
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=target, args=(r, world, *args, results)) for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # the children inherit it
+    try:
+        for p in procs:
+            p.start()
+    finally:  # this process keeps its own
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     out = results.get(timeout=timeout)
     for p in procs:
         p.join()
