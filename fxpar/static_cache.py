@@ -54,8 +54,9 @@ def with_static_cache(model: nn.Module, batch_size: int, max_len: int,
     cache = StaticCache(config=config, max_cache_len=max_len)
     # sliding-window layers branch on how full they are, which a static graph cannot: every layer
     # keeps all max_len slots (exact; only memory is spent), as Hugging Face's export wrapper does
-    cache.layers = [_rows_layer(StaticLayer)(max_len) if by_rows else layer if type(layer) is StaticLayer
-                    else StaticLayer(max_len) for layer in cache.layers]
+    rows_layer = _rows_layer(StaticLayer) if by_rows else None
+    cache.layers = [rows_layer(max_len) if by_rows else layer if type(layer) is StaticLayer else StaticLayer(max_len)
+                    for layer in cache.layers]
     weight = next(model.parameters())
     heads, head_dim = _head_shapes(config)
     cache.early_initialization(batch_size, heads, head_dim, weight.dtype, weight.device)
