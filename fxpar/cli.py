@@ -22,6 +22,8 @@ import argparse
 import importlib
 import sys
 
+from .options import SCHEDULES
+
 
 def load_model(spec: str, settings: list[str]):
     """``(model, example_args)`` from a ``models/`` name or ``module:function``."""
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
                         help="context parallelism: split the sequence over this many ranks")
         sp.add_argument("--ep", type=int, default=1,
                         help="expert parallelism: split every mixture-of-experts layer's experts over this many ranks")
-        sp.add_argument("--schedule", default="1f1b", choices=["1f1b", "gpipe", "interleaved"])
+        sp.add_argument("--schedule", default="1f1b", choices=list(SCHEDULES))
         sp.add_argument("--microbatches", type=int, default=1)
         sp.add_argument("--virtual", type=int, default=None, help="stages per rank with --schedule interleaved (default 2)")
         sp.add_argument("--sp", action="store_true", help="sequence parallelism: split the activations between TP blocks by sequence")

@@ -38,7 +38,7 @@ import torch
 from . import schedule as sched
 from .devices import DeviceProfile, profile
 from .memory import evaluate, node_memory, per_device
-from .metadata import COMM, RECOMPUTE, out_placement
+from .metadata import COMM, DEFERRED, RECOMPUTE, out_placement
 from .options import compute_dtype
 from .ops import params as _registers_gather_params  # noqa: F401 - defines torch.ops.fxpar.gather_params
 from .placement import Replicate
@@ -93,11 +93,12 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     memories = [s.memory.at(sizes, names) for s in spec.stages]
     layer_dtype = compute_dtype(ctx.options.precision) or torch.float32
 
-    fwd, bwd, parts, flops_run, flops_model = [], [], [], 0.0, 0.0
+    fwd, bwd, weight, parts, flops_run, flops_model = [], [], [], [], 0.0, 0.0
     for s, mem in zip(spec.stages, memories):
         t = {"compute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0, "dp": 0.0}
         t_b = dict(t)
         recompute = 0.0
+        w = 0.0  # of backward, the weight gradients a zero-bubble schedule runs as W
         for name in s.nodes:
             node = nodes[name]
             info = node.meta.get(COMM)
@@ -110,6 +111,8 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
                 continue
             seconds = _op_time(node, dev, num)
             t["compute"] += seconds
+            if DEFERRED in node.meta:  # the weight gradient: a GEMM as large as the forward's
+                w += seconds
             if node.meta.get(RECOMPUTE):
                 recompute += seconds
             flops = num(node_memory(node).flops)
@@ -133,10 +136,11 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
                 t_b["dp"] = scatter
         fwd.append(sum(t.values()))
         bwd.append(sum(t_b.values()))
+        weight.append(w)
         parts.append({k: t[k] + t_b[k] for k in t})
 
     schedule = sched.make(spec.schedule, mesh.pp, m, spec.virtual)
-    pipeline = schedule.makespan(fwd, bwd)
+    pipeline = schedule.makespan(fwd, bwd, weight)
     stage_rank = [s.rank for s in spec.stages]
     busy = [0.0] * mesh.pp
     per_rank = [dict.fromkeys(parts[0], 0.0) for _ in range(mesh.pp)]

@@ -72,6 +72,8 @@ class StageMemory:
     offloaded: bool = False  # masters, gradients and optimizer state are in host memory (offload="optimizer")
     cache: object = 0  # of ``buffers``, those the program writes in place: a key/value cache
     cache_per_position: object = 0  # of ``cache``, the bytes of one position (slot) of its length
+    deferred: object = 0  # what a microbatch keeps between B and W (zero-bubble schedules)
+    deferred_in_flight: int = 0  # the most microbatches between B and W at once
 
     @property
     def static(self):
@@ -86,7 +88,9 @@ class StageMemory:
 
     @property
     def activations(self):
-        return self.activations_per_microbatch * self.in_flight
+        """Activations at the stage's peak: microbatches between forward and backward, and
+        those between B and W (an upper bound: the two peaks need not coincide)."""
+        return self.activations_per_microbatch * self.in_flight + self.deferred * self.deferred_in_flight
 
     @property
     def peak(self):
@@ -99,7 +103,7 @@ class StageMemory:
         return StageMemory(f(self.params), f(self.grads), f(self.optimizer), f(self.buffers),
                            f(self.activations_per_microbatch), self.in_flight, dict(self.extra), f(self.gathered),
                            f(self.weights), f(self.masters), f(self.recomputed), f(self.recompute_flops), self.offloaded,
-                           f(self.cache), f(self.cache_per_position))
+                           f(self.cache), f(self.cache_per_position), f(self.deferred), self.deferred_in_flight)
 
 
 def per_device(stages: list[StageMemory], ranks: list[int]) -> list[StageMemory]:

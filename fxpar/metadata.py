@@ -56,6 +56,11 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
 ``fxpar_recompute`` : ``str``
     The region a node belongs to whose activations backward recomputes instead of keeping
     (``"transformer.h.0"``, ``"transformer.h.0.attn core"``). Written by ``plan_recompute``.
+``fxpar_deferred`` : ``tuple[int, ...]``
+    On a matmul or convolution of an activation by a parameter whose weight gradient a
+    zero-bubble schedule runs as W, after the input gradients (B): the flat positions of its
+    weight operands in ``(args, kwargs)``. Written by ``split_backward``. Example: ``(1, 2)``
+    for ``linear(x, weight, bias)``.
 ``fxpar_stage`` : ``int``
     The pipeline stage a compute node runs in (nodes every stage recomputes have none). Written by
     ``cut_stages``.
@@ -83,6 +88,7 @@ MEMORY = "fxpar_memory"
 STAGE = "fxpar_stage"
 RECOMPUTE = "fxpar_recompute"
 GRAD_PARTIAL = "fxpar_grad_partial"
+DEFERRED = "fxpar_deferred"
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from .errors import OptionError
 TIMEOUT_ENV = "FXPAR_TIMEOUT"
 DEFAULT_SECONDS = 300.0
 
-SCHEDULES = ("1f1b", "gpipe", "interleaved")
+SCHEDULES = ("1f1b", "gpipe", "interleaved", "zbh1", "zbv")
 RNG_MODES = ("megatron", "exact")
 STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
@@ -92,7 +92,8 @@ class PlanOptions:
     """How to plan: every option of the pass pipeline, validated when built.
 
     ``schedule`` is one of ``SCHEDULES`` (any case: ``"1F1B"`` is ``"1f1b"``), ``microbatches``
-    a positive int, ``virtual`` the stages per rank of an interleaved schedule, ``split_points``
+    a positive int, ``virtual`` the stages per rank of an interleaved schedule (``zbv`` runs two,
+    in a V), ``split_points``
     module names to cut pipeline stages before, ``memory_limit`` bytes per device,
     ``optimizer``/``optimizer_dtype`` the states the memory estimate counts, ``sizes`` values of
     symbolic sizes to plan for, ``overrides`` glob patterns over module or parameter names mapped
@@ -147,6 +148,11 @@ class PlanOptions:
                 raise OptionError(
                     f"the interleaved schedule runs several stages per rank: virtual={virtual} must be 2 or more")
             object.__setattr__(self, "virtual", virtual)
+        elif schedule == "zbv":
+            if self.virtual not in (None, 2):
+                raise OptionError(f"the zbv schedule runs exactly two stages per rank (a V): virtual={self.virtual} "
+                                  "must be 2 or left out")
+            object.__setattr__(self, "virtual", 2)
         elif self.virtual not in (None, 1):
             raise OptionError(
                 f"schedule {schedule!r} runs one stage per rank; virtual={self.virtual} needs schedule='interleaved'")

@@ -32,10 +32,12 @@ from fxpar.passes.plan_recompute import plan_recompute
 from fxpar.passes.plan_weights import plan_weights
 from fxpar.passes.recompute_gathers import recompute_gathers
 from fxpar.passes.sequence_parallel import sequence_parallel
+from fxpar.passes.split_backward import split_backward
 from fxpar.passes.split_loss_means import split_loss_means
 
 from .errors import FxparError, PlanError
 from .plan_context import PlanContext
+from .schedule import make as make_schedule
 
 Pass = Callable[[GraphModule, PlanContext], GraphModule]
 
@@ -63,6 +65,12 @@ def held_apart(ctx: PlanContext) -> bool:
 
 def recomputation(ctx: PlanContext) -> bool:
     return ctx.options.recompute != "none"
+
+
+def backward_split(ctx: PlanContext) -> bool:
+    """Whether the schedule runs backward as B and W (the zero-bubble schedules)."""
+    return ctx.mesh.pp > 1 and make_schedule(ctx.options.schedule, ctx.mesh.pp, ctx.options.microbatches,
+                                    ctx.options.virtual).splits_backward
 
 
 def gathers_recomputed(ctx: PlanContext) -> bool:
@@ -109,6 +117,7 @@ PIPELINE: list[Step] = [
     Step(cut_stages),  # analysis: pipeline stages that minimize the largest per-device peak memory
     Step(plan_recompute, recomputation),  # analysis: regions backward recomputes (attention cores, layers, auto)
     Step(gather_weights, held_apart),  # rewrite: each such weight made whole, cast, just before the op reading it
+    Step(split_backward, backward_split),  # analysis: matmuls whose weight gradients wait for W (zero bubble)
 ]
 
 

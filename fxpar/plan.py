@@ -323,8 +323,10 @@ def compile(
 ) -> Plan:
     """Plan ``model`` for ``mesh`` with no process group.
 
-    ``options`` shape the pipeline: ``schedule`` (``"1f1b"``, ``"gpipe"``, ``"interleaved"``),
-    ``microbatches``, ``virtual`` (stages per rank when interleaved), ``split_points`` (module
+    ``options`` shape the pipeline: ``schedule`` (``"1f1b"``, ``"gpipe"``, ``"interleaved"``, and
+    the zero-bubble ``"zbh1"`` and ``"zbv"``, whose backward runs as input-gradient and deferred
+    weight-gradient parts: ``passes/split_backward.py``), ``microbatches``, ``virtual`` (stages
+    per rank when interleaved), ``split_points`` (module
     names to cut before, instead of cutting by memory), ``memory_limit`` (bytes per device),
     ``optimizer`` (``"adamw"``, ``"adam"``, ``"sgd"``, ``"sgd_momentum"``, ``"none"``: whose
     states the memory estimate counts) with ``optimizer_dtype`` (their dtype, default the

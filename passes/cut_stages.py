@@ -6,8 +6,9 @@ Reads ``fxpar_memory`` (``estimate_memory``), the schedule options in ``ctx`` (`
 (``fxpar.stages.PipelineSpec``).
 
 The schedule decides how many microbatches of activations each stage holds at its peak (1F1B: p on
-the first stage down to 1 on the last; GPipe: all m); it is run symbolically first, so any schedule
-is accounted for exactly. A stage's peak is then its parameters, gradients and optimizer state,
+the first stage down to 1 on the last; GPipe: all m), and under a zero-bubble schedule how many
+wait between B and W, keeping only what the weight gradients read; it is run symbolically first,
+so any schedule is accounted for exactly. A stage's peak is then its parameters, gradients and optimizer state,
 plus that many times the activations autograd keeps for one microbatch (values it receives and
 keeps counted there too). The cut minimizes the largest peak: a binary search on the budget, each
 step a greedy pass that gives every stage as many nodes as fit (optimal for costs that only grow
@@ -29,6 +30,7 @@ from fxpar.memory import (
 )
 from fxpar.plan_context import PlanContext
 from fxpar.metadata import STAGE
+from fxpar.passes.split_backward import deferred_bytes, deferred_keeps
 from fxpar.stages import PipelineSpec, build_stages, compute_nodes, owner_of, replicable
 
 SLACK = 0.01  # how much above the best largest peak a cut may go to send fewer bytes
@@ -36,10 +38,12 @@ WINDOW = 96  # nodes a cut may move for that
 
 
 class _Costs:
-    """Numbers for every compute node at the sizes being planned for."""
+    """Numbers for every compute node at the sizes being planned for. ``deferring``: the schedule
+    splits backward, and what W keeps counts (a matmul reading a parameter: its output's
+    gradient and the storage of its activation input, ``passes/split_backward.py``)."""
 
     def __init__(self, gm: GraphModule, seq: list[Node], optimizer: str, sizes: dict, names: dict, optimizer_dtype=None,
-                 holding=None):
+                 holding=None, deferring: bool = False):
         self.seq = seq
         self.index = {n: i for i, n in enumerate(seq)}
         free = replicable(gm)
@@ -48,7 +52,11 @@ class _Costs:
         self.value_bytes = {n.name: num(node_memory(n).value_bytes) for n in gm.graph.nodes}
         self.root_of = {n.name: node_memory(n).root or n.name for n in gm.graph.nodes}
         self.new, self.roots, self.params, self.inputs = [], [], [], []
+        self.w_out, self.w_roots = [], []  # what W keeps of each node: its output's gradient, activation storages
         for node in seq:
+            out, roots = deferred_keeps(node) if deferring else (0, ())
+            self.w_out.append(num(out))
+            self.w_roots.append(set(roots))
             info = node_memory(node)
             self.new.append(num(info.saved_new))
             self.roots.append(set(info.saved_roots))
@@ -102,13 +110,17 @@ class _Costs:
             out.append(float("inf") if blocked else acc)
         return out
 
-    def cost(self, a: int, b: int, factor: int) -> float:
-        """Peak bytes of a stage running compute nodes ``[a, b)`` with ``factor`` microbatches in flight."""
+    def cost(self, a: int, b: int, factor: tuple[int, int]) -> float:
+        """Peak bytes of a stage running compute nodes ``[a, b)`` with ``factor`` microbatches:
+        (between forward and backward, between B and W)."""
         params, roots, held, new = {}, set(), set(), 0.0
+        w_roots, w_out = set(), 0.0
         for i in range(a, b):
             params.update(self.params[i])
             roots |= self.roots[i]
             new += self.new[i]
+            w_out += self.w_out[i]
+            w_roots |= self.w_roots[i]
             held |= {v for src, v in self.inputs[i] if src < a}
         if b == len(self.seq):
             held |= {v for src, v in self.outputs if src < a}
@@ -117,7 +129,8 @@ class _Costs:
             held |= {v for i in range(a, b) for v in self.produced[i] if self.last_use[v] >= b}
         held_roots = {self.root_of[v] for v in held}
         act = new + sum(self.value_bytes[v] for v in held) + sum(self.root_bytes.get(r, 0.0) for r in roots - held_roots)
-        return sum(params.values()) + factor * act
+        w = w_out + sum(self.root_bytes.get(r, 0.0) for r in w_roots)
+        return sum(params.values()) + factor[0] * act + factor[1] * w
 
 
 class _Growing:
@@ -127,8 +140,9 @@ class _Growing:
     def __init__(self, c: _Costs, a: int):
         self.c, self.a, self.b = c, a, a
         self.params: dict = {}
-        self.param_sum = self.new = self.held_sum = self.roots_sum = self.overlap = 0.0
+        self.param_sum = self.new = self.held_sum = self.roots_sum = self.overlap = self.w_sum = 0.0
         self.roots: set = set()
+        self.w_roots: set = set()
         self.held: set = set()
         self.held_roots: dict = {}  # root -> how many held values live in it
         self.sent_on: dict[int, list] = {}  # last use -> values made here and sent on until then
@@ -159,6 +173,10 @@ class _Growing:
                 self.params[t] = nbytes
                 self.param_sum += nbytes
         self.new += c.new[i]
+        self.w_sum += c.w_out[i]
+        for r in c.w_roots[i] - self.w_roots:
+            self.w_roots.add(r)
+            self.w_sum += c.root_bytes.get(r, 0.0)
         for r in c.roots[i] - self.roots:
             self.roots.add(r)
             self.roots_sum += c.root_bytes.get(r, 0.0)
@@ -175,12 +193,12 @@ class _Growing:
                 self._hold(v)
         self.b += 1
 
-    def cost(self, factor: int) -> float:
-        """Peak bytes of the stage ``[a, b)`` with ``factor`` microbatches in flight."""
+    def cost(self, factor: tuple[int, int]) -> float:
+        """Peak bytes of the stage ``[a, b)`` with ``factor`` microbatches in flight (``_Costs.cost``)."""
         if self.b == len(self.c.seq):  # the last stage: what ends it is not sent on but kept
             return self.c.cost(self.a, self.b, factor)
         act = self.new + self.held_sum + self.roots_sum - self.overlap
-        return self.param_sum + factor * act
+        return self.param_sum + factor[0] * act + factor[1] * self.w_sum
 
 
 def _run_time_sized(node: Node) -> bool:
@@ -203,7 +221,7 @@ def _reads(node: Node, free: set[Node]):
     return seen
 
 
-def _greedy(c: _Costs, factors: list[int], budget: float) -> list[int] | None:
+def _greedy(c: _Costs, factors: list[tuple[int, int]], budget: float) -> list[int] | None:
     """Cut positions giving every stage as many nodes as fit in ``budget``; None if it cannot."""
     cuts, a, k, n = [], 0, 0, len(c.seq)
     stage = _Growing(c, a)
@@ -227,11 +245,11 @@ def _bounds(cuts, n):
     return list(zip(edges, edges[1:]))
 
 
-def _best_cuts(c: _Costs, factors: list[int]) -> list[int]:
+def _best_cuts(c: _Costs, factors: list[tuple[int, int]]) -> list[int]:
     n, stages = len(c.seq), len(factors)
     if stages > n:
         raise PlanError(f"cannot cut {n} compute nodes into {stages} stages")
-    lo, hi = 0.0, c.cost(0, n, max(factors)) + 1.0
+    lo, hi = 0.0, c.cost(0, n, (max(f for f, _ in factors), max(w for _, w in factors))) + 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
         if _greedy(c, factors, mid) is None:
@@ -282,22 +300,34 @@ def _user_cuts(c: _Costs, points: list[str], stages: int) -> list[int]:
     return cuts
 
 
-def _cuts_keeping_params(c: _Costs, param_stages: dict[str, int], stages: int) -> list[int]:
+def _cuts_keeping_params(c: _Costs, param_stages: dict, stages: int) -> list[int]:
     """Cuts that keep every parameter in the stage it was placed in before (another input
-    signature of the same module), each moved to where the fewest bytes cross."""
+    signature of the same module), each moved to where the fewest bytes cross. A weight several
+    stages read (``param_stages`` gives their list: a tied embedding, a rotary table) is kept
+    where it can be: among the positions the other weights allow, the cut that keeps the most of
+    its readers in stages that read it before (a pipeline rank would otherwise need a weight it
+    does not hold)."""
     where: list[int | None] = []
+    shared: list[set | None] = []  # the stages that read before what node i reads with others
     for i, params in enumerate(c.params):
-        found = {param_stages[p] for p in params if p in param_stages}
+        found = {param_stages[p] for p in params if isinstance(param_stages.get(p), int)}
         if len(found) > 1:
             raise PlanError(f"{c.seq[i].name} reads parameters of stages {sorted(found)}: the stages cannot be kept")
         where.append(found.pop() if found else None)
+        sets = [set(param_stages[p]) for p in params if isinstance(param_stages.get(p), (list, tuple))]
+        shared.append(set.intersection(*sets) if sets else None)
     cuts = []
     for k in range(stages - 1):
         lo = max([i + 1 for i, w in enumerate(where) if w is not None and w <= k] + [cuts[-1] + 1 if cuts else 1])
         hi = min([i for i, w in enumerate(where) if w is not None and w > k] + [len(where) - 1])
         if lo > hi:
             raise PlanError("this input signature orders the model's operations differently: its pipeline stages cannot hold the same parameters")
-        cuts.append(min(range(lo, hi + 1), key=lambda g: (c.crossing[g], g)))
+
+        def misplaced(g):  # readers of shared weights that cut g puts in a stage that did not read them
+            return sum(1 for i in range(lo - 1, hi + 1) if i >= 0 and shared[i] is not None
+                       and ((i < g and k not in shared[i]) or (i >= g and k + 1 not in shared[i] and k in shared[i])))
+
+        cuts.append(min(range(lo, hi + 1), key=lambda g: (misplaced(g), c.crossing[g], g)))
     return cuts
 
 
@@ -310,12 +340,14 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     v = ctx.options.virtual
     n_stages = ctx.mesh.pp * v
     schedule = sched.make(ctx.options.schedule, ctx.mesh.pp, ctx.options.microbatches, v)
-    factors = schedule.in_flight()
+    # per stage: microbatches between forward and backward, and (zero bubble) between B and W
+    deferring = schedule.splits_backward
+    factors = list(zip(schedule.in_flight(), schedule.weight_pending() if deferring else [0] * schedule.stages))
     free = replicable(gm)
     seq = compute_nodes(gm, free)
     sizes, names = _sizes(gm, ctx)
     holding = ctx.holding()
-    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, holding)
+    costs = _Costs(gm, seq, ctx.options.optimizer, sizes, names, ctx.options.optimizer_dtype, holding, deferring)
     if ctx.options.param_stages:
         cuts = _cuts_keeping_params(costs, ctx.options.param_stages, n_stages)
     elif ctx.options.split_points:
@@ -337,7 +369,10 @@ def cut_stages(gm: GraphModule, ctx: PlanContext) -> GraphModule:
         nodes = [all_nodes[x] for x in s.nodes] + [weights[p] for p in s.params]
         mem = stage_memory(nodes, all_nodes, ctx.options.optimizer, held=s.inputs + s.outputs,
                            optimizer_dtype=ctx.options.optimizer_dtype, holding=holding)
-        mem.in_flight = factors[s.index]
+        mem.in_flight, pending = factors[s.index]
+        if deferring:  # as planned here; split_backward settles it once recomputation and gathers are known
+            mem.deferred = deferred_bytes([all_nodes[x] for x in s.nodes], all_nodes)
+            mem.deferred_in_flight = pending if mem.deferred else 0
         s.memory = mem
         for p in s.params:
             tied.setdefault(p, []).append(s.index)

@@ -62,7 +62,7 @@ def test_schedule_names_are_case_insensitive_and_a_wrong_one_fails_at_once():
     with pytest.raises(fxpar.OptionError) as info:
         fxpar.compile(model, fxpar.Mesh(pp=2), args, schedule="ZB")
     msg = str(info.value)
-    assert msg.startswith("schedule='ZB' is not one of ('1f1b', 'gpipe', 'interleaved')"), msg
+    assert msg.startswith("schedule='ZB' is not one of ('1f1b', 'gpipe', 'interleaved', 'zbh1', 'zbv')"), msg
     assert "pass " not in msg  # not buried under the passes that ran before
 
 

@@ -29,7 +29,10 @@ def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     assert zero[-2:] == ["cut_stages", "gather_weights"]
     both = passes_run(PlanContext(fxpar.Mesh(dp=2), PlanOptions(zero=3, recompute="full")))
     assert both[-3:] == ["cut_stages", "plan_recompute", "gather_weights"]
-    assert len(PIPELINE) == 15 and all(callable(step.when) for step in PIPELINE)
+    zb = passes_run(PlanContext(fxpar.Mesh(pp=2), PlanOptions(schedule="zbh1", recompute="selective")))
+    assert zb[-3:] == ["cut_stages", "plan_recompute", "split_backward"]
+    assert "split_backward" not in passes_run(PlanContext(fxpar.Mesh(pp=2)))
+    assert len(PIPELINE) == 16 and all(callable(step.when) for step in PIPELINE)
 
 
 def test_the_summary_lists_the_passes_that_ran():

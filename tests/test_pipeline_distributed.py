@@ -55,12 +55,13 @@ def train(name, dp, pp, tp, schedule, m, **options):
     return len(params)
 
 
-# every model on every mesh, the schedules taking turns
+# every model on every mesh, the schedules taking turns (each mesh runs each schedule once)
 MODELS = ["gpt", "llama", "mlp", "hf_gpt2", "hf_llama"]
 MESHES = [(1, 2, 1), (1, 4, 1), (1, 2, 2), (2, 2, 1)]  # dp, pp, tp
-SCHEDULES = ["gpipe", "1f1b", "interleaved"]
-CASES = [(name, dp, pp, tp, SCHEDULES[(i + j) % 3], 4 if pp == 4 else 2)
+SCHEDULES = ["gpipe", "1f1b", "interleaved", "zbh1", "zbv"]
+CASES = [(name, dp, pp, tp, SCHEDULES[(i + j) % 5], 4 if pp == 4 else 2)
          for i, name in enumerate(MODELS) for j, (dp, pp, tp) in enumerate(MESHES)]
+
 
 
 @pytest.mark.parametrize("name, dp, pp, tp, schedule, m", CASES, ids=lambda x: str(x))

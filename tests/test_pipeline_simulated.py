@@ -17,6 +17,10 @@ MESHES = [(1, 2, 1), (1, 4, 1), (1, 2, 2), (2, 2, 1)]  # dp, pp, tp
 SCHEDULES = ["gpipe", "1f1b", "interleaved"]
 CASES = [(name, dp, pp, tp, schedule, 4 if pp == 4 else 2)
          for name in MODELS for dp, pp, tp in MESHES for schedule in SCHEDULES]
+# the zero-bubble schedules (B and W apart) on the reference models and a Hugging Face one
+CASES += [(name, dp, pp, tp, schedule, 4 if pp == 4 else 2)
+          for name in ("gpt", "llama", "hf_llama") for dp, pp, tp in MESHES[:3] for schedule in ("zbh1", "zbv")]
+CASES += [("llama", 1, 4, 2, "zbv", 4), ("gpt", 1, 4, 2, "zbh1", 4)]
 
 
 @pytest.mark.parametrize("name, dp, pp, tp, schedule, m", CASES, ids=lambda x: str(x))
@@ -33,7 +37,7 @@ def check_pipeline(name, dp, pp, tp, schedule, m, cp=1, ep=1, case=None, **optio
     ref = copy.deepcopy(model)
     mesh = fxpar.Mesh(dp=dp, pp=pp, ep=ep, cp=cp, tp=tp)
     plan = fxpar.compile(model, mesh, args, schedule=schedule, microbatches=m, **options)
-    assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule == "interleaved" else 1)
+    assert len(plan.ctx.pipeline.stages) == pp * (2 if schedule in ("interleaved", "zbv") else 1)
     opts = [adamw(ps, lr=LR) for ps in plan.optimizer_params() if ps]  # a rank may hold no weights
     train_alike(ref, lambda r: loss_with_target(r(*args), target),
                 lambda: plan.simulate_train(loss_with_target, *args, target=target),

@@ -77,3 +77,57 @@ def test_bad_options():
         make("interleaved", 4, 6, 2)
     with pytest.raises(ScheduleError, match="unknown schedule"):
         make("zigzag", 2, 2)
+
+
+# zero bubble: backward split into B (input gradients) and W (weight gradients) --------------------
+@pytest.mark.parametrize("p, m", [(2, 1), (2, 4), (4, 2), (4, 8), (8, 32), (3, 5)])
+@pytest.mark.parametrize("name", ["zbh1", "zbv"])
+def test_zero_bubble_schedules_pass_the_checker(name, p, m):
+    s = make(name, p, m)
+    assert s.splits_backward
+    check(lower(s))
+    for stage in range(s.stages):  # every W after its own B, on the stage's rank
+        acts = s.actions[s.stage_rank[stage]]
+        for mb in range(m):
+            assert acts.index(Action("B", stage, mb)) < acts.index(Action("W", stage, mb))
+
+
+@pytest.mark.parametrize("p, m", [(4, 8), (8, 32)])
+def test_zero_bubble_bubbles_match_the_paper(p, m):
+    """Qi et al. with T_F = T_B = T_W (f=1, b=2, w=1): bubble over compute (p-1)/m for 1F1B and
+    (p-1)/3m for ZB-H1. For ZBV the paper gives 0 once m >= 2p-1; what is left is the time the
+    first microbatch takes to reach the last rank, (p-1) forwards of half a layer, which no
+    schedule can fill."""
+    rate = lambda s: s.bubble() / (1 - s.bubble())  # noqa: E731  idle over busy time
+    assert rate(make("1f1b", p, m)) == pytest.approx((p - 1) / m)
+    assert rate(make("zbh1", p, m)) == pytest.approx((p - 1) / (3 * m))
+    assert rate(make("zbv", p, m)) == pytest.approx((p - 1) * 0.5 / (3 * m))
+    assert make("zbv", p, m).bubble() < make("zbh1", p, m).bubble() < make("1f1b", p, m).bubble()
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (4, 8), (4, 3)])
+def test_zero_bubble_keeps_one_f_one_b_activations(p, m):
+    assert make("zbh1", p, m).in_flight() == one_f_one_b(p, m).in_flight()
+    zbv = make("zbv", p, m)  # two stages of half a 1F1B stage each on every rank
+    assert all(n / 2 <= min(p, m) for n in zbv.rank_in_flight())
+    if m >= 2 * p - 1:  # a full V: every rank at 1F1B's first rank's peak
+        assert zbv.rank_in_flight() == [2 * p] * p
+    assert zbv.stage_rank == list(range(p)) + list(reversed(range(p)))  # the V
+    # ZB-H1's rank r holds back its first r weight gradients
+    assert make("zbh1", p, m).weight_pending() == [min(r + 1, m) for r in range(p)]
+
+
+def test_a_weight_gradient_before_its_backward_is_rejected():
+    low = lower(make("zbh1", 2, 2))
+    acts = low.actions[0]
+    b, w = acts.index(Action("B", 0, 0)), acts.index(Action("W", 0, 0))
+    with pytest.raises(ScheduleError, match=r"rank 0 runs W0\.0 without its input-gradient backward B0\.0"):
+        check(_edited(low, 0, swap=(b, w)))
+    with pytest.raises(ScheduleError, match="stage 0 never runs W of microbatch 0"):
+        check(_edited(low, 0, drop=w))
+
+
+def test_zbv_options():
+    with pytest.raises(ScheduleError, match="exactly two stages per rank"):
+        make("zbv", 2, 4, 3)
+    assert make("zbv", 2, 4, 2).stages == 4

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from ..autocast import autocast_of, outside_autocast
 from ..capture import TARGET, meta_skeleton
-from ..errors import FxparError
+from ..errors import FxparError, OptionError
 from ..geometry import ShardGeometry
 from ..memory import expr
 from ..mesh import Mesh, as_mesh, ensure_process_group
@@ -85,6 +85,10 @@ class ParallelModule(nn.Module):
             plan_options = PlanOptions.from_user("fxpar.parallelize()", overrides=overrides or {}, rng=rng,
                                                  device_type=device.type, **options)
             compile_options = _compile_options(compile)
+            if compile_options is not None and plan_options.schedule in ("zbh1", "zbv") and plain.pp > 1:
+                raise OptionError(f"schedule={plan_options.schedule!r} runs weight gradients apart from the rest of "
+                                  "backward, which torch.compile's graphs cannot: use schedule='1f1b' or "
+                                  "'interleaved' with compile, or leave compile out")
             refused = None
         except FxparError as e:
             if not dist.is_initialized():  # no peers to tell yet
@@ -343,6 +347,13 @@ class ParallelModule(nn.Module):
         chrome://tracing): one row per rank, one box per compute, send and receive. A collective:
         every rank must call it; rank 0 writes the file."""
         telemetry.save_trace(path, telemetry.rank_events(self._rank, self.__dict__.get("_last")))
+
+    def step_events(self) -> list[tuple[str, float, float]]:
+        """This rank's actions in its last pipelined step, in order, as ``(action, start, end)``
+        (``time.perf_counter`` seconds): ``"F0.1"``, ``"RECV_B0.1<-1"``, ``"W0.1"``, ... Idle time
+        is what lies between them; empty before a pipelined step."""
+        prog = self.__dict__.get("_last")
+        return list(prog.runner.events) if prog is not None else []
 
     def comm_bytes(self) -> dict:
         """Bytes this rank has sent, by collective kind (and pipeline sends), since the last

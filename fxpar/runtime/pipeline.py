@@ -2,6 +2,7 @@
 
 Every action of the schedule is carried out literally: ``RECV_F``/``RECV_B`` wait for the values
 or gradients of one microbatch from one stage, ``F``/``B`` run a stage's forward or backward,
+``W`` the weight gradients a zero-bubble schedule's B left (``fxpar/runtime/deferred.py``),
 ``SEND_F``/``SEND_B`` send without waiting. Values keep the placement they have in the global plan,
 so with tensor parallelism inside a stage each tp rank exchanges its own local piece with its
 counterpart. After the last action: gradients of parameters held by several stages (a tied
@@ -22,6 +23,7 @@ from ..schedule import Schedule
 from ..stages import PipelineSpec
 from ..ops.context import current
 from ..ops.params import one_step
+from . import deferred
 from .buckets import buckets
 from .zero import finish as finish_rows
 
@@ -62,6 +64,7 @@ class PipelineRunner:
         self.sizes: dict = {}  # values of the symbolic sizes in this step
         self.events: list[tuple[str, float, float]] = []  # (action, start, end) of the last step, seconds
         self.last = len(spec.stages) - 1
+        self.deferring = schedule.splits_backward  # B leaves weight gradients for W
         self.vid = {name: i for i, name in enumerate(sorted(values))}
         self.experts: set[str] = set()  # parameters split over the ep ranks (not replicated there)
         self.split: set[str] = set()  # parameters held as rows over the dp ranks (zero)
@@ -188,7 +191,11 @@ class PipelineRunner:
                 t = st.out[(s.sources[name], a.mb)][name].detach()
                 received[name] = t.requires_grad_(self.values[name].grad and torch.is_grad_enabled())
             ins.append(received[name])
-        outs = self.modules[a.stage](*st.inputs[a.mb], *ins)
+        if self.deferring and st.training:
+            with deferred.collecting(st.jobs.setdefault((a.stage, a.mb), [])):
+                outs = self.modules[a.stage](*st.inputs[a.mb], *ins)
+        else:
+            outs = self.modules[a.stage](*st.inputs[a.mb], *ins)
         k = len(s.outputs)
         st.out[(a.stage, a.mb)] = dict(zip(s.outputs, outs[:k]))
         if a.stage == self.last:
@@ -232,6 +239,9 @@ class PipelineRunner:
             else:
                 st.in_grads[key][name] = g
         st.out.pop(key, None)
+
+    def _w(self, a, st):
+        deferred.run(st.jobs.pop((a.stage, a.mb), []))
 
     def _send_b(self, a, st):
         key = (a.stage, a.mb)
@@ -312,6 +322,7 @@ class _State:
         self.grads = defaultdict(dict)
         self.in_grads = defaultdict(dict)
         self.loss: dict = {}
+        self.jobs: dict = {}  # (stage, mb) -> weight gradients waiting for W
         self.losses: list = []
         self.outputs: list = []
 

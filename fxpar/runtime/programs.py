@@ -225,8 +225,8 @@ class Programs:
             keep = {"fixed_weights": dict(self.settled)}
             if self.bound.mesh.pp > 1:
                 spec = first.pipeline
-                keep["param_stages"] = {p: s.index for s in spec.stages for p in s.params
-                                        if p not in spec.tied and p in self.settled}
+                keep["param_stages"] = {p: list(spec.tied[p]) if p in spec.tied else s.index
+                                        for s in spec.stages for p in s.params if p in self.settled}
             options = options.replace(**keep)
         gm, ctx = plan_graph(cap, self.bound.mesh, options)
         return cap, gm, ctx

@@ -24,6 +24,7 @@ from ..plan_context import PlanContext
 from ..memory import expr
 from ..shards import local_shape
 from . import zero
+from fxpar.passes.split_backward import defer_weight_grads
 from .pipeline import PipelineRunner, Value
 from .recompute import checkpoint_regions
 
@@ -73,9 +74,12 @@ class RankProgram:
         if mesh.pp == 1:
             self.full = build(_own_experts(rank_graph(gm, self.tp, device), ctx, self.ep), f"Rank{rank}")
         n = len(spec.stages)
+        schedule = sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual)
         self.stages = {}
         for s in mine:
             graph = _own_experts(rank_graph(GraphModule(gm, stage_graph(gm, s, n)), self.tp, device), ctx, self.ep)
+            if schedule.splits_backward:
+                graph = defer_weight_grads(graph)
             self.stages[s.index] = build(graph, f"Stage{s.index}Rank{rank}")
         if level == 3:  # each weight freed after its layer's forward, gathered again for backward
             for m in [self.full, *self.stages.values()]:
@@ -85,7 +89,7 @@ class RankProgram:
             if self.full is not None:
                 self.full = torch.compile(for_dynamo(self.full), **compile_options)
             self.stages = {i: torch.compile(for_dynamo(m), **compile_options) for i, m in self.stages.items()}
-        schedule = sched.lower(sched.make(spec.schedule, mesh.pp, spec.microbatches, spec.virtual), spec.links())
+        schedule = sched.lower(schedule, spec.links())
         sched.check(schedule)
         self.schedule = schedule
         to_global = to_global or (lambda r: r)

@@ -78,7 +78,7 @@ def write_chrome_trace(path: str, events) -> None:
     t0 = min(e[2] for e in events) if events else 0.0
     trace = [
         {"name": name, "ph": "X", "pid": 0, "tid": rank, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
-         "cat": "compute" if name[0] in "FB" else "comm"}
+         "cat": "compute" if name[0] in "FBW" else "comm"}
         for rank, name, a, b in events
     ]
     trace += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}}
