@@ -30,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.bench_tp import CFG, Model  # noqa: E402
-from fxpar.local_ranks import spawn_local  # noqa: E402
+from fxpar.local_ranks import spawn_each  # noqa: E402
 
 LAYERS, BATCH = 8, 8
 SCHEDULES = ("1f1b", "zbh1", "zbv")
@@ -108,25 +108,32 @@ def torch_run(rank, pp, schedule, m, iters):
     return timed(step, iters)
 
 
-def rank_main(rank, world, m, iters, results):
+def _group(rank, world, seconds):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
-    out = {}
-    for schedule in SCHEDULES:
-        out[("fxpar", schedule)] = fxpar_run(world, schedule, m, iters)
-        dist.barrier()
-        try:
-            out[("torch", schedule)] = (torch_run(rank, world, schedule, m, iters), [])
-        except Exception as e:  # noqa: BLE001 - reported in the table
-            out[("torch", schedule)] = (None, repr(e)[:80])
-        dist.barrier()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, out)
-    if rank == 0:
-        results.put(gathered)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=seconds))
+
+
+def fxpar_main(rank, world, m, iters):
+    """Every schedule under fxpar: per schedule, the step time and this rank's actions."""
+    import torch.distributed as dist
+
+    _group(rank, world, 600)
+    out = {schedule: fxpar_run(world, schedule, m, iters) for schedule in SCHEDULES}
     dist.destroy_process_group()
+    return out
+
+
+def torch_main(rank, world, schedule, m, iters):
+    """One schedule under torch.distributed.pipelining, in processes of its own: a failure on one
+    rank leaves the others waiting on it until the group's timeout."""
+    import torch.distributed as dist
+
+    _group(rank, world, 60)
+    t = torch_run(rank, world, schedule, m, iters)
+    dist.destroy_process_group()
+    return t
 
 
 def measured(per_rank_events: list[list]) -> tuple[float, dict]:
@@ -164,18 +171,20 @@ def main(argv=None):
     print(f"model {dict(CFG, n_layers=LAYERS, batch=BATCH)}, {m} microbatches, even cuts; gloo, 1 thread per rank, "
           f"{os.cpu_count()} cores")
     for pp in a.pp:
-        gathered = spawn_local(rank_main, pp, m, a.iters, timeout=1800)
+        fx = spawn_each(fxpar_main, pp, m, a.iters, timeout=1800)
+        if any(isinstance(r, str) for r in fx):
+            raise RuntimeError(f"fxpar at pp={pp}: {fx}")
         rows = []
-        base = None
         for schedule in SCHEDULES:
-            t_fx = max(g[("fxpar", schedule)][0] for g in gathered)
-            bubble, times = measured([g[("fxpar", schedule)][1] for g in gathered])
-            torch_times = [g[("torch", schedule)][0] for g in gathered]
-            t_torch = None if any(t is None for t in torch_times) else max(torch_times)
-            base = base or t_fx
+            t_fx = max(r[schedule][0] for r in fx)
+            bubble, times = measured([r[schedule][1] for r in fx])
+            theirs = spawn_each(torch_main, pp, schedule, m, a.iters, timeout=600)
+            failed = next((t for t in theirs if isinstance(t, str)), None)
+            t_torch = None if failed else max(theirs)
+            base = t_fx if schedule == "1f1b" else base
             formula = sched.make(schedule, pp, m).ideal_bubble()
             rows.append([schedule, f"{1e3 * t_fx:.1f}", f"{base / t_fx:.2f}x",
-                         f"{1e3 * t_torch:.1f}" if t_torch else gathered[0][("torch", schedule)][1],
+                         f"{1e3 * t_torch:.1f}" if t_torch else failed[:70],
                          f"{t_torch / t_fx:.2f}x" if t_torch else "",
                          f"{bubble:.3f}", f"{simulated(pp, schedule, m, times):.3f}", f"{formula:.3f}"])
         print(f"\npp={pp}")

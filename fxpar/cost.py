@@ -44,7 +44,7 @@ from .ops import params as _registers_gather_params  # noqa: F401 - defines torc
 from .placement import Replicate
 
 _GATHER = torch.ops.fxpar.gather_params.default  # zero's gather of one bucket of weights
-_COLLECTIVE_STEPS = {"all_reduce": 2, "copy_to_tp": 2, "sum_duplicates": 2, "to_partial": 0, "pick_local": 0}
+_COLLECTIVE_STEPS = {"all_reduce": 2, "copy_to_tp": 2, "sum_duplicates": 2, "to_partial": 0, "pick_local": 0, "ring": 1}
 
 
 @dataclass

@@ -61,6 +61,10 @@ Keys fxpar adds (all prefixed ``fxpar_``); ``val`` always describes the *global*
     zero-bubble schedule runs as W, after the input gradients (B): the flat positions of its
     weight operands in ``(args, kwargs)``. Written by ``split_backward``. Example: ``(1, 2)``
     for ``linear(x, weight, bias)``.
+``fxpar_ring`` : ``str``
+    On attention the context-parallel plan runs as ring attention: every cp rank's positions
+    (``"0:4,12:16|4:8,8:12"``, the zigzag layout at cp=2 of 16). Written by ``split_sequence``;
+    ``cp_rank_program`` makes the node call ``torch.ops.fxpar.ring_attention``.
 ``fxpar_stage`` : ``int``
     The pipeline stage a compute node runs in (nodes every stage recomputes have none). Written by
     ``cut_stages``.
@@ -89,6 +93,7 @@ STAGE = "fxpar_stage"
 RECOMPUTE = "fxpar_recompute"
 GRAD_PARTIAL = "fxpar_grad_partial"
 DEFERRED = "fxpar_deferred"
+RING = "fxpar_ring"
 
 
 @dataclass(frozen=True)
@@ -96,9 +101,10 @@ class CommInfo:
     """What a collective node moves: ``kind`` is all_reduce, all_gather, gather_to_tp (all-gather
     forward, reduce-scatter backward), reduce_scatter, all_to_all (between even splits of two
     dims), redistribute, copy_to_tp (all-reduce in backward only), to_partial, shard_to_partial,
-    pick_local (no communication), shard (a local slice whose backward all-gathers) or
+    pick_local (no communication), shard (a local slice whose backward all-gathers),
     sum_duplicates (after a weight whose rows several ranks share: an all-reduce of those rows'
-    gradients in backward). ``elements`` is the number of elements of the global tensor;
+    gradients in backward) or ring (ring attention: key/value blocks passed around the cp
+    ranks, ``fxpar/ops/ring.py``). ``elements`` is the number of elements of the global tensor;
     ``bytes`` is what one rank sends in forward with a ring algorithm; ``bwd_bytes`` what it sends
     in backward."""
 

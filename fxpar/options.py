@@ -25,6 +25,7 @@ STYLES = ("colwise", "rowwise", "replicate", "vocab")
 CHECK_INPUTS = ("first", "always", "never")
 ZERO_STAGES = (0, 1, 2, 3)
 RECOMPUTE = ("none", "selective", "full", "auto")
+CONTEXT_PARALLEL = ("auto", "ring", "ulysses")
 OFFLOAD = (None, "optimizer")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # name -> the torch dtype layers compute in
 
@@ -101,7 +102,9 @@ class PlanOptions:
     ranks (one of ``ZERO_STAGES``; ``fxpar/ops/params.py``), ``precision`` what layers compute in
     (``"bf16"``: bfloat16 weights and activations from fp32 master weights; ``"fp16"`` the same in
     float16, with dynamic loss scaling in ``train_step``; ``PRECISIONS``) and
-    ``reduce_dtype`` what gradients are averaged over dp in, ``recompute`` which activations backward
+    ``reduce_dtype`` what gradients are averaged over dp in, ``context_parallel`` how attention
+    runs over a sequence split over cp (one of ``CONTEXT_PARALLEL``;
+    ``passes/context_parallel.py``), ``recompute`` which activations backward
     recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``), ``offload="optimizer"`` keeps
     the master weights, their gradients and the optimizer state on the host, where the optimizer
     steps them (ZeRO-Offload; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and
@@ -126,6 +129,7 @@ class PlanOptions:
     zero: int = 0
     recompute: str = "none"
     offload: str | None = None
+    context_parallel: str = "auto"
     precision: str = "fp32"
     reduce_dtype: str = "fp32"
     device_type: str = "cpu"
@@ -181,6 +185,11 @@ class PlanOptions:
                 f"zero={self.zero!r} is not one of {ZERO_STAGES}: 0 keeps every weight, gradient and optimizer state "
                 "whole on every data-parallel rank, 1 splits the optimizer state over them, 2 the gradients too, "
                 "3 the weights too (gathered for each layer as it runs)")
+        if self.context_parallel not in CONTEXT_PARALLEL:
+            raise OptionError(f"context_parallel={self.context_parallel!r} is not one of {CONTEXT_PARALLEL}: 'ulysses' "
+                              "switches the sequence split to a head split for attention (heads divisible by cp x tp), "
+                              "'ring' passes key/value blocks around the cp ranks, 'auto' takes Ulysses where the "
+                              "heads divide and ring otherwise")
         if self.recompute not in RECOMPUTE:
             raise OptionError(f"recompute={self.recompute!r} is not one of {RECOMPUTE}: 'selective' recomputes "
                               "attention cores, 'full' every layer from its input, 'auto' what fits memory_limit "

@@ -114,9 +114,11 @@ def summary(gm: GraphModule, ctx) -> str:
         lines.append(f"sequence parallel: {len(ctx.sequence_split)} values between TP blocks split by tokens ({', '.join(dims)})")
     if ctx.mesh.cp > 1:
         a2a = sum(1 for n in gm.graph.nodes if n.meta.get(COMM) and comm_kind(n.meta[COMM]) == "cp all_to_all")
+        ring = sum(1 for n in gm.graph.nodes if n.meta.get(COMM) and comm_kind(n.meta[COMM]) == "cp ring")
         cp = ctx.mesh.cp
-        lines.append(f"context parallel: each of cp={cp} ranks holds 1/{cp} of the sequence in every layer; "
-                     f"{a2a} all-to-alls switch attention to heads and back (Ulysses)")
+        how = (f"{ring} attentions pass key/value blocks around the ring (ring attention)" if ring else
+               f"{a2a} all-to-alls switch attention to heads and back (Ulysses)")
+        lines.append(f"context parallel: each of cp={cp} ranks holds 1/{cp} of the sequence in every layer; {how}")
     if ctx.expert_layers:
         ep = ctx.mesh.ep
         sizes = sorted({x.experts for x in ctx.expert_layers})

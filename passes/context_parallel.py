@@ -18,11 +18,17 @@ split follows the data flow:
 * token-wise ops (embeddings, norms, linears, pointwise) keep it;
 * a replicated value meeting the split (RoPE's cos/sin table, learned position embeddings, a
   causal mask's rows) is sliced to the rank's positions — each rank sees its own offsets;
-* ``scaled_dot_product_attention`` on sequence-split q, k, v is Ulysses attention: an all-to-all
-  makes them head-split with the whole sequence (so a causal mask is the single-device one),
-  and another switches the output back. Where the heads do not divide by cp, q, k and v are
-  gathered and every rank attends with all of them; attention written out
-  (``softmax(q @ k.T) @ v``) keeps each rank's queries and gathers the keys and values;
+* ``scaled_dot_product_attention`` on sequence-split q, k, v is Ulysses attention
+  (``context_parallel="ulysses"``): an all-to-all makes them head-split with the whole sequence
+  (so a causal mask is the single-device one), and another switches the output back; or ring
+  attention (``"ring"``, ``fxpar/ops/ring.py``): each rank keeps its positions and the key/value
+  blocks go around the cp ranks, so no rank holds the whole sequence and any number of heads
+  works. ``"auto"`` (the default) takes Ulysses where every attention's heads divide by cp x tp,
+  ring otherwise. With ring attention and a causal mask the sequence is split zigzag: rank r holds
+  chunks r and 2cp-1-r of 2cp, so every rank does the same share of the causal work (the
+  layout is a ``Shard`` with those runs, and every op, table slice and gather follows it).
+  Attention written out (``softmax(q @ k.T) @ v``) keeps each rank's queries and gathers the
+  keys and values;
 * a sum over the sequence (the loss, as ``passes/split_loss_means.py`` writes a mean) is a
   partial sum, all-reduced where it is used whole;
 * a weight used by split activations gets ``copy_to_tp(w, group="cp")``: its gradient is summed
@@ -44,11 +50,12 @@ from torch.fx import GraphModule, Node
 from fxpar.codegen import rank_graph
 from fxpar.errors import PlanError, describe_node
 from fxpar.fake_values import propagate
-from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RNG
+from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RING, RNG, CommInfo
+from fxpar.ops.ring import ring_attention
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
 from fxpar.rules import FREE, SplitRuleContext, rule_for, user_dependent
-from fxpar.rules.base import is_tensor_node, ndim, shape, static, tensor_args
+from fxpar.rules.base import Sharding, arg, is_tensor_node, ndim, shape, static, tensor_args
 
 
 aten = torch.ops.aten
@@ -109,17 +116,49 @@ def _sequence(gm: GraphModule, world: int) -> int:
     )
 
 
+def attention_mode(gm: GraphModule, ctx: PlanContext) -> str:
+    """``"ring"`` or ``"ulysses"``: the option, or for ``"auto"`` Ulysses when every attention's
+    query and key/value heads divide by cp x tp, ring otherwise."""
+    mode = ctx.options.context_parallel
+    if mode != "auto":
+        return mode
+    ways = ctx.world * ctx.mesh.tp
+    for node in gm.graph.nodes:
+        if node.target is aten.scaled_dot_product_attention.default:
+            q, k = node.args[:2]
+            heads = [static(shape(t)[ndim(t) - 3]) if ndim(t) >= 3 else None for t in (q, k)]
+            if any(h is None or h % ways for h in heads):
+                return "ring"
+    return "ulysses"
+
+
+def zigzag(dim: int, size: int, world: int) -> Shard:
+    """Rank r holds chunks r and 2w-1-r of 2w: under a causal mask each rank's queries see the
+    same number of keys."""
+    c = size // (2 * world)
+    return Shard(dim, size, tuple(((r * c, (r + 1) * c), ((2 * world - 1 - r) * c, (2 * world - r) * c))
+                                  for r in range(world)))
+
+
+def _causal_attention(gm: GraphModule) -> bool:
+    return any(n.target is aten.scaled_dot_product_attention.default and arg(n, 5, "is_causal", False)
+               for n in gm.graph.nodes)
+
+
 def split_sequence(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     """Analysis: every value's split over the cp ranks, from the inputs' sequence dim through
-    each op's rule (writes ``fxpar_placement`` and ``fxpar_inputs`` as ``plan_sharding`` does)."""
+    each op's rule (writes ``fxpar_placement`` and ``fxpar_inputs`` as ``plan_sharding`` does,
+    and ``fxpar_ring`` on attention that runs as ring attention)."""
     world = ctx.world
     seq = _sequence(gm, world)
     rc = _Split(world, user_dependent(gm))
+    ring = attention_mode(gm, ctx) == "ring"
+    balanced = ring and _causal_attention(gm) and seq % (2 * world) == 0
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             node.meta[PLACEMENT] = REPLICATE if is_tensor_node(node) else None
-            if _has_sequence(node) and static(shape(node)[1]) == seq:
-                rc.given[node] = Shard.even(1, seq, world)  # given whole, sliced on entry
+            if _has_sequence(node) and static(shape(node)[1]) == seq:  # given whole, sliced on entry
+                rc.given[node] = zigzag(1, seq, world) if balanced else Shard.even(1, seq, world)
             continue
         if node.op == "get_attr":
             node.meta[PLACEMENT] = REPLICATE if is_tensor_node(node) else None
@@ -132,8 +171,9 @@ def split_sequence(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 f"context parallelism cannot split the sequence through {node.op} nodes (higher-order ops) yet: "
                 f"use a mesh without cp for this model\n  {describe_node(node)}"
             )
+        node.meta.pop(RING, None)
         try:
-            s, back = _ulysses(node, rc) or (rule_for(node)(node, rc), None)
+            s, back = (_ring(node, rc) if ring else _ulysses(node, rc)) or (rule_for(node)(node, rc), None)
         except Exception as e:  # noqa: BLE001 - a rule bug must name the node
             raise PlanError(
                 f"context parallelism: sharding rule failed on {describe_node(node)}\n  {type(e).__name__}: {e}"
@@ -181,6 +221,56 @@ def _ulysses(node: Node, rc: _Split):
     return s, seq_split[0]
 
 
+def _ring(node: Node, rc: _Split):
+    """``(sharding, None)`` of attention on q, k, v split alike along their positions, as ring
+    attention: each keeps its split, the output has the queries'; a mask is read whole. None
+    with dropout, or where the splits differ."""
+    if node.target is not aten.scaled_dot_product_attention.default:
+        return None
+    q, k, v = node.args[:3]
+    mask = arg(node, 3, "attn_mask")
+    nd = ndim(q)
+    splits = [rc.placement(t) for t in (q, k, v)]
+    if not all(isinstance(p, Shard) and p.dim == nd - 2 for p in splits) or len({p.runs for p in splits}) != 1:
+        return None
+    if arg(node, 4, "dropout_p", 0.0) or (isinstance(mask, Node) and ndim(mask) < 2):
+        return None
+    inputs = {q: splits[0], k: splits[1], v: splits[2]}
+    if isinstance(mask, Node):
+        inputs[mask] = REPLICATE
+    node.meta[RING] = runs_text(splits[0])
+    return Sharding(splits[0], inputs), None
+
+
+def runs_text(layout: Shard) -> str:
+    """Every rank's positions, as ``fxpar.ops.library.runs_arg`` writes an uneven layout."""
+    return "|".join(",".join(f"{a}:{b}" for a, b in rr) for rr in layout.runs)
+
+
+def _as_ring(new: Node, old: Node, world: int) -> None:
+    """Make ``new`` (a copy of the attention ``old``) call ring attention over cp."""
+    q, k, v = new.args[:3]
+    mask = arg(new, 3, "attn_mask")
+    new.target = ring_attention
+    new.args = (q, k, v, bool(arg(new, 5, "is_causal", False)), arg(new, 6, "scale"), old.meta[RING],
+                mask if isinstance(mask, Node) else None)
+    new.kwargs = {"group": "cp"}
+    new.meta[COMM] = _ring_traffic(old, world)
+
+
+def _ring_traffic(node: Node, world: int) -> CommInfo:
+    """What one cp rank sends for ring attention ``node``: its keys and values (repeated to the
+    query heads) to the next rank at each of w-1 steps; in backward those again with their fp32
+    gradients, which make one more step home."""
+    q, k, v = (t.meta["val"] for t in node.args[:3])
+    repeat = q.shape[-3] // k.shape[-3]
+    kv = (k.numel() + v.numel()) * repeat
+    local = kv // world
+    fwd = (world - 1) * local * k.element_size()
+    bwd = (world - 1) * local * (k.element_size() + 4) + local * 4
+    return CommInfo("ring", "cp", kv, fwd, bwd, "S(seq)", "S(seq)")
+
+
 def cp_rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     """Rewrite: rank 0's program (a new ``GraphModule``), checked to be every cp rank's (ranks
     differ only in what the collectives pick at run time), with the metadata of a fresh capture:
@@ -197,6 +287,8 @@ def cp_rank_program(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for new in graph.nodes:
         old = planned[new.name]
         new.meta = {k: v for k, v in old.meta.items() if not k.startswith("fxpar_") or k == COMM}
+        if RING in old.meta:
+            _as_ring(new, old, ctx.world)
         if old.target is aten.dropout.default and isinstance(old.meta.get(PLACEMENT), Shard):
             new.meta[RNG] = "context"  # its own masks on every cp rank (passes/assign_rng.py)
     local = GraphModule(gm, graph)

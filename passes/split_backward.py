@@ -10,7 +10,7 @@ An op is chosen from the graph's data flow, never from names: a contraction (mat
 convolution, einsum of two operands) of an activation by a weight, where the weight is a
 trainable parameter or a view of one and the op is linear in it. Its weight gradient (a second
 GEMM as large as the forward) then reads only the activation and the output's gradient, never
-the weight, so it can wait while B hands the input gradients on (``fxpar/runtime/deferred.py``
+the weight, so it can wait while B hands the input gradients on (``fxpar/ops/deferred.py``
 runs it). A weight read through ``gather_params`` counts where its whole copy is kept between
 steps (``precision``, zero 1: the gather's backward then runs once in B for the layer's other
 weights and once per deferred op in W, summing or casting each part alike). Left in B: ops in a
@@ -22,42 +22,21 @@ move. A plan where no op is left to defer is an error that says why.
 W keeps, per microbatch, the storage of each chosen op's activation input and its output's
 gradient (the size of its output); nothing else of the microbatch outlives B.
 
-``defer_weight_grads`` applies the marks to a rank's program: each marked op is called through
-``fxpar.runtime.deferred.later``.
+Which ops qualify is ``fxpar.weight_grads.deferrable``; ``fxpar.weight_grads.defer_weight_grads``
+applies the marks to a rank's program, each marked op called through ``fxpar.ops.deferred.later``.
 """
 
 from __future__ import annotations
 
-import operator
-
-import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import GraphModule, Node
 from torch.utils import _pytree as pytree
 
 from fxpar import schedule as sched
 from fxpar.errors import PlanError
 from fxpar.memory import node_memory
-from fxpar.metadata import DEFERRED, LOCAL, RECOMPUTE, REQUIRES_GRAD
-from fxpar.ops.params import gather_params
+from fxpar.metadata import DEFERRED, RECOMPUTE
 from fxpar.plan_context import PlanContext
-from fxpar.runtime.deferred import later
-
-aten = torch.ops.aten
-# op -> (flat positions of its two contracted operands, of an added bias)
-CONTRACTIONS = {
-    aten.linear.default: ((0, 1), (2,)),
-    aten.mm.default: ((0, 1), ()),
-    aten.matmul.default: ((0, 1), ()),
-    aten.bmm.default: ((0, 1), ()),
-    aten.addmm.default: ((1, 2), (0,)),
-    aten.baddbmm.default: ((1, 2), (0,)),
-    aten.conv1d.default: ((0, 1), (2,)),
-    aten.conv2d.default: ((0, 1), (2,)),
-    aten.conv3d.default: ((0, 1), (2,)),
-    aten.convolution.default: ((0, 1), (2,)),
-    aten.einsum.default: ((1, 2), ()),  # (equation, [a, b]) flattens to equation, a, b
-}
-
+from fxpar.weight_grads import CONTRACTIONS, deferrable
 
 def split_backward(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     spec = ctx.pipeline
@@ -134,62 +113,3 @@ def _why_none(gm: GraphModule, ctx: PlanContext) -> str:
             f"activations) or 'interleaved'{', or ' + ' and '.join(fixes) if fixes else ''}")
 
 
-def deferrable(node: Node, through_gathers: bool = False) -> tuple[int, ...] | None:
-    """The flat positions of ``node``'s weight operands (the contracted weight, and a bias) when
-    its weight gradient can wait for W; ``None`` otherwise."""
-    if node.op != "call_function" or node.target not in CONTRACTIONS or RECOMPUTE in node.meta:
-        return None
-    if not isinstance(node.meta.get("val"), torch.Tensor):
-        return None
-    operands, biases = CONTRACTIONS[node.target]
-    flat = pytree.tree_flatten((node.args, node.kwargs))[0]
-    if len(flat) <= max(operands) or (node.target is aten.einsum.default and len(flat) != 3):
-        return None
-    a, b = (flat[i] for i in operands)
-    if not (isinstance(a, Node) and isinstance(b, Node)):
-        return None
-    held_a, held_b = _parameter_view(a, through_gathers), _parameter_view(b, through_gathers)
-    if held_a == held_b:  # two activations, or two weights: a product the weights do not enter linearly
-        return None
-    weight = operands[1] if held_b else operands[0]
-    extra = tuple(i for i in biases
-                  if i < len(flat) and isinstance(flat[i], Node) and _parameter_view(flat[i], through_gathers))
-    for call in (node.meta.get(LOCAL) or {}).values():  # what each rank reads instead (rows shared over tp)
-        if call is None:
-            continue
-        local = pytree.tree_flatten((call.args, call.kwargs))[0]
-        if not all(i < len(local) and isinstance(local[i], Node) and _parameter_view(local[i], through_gathers)
-                   for i in (weight, *extra)):
-            return None
-    return (weight, *extra)
-
-
-def _parameter_view(node: Node, through_gathers: bool) -> bool:
-    """Whether ``node`` is a trainable parameter or a view of one (no new memory, no other
-    input), or with ``through_gathers`` one's kept whole copy out of ``gather_params``. fxpar's
-    own aliasing ops are no views here: their backward is a collective (``sum_duplicates``)."""
-    while node.op == "call_function" and getattr(node.target, "is_view", False) and node.target.namespace == "aten":
-        inputs = node.all_input_nodes
-        if len(inputs) != 1:
-            return False
-        node = inputs[0]
-    if (through_gathers and node.op == "call_function" and node.target is operator.getitem
-            and isinstance(node.args[0], Node) and node.args[0].target is gather_params):
-        node = node.args[0].args[0][node.args[1]]
-    return node.op == "get_attr" and bool(node.meta.get(REQUIRES_GRAD))
-
-
-def defer_weight_grads(graph: Graph) -> Graph:
-    """``graph`` (a rank's program) with each op marked ``fxpar_deferred`` called through
-    ``later``, where the rank's op still reads its weights as marked (a per-rank call may put a
-    collective in between)."""
-    for node in graph.nodes:
-        weights = node.meta.get(DEFERRED)
-        if weights is None or node.op != "call_function" or node.target not in CONTRACTIONS:
-            continue
-        if deferrable(node, True) != weights:  # the rank's op is not the one marked
-            continue
-        node.args = (node.target, weights, *node.args)
-        node.target = later
-    graph.lint()
-    return graph

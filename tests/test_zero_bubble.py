@@ -12,7 +12,7 @@ import torch
 
 import fxpar
 from fxpar.metadata import DEFERRED
-from fxpar.runtime import deferred
+from fxpar.ops import deferred
 from fxpar.runtime.pipeline import PipelineRunner
 from tests.test_pipeline_simulated import check_pipeline
 from tests.zoo import assert_close, loss_with_target, pipeline_case
@@ -43,6 +43,38 @@ def test_weight_gradients_wait_for_w_and_the_output_is_not_kept():
         assert_close(got.grad, r.grad, name)
 
 
+aten = torch.ops.aten
+OPS = {  # op, its arguments (x an activation, the rest weights), the flat positions of the weights
+    "linear": (aten.linear.default, lambda x, w, b: (x, w, b), (1, 2)),
+    "linear without bias": (aten.linear.default, lambda x, w, b: (x, w), (1,)),
+    "matmul": (aten.matmul.default, lambda x, w, b: (x, w.t()), (1,)),
+    "mm": (aten.mm.default, lambda x, w, b: (x.reshape(-1, 8), w.t()), (1,)),
+    "addmm (Conv1D)": (aten.addmm.default, lambda x, w, b: (b, x.reshape(-1, 8), w.t()), (0, 2)),
+    "einsum (autograd of its own)": (aten.einsum.default, lambda x, w, b: ("btc,oc->bto", [x, w]), (2,)),
+    "conv1d (autograd of its own)": (aten.conv1d.default, lambda x, w, b: (x.transpose(1, 2), w[:, :, None], b),
+                                     (1, 2)),
+}
+
+
+@pytest.mark.parametrize("name", OPS)
+def test_every_spelling_gives_autograds_gradients(name):
+    op, make_args, weights = OPS[name]
+    torch.manual_seed(0)
+    leaves = [torch.randn(2, 4, 8, requires_grad=True), torch.randn(16, 8, requires_grad=True),
+              torch.randn(16, requires_grad=True)]
+    ref = [t.detach().clone().requires_grad_() for t in leaves]
+    jobs = []
+    with deferred.collecting(jobs):
+        out = deferred.later(op, weights, *make_args(*leaves))
+    (out.sin().sum()).backward()
+    assert leaves[1].grad is None
+    deferred.run(jobs)
+    op(*make_args(*ref)).sin().sum().backward()
+    for got, r, what in zip(leaves, ref, ("input", "weight", "bias")):
+        if r.grad is not None:
+            assert_close(got.grad, r.grad, f"{name} {what}")
+
+
 def test_outside_a_schedule_the_op_is_itself():
     x, w = torch.randn(3, 4), torch.randn(5, 4, requires_grad=True)
     y = deferred.later(torch.ops.aten.linear.default, (1,), x, w)
@@ -64,9 +96,8 @@ def test_what_w_keeps_is_the_estimate(name, tp, monkeypatch):
     def counting(self, a, st):
         storages = {}
         for job in st.jobs.get((a.stage, a.mb), []):
-            for t in [*job.leaves, job.grad_out]:
-                if t is not None:
-                    storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            for t in job.kept():
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         measured.setdefault(a.stage, set()).add(sum(storages.values()))
         return run_w(self, a, st)
 

@@ -10,6 +10,8 @@ only; the import rules are checked by ``tests/test_layering.py``.
 * ``local``: per-rank replacements of ATen ops (vocab-parallel embedding and cross-entropy,
   partial means, dropout drawn from the right random stream);
 * ``experts``: the all-to-all dispatch and combine of expert parallelism;
+* ``ring``: ring attention over the cp ranks;
+* ``deferred``: matmuls whose weight gradients wait for a zero-bubble schedule's W;
 * ``context``: the rank a program runs as, its communicators and random streams;
 * ``comm``: the communicator interface.
 """

@@ -109,6 +109,17 @@ class Communicator:
         self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
         return self._all_to_all_v(t.contiguous(), list(send), list(recv))
 
+    def shift(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` sent to the next rank (``rank + 1``, around the ring); returns what the previous
+        rank sent (of the same shape): one step of ring attention."""
+        if self.world == 1:
+            return t
+        self.calls["ring"] += 1
+        self.sent_bytes["ring"] += t.numel() * t.element_size()
+        send, recv = [0] * self.world, [0] * self.world
+        send[(self.rank + 1) % self.world] = recv[(self.rank - 1) % self.world] = 1
+        return self._all_to_all_v(t.reshape(1, -1).contiguous(), send, recv).view(t.shape)
+
     def reset_counters(self) -> None:
         self.sent_bytes.clear()
         self.calls.clear()
@@ -138,6 +149,9 @@ class ShapeComm(Communicator):
         return t.chunk(self.world, dim)[0].clone()
 
     def all_to_all(self, t):
+        return t.clone()
+
+    def shift(self, t):
         return t.clone()
 
 

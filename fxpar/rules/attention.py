@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.fx import Node
 
+from ..ops.ring import ring_attention
 from ..placement import REPLICATE, Shard
 from .base import FREE, RuleContext, Sharding, arg, ndim, shape, static
 from .registry import register
@@ -41,8 +42,17 @@ def gqa_layout(q: Shard, n_kv: int) -> Shard | None:
 
 @register(aten.scaled_dot_product_attention.default)
 def sdpa(node: Node, ctx: RuleContext) -> Sharding:
+    return _by_heads(node, ctx, arg(node, 3, "attn_mask"))
+
+
+@register(ring_attention)
+def ring(node: Node, ctx: RuleContext) -> Sharding:
+    """Ring attention (context parallelism) splits by heads over tp as attention does."""
+    return _by_heads(node, ctx, arg(node, 6, "attn_mask"))
+
+
+def _by_heads(node: Node, ctx: RuleContext, mask) -> Sharding:
     q, k, v = node.args[0], node.args[1], node.args[2]
-    mask = arg(node, 3, "attn_mask")
     tensors = [n for n in (q, k, v, mask) if isinstance(n, Node)]
     nd = ndim(q)
     places = {n: ctx.placement(n) for n in tensors}

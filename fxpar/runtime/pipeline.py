@@ -2,7 +2,7 @@
 
 Every action of the schedule is carried out literally: ``RECV_F``/``RECV_B`` wait for the values
 or gradients of one microbatch from one stage, ``F``/``B`` run a stage's forward or backward,
-``W`` the weight gradients a zero-bubble schedule's B left (``fxpar/runtime/deferred.py``),
+``W`` the weight gradients a zero-bubble schedule's B left (``fxpar/ops/deferred.py``),
 ``SEND_F``/``SEND_B`` send without waiting. Values keep the placement they have in the global plan,
 so with tensor parallelism inside a stage each tp rank exchanges its own local piece with its
 counterpart. After the last action: gradients of parameters held by several stages (a tied
@@ -23,7 +23,7 @@ from ..schedule import Schedule
 from ..stages import PipelineSpec
 from ..ops.context import current
 from ..ops.params import one_step
-from . import deferred
+from ..ops import deferred
 from .buckets import buckets
 from .zero import finish as finish_rows
 

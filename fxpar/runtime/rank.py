@@ -24,7 +24,7 @@ from ..plan_context import PlanContext
 from ..memory import expr
 from ..shards import local_shape
 from . import zero
-from fxpar.passes.split_backward import defer_weight_grads
+from ..weight_grads import defer_weight_grads
 from .pipeline import PipelineRunner, Value
 from .recompute import checkpoint_regions
 

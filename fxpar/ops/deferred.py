@@ -54,27 +54,134 @@ def later(op, weights: tuple[int, ...], *args, **kwargs):
     held = [i for i in weights if isinstance(flat[i], torch.Tensor) and flat[i].requires_grad]
     if not held:
         return op(*args, **kwargs)
+    # no edge to the weights: B would call their history with zeros (a collective on the way,
+    # zero gradients accumulated); an anchor of no size makes the output need grad where only
+    # the weights do, and W hands theirs on
+    anchor = torch.empty(0, requires_grad=True)
+    fast = _Product.of(op, flat, held)
+    if fast is not None:
+        jobs.append(fast)
+        return _LaterProduct.apply(fast, fast.x, anchor)
     acts = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor) and i not in weights]
     job = _Job(op, flat, spec, held, acts)
     jobs.append(job)
-    # the weights go in too, for their gradient edges (the output needs grad where only they do);
-    # B gives them none, W hands theirs on through the same views
-    return _Later.apply(job, len(acts), *[flat[i] for i in acts], *job.outer)
+    return _Later.apply(job, len(acts), *[flat[i] for i in acts], anchor)
 
 
 def run(jobs: list) -> None:
-    """Finish the weight gradients ``jobs`` hold, latest op first, as backward would."""
+    """Finish the weight gradients ``jobs`` hold and hand them to their weights in one backward
+    through the weights' own histories (views, a sum over ranks), latest op first."""
+    pairs = []
     while jobs:
-        jobs.pop().finish()
+        pairs += jobs.pop().finish()
+    through = []
+    for w, g in pairs:
+        if _plain_leaf(w, g):  # what AccumulateGrad does, without the copy it makes of a gradient still referenced
+            if w.grad is None:
+                w.grad = g
+            else:
+                w.grad.add_(g)
+        else:
+            through.append((w, g))
+    pairs.clear()
+    if through:
+        torch.autograd.backward([w for w, _ in through], [g for _, g in through])
+
+
+def _plain_leaf(w: torch.Tensor, g: torch.Tensor) -> bool:
+    """A parameter with no hooks, and a gradient laid out as it is: ``.grad`` can be set."""
+    return (w.is_leaf and not w._backward_hooks and not getattr(w, "_post_accumulate_grad_hooks", None)
+            and g.dtype == w.dtype and g.shape == w.shape and g.is_contiguous() == w.is_contiguous()
+            and g.device == w.device)
+
+
+class _Product:
+    """An activation times a weight in one of the spellings of a linear layer, whose gradients
+    are written out: B one matmul for the activation's, W one for the weight's (and a sum for a
+    bias), with no autograd graph of its own."""
+
+    def __init__(self, kind, op, flat, x, w, b):
+        self.kind, self.op, self.flat = kind, op, flat
+        self.x, self.w, self.b = flat[x], flat[w], (flat[b] if b is not None else None)
+        self.grad_out = None
+
+    @classmethod
+    def of(cls, op, flat, held):
+        """The product ``op(*flat)`` is, when its gradients are written out here; else None."""
+        aten = torch.ops.aten
+        tensors = [isinstance(t, torch.Tensor) for t in flat]
+        if op is aten.linear.default and held[0] == 1 and tensors[0] and flat[1].dim() == 2:
+            b = 2 if 2 in held else None
+            if b is None and len(flat) > 2 and tensors[2] and flat[2].requires_grad:
+                return None  # a bias that is no weight: its gradient goes through autograd
+            return cls("linear", op, flat, 0, 1, b)
+        if op in (aten.mm.default, aten.matmul.default) and held == [1] and len(flat) == 2 and all(tensors):
+            if flat[1].dim() == 2 and flat[0].dim() >= 2:
+                return cls("right", op, flat, 0, 1, None)
+        if op is aten.mm.default and held == [0] and len(flat) == 2 and all(tensors):
+            return cls("left", op, flat, 1, 0, None)
+        if op is aten.addmm.default and len(flat) == 3 and all(tensors) and held in ([2], [0, 2], [2, 0]):
+            if (0 in held and flat[0].dim() <= 1) or (0 not in held and not flat[0].requires_grad):
+                return cls("addmm", op, flat, 1, 2, 0 if 0 in held else None)
+        return None
+
+    def forward(self):
+        out = self.op(*self.flat)
+        self.flat = None
+        return out
+
+    def kept(self) -> list:
+        """The tensors held until W (the weights are the parameters' own)."""
+        return [t for t in (self.x, self.grad_out) if t is not None]
+
+    def input_grad(self, g):
+        self.grad_out = g
+        if not self.x.requires_grad:
+            return None
+        if self.kind == "linear":
+            return torch.matmul(g, self.w)
+        if self.kind == "left":
+            return torch.matmul(self.w.t(), g)
+        return torch.matmul(g, self.w.t())  # right, addmm
+
+    def finish(self) -> list:
+        g, x = self.grad_out, self.x
+        self.grad_out = self.x = None
+        if g is None:  # the output reached no loss
+            return []
+        if self.kind == "linear":
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            out = [(self.w, torch.mm(g2.t(), x2))]
+        elif self.kind == "left":
+            out = [(self.w, torch.mm(g, x.t()))]
+        else:
+            g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+            out = [(self.w, torch.mm(x2.t(), g2))]
+        if self.b is not None:
+            gb = g.reshape(-1, g.shape[-1]).sum(0)
+            out.append((self.b, gb.reshape(self.b.shape) if self.b.dim() else gb.sum()))
+        return out
+
+
+class _LaterProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, job, x, anchor):
+        ctx.job = job
+        return job.forward()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return None, ctx.job.input_grad(grad_out), None
 
 
 class _Job:
-    """One op's forward graph, kept from its forward until its weight gradient is taken."""
+    """Any other op: its forward on an autograd graph of its own, kept from its forward until its
+    weight gradient is taken."""
 
     def __init__(self, op, flat, spec, weights, acts):
         self.op, self.flat, self.spec = op, flat, spec
         self.weights, self.acts = weights, acts
-        self.outer = [flat[i] for i in weights]  # views of parameters: they cost nothing to keep
+        self.outer = [flat[i] for i in weights]  # views of parameters (or kept copies): nothing to keep
         self.grad_out = None
         self.released = False
 
@@ -97,6 +204,10 @@ class _Job:
         self.out = get_gradient_edge(out)
         return out.detach()
 
+    def kept(self) -> list:
+        """The tensors held until W (the weights are the parameters' own)."""
+        return [t for t in (*(self.leaves or ()), self.grad_out) if t is not None]
+
     def _pack(self, t):
         if t.numel() and t.untyped_storage().data_ptr() in self.ptrs:
             return _Weight(self, t)
@@ -113,14 +224,14 @@ class _Job:
         self.released = True  # the weight's saved copy is not read again
         return [next(got) if a.requires_grad else None for a in self.leaves]
 
-    def finish(self):
-        """W: the weights' gradients, accumulated into their parameters."""
+    def finish(self) -> list:
+        """W: ``(weight, its gradient)`` pairs."""
+        pairs = []
         if self.grad_out is not None:  # None: the op's output reached no loss
             grads = torch.autograd.grad(self.out, self.weight_leaves, self.grad_out, allow_unused=True)
             pairs = [(w, g) for w, g in zip(self.outer, grads) if g is not None]
-            if pairs:
-                torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
         self.out = self.leaves = self.weight_leaves = self.outer = self.grad_out = None
+        return pairs
 
 
 class _Weight:
@@ -143,9 +254,9 @@ class _Weight:
 class _Later(torch.autograd.Function):
     @staticmethod
     def forward(ctx, job, n_acts, *inputs):
-        ctx.job, ctx.n_weights = job, len(inputs) - n_acts
+        ctx.job = job
         return job.forward(inputs[:n_acts])
 
     @staticmethod
     def backward(ctx, grad_out):
-        return (None, None, *ctx.job.input_grads(grad_out), *[None] * ctx.n_weights)
+        return (None, None, *ctx.job.input_grads(grad_out), None)
