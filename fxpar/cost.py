@@ -39,6 +39,7 @@ from . import schedule as sched
 from .devices import DeviceProfile, profile
 from .memory import evaluate, node_memory, per_device
 from .metadata import COMM, DEFERRED, RECOMPUTE, out_placement
+from .runtime.buckets import BUCKET_BYTES
 from .options import compute_dtype
 from .ops import params as _registers_gather_params  # noqa: F401 - defines torch.ops.fxpar.gather_params
 from .placement import Replicate
@@ -150,7 +151,11 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
             per_rank[r][k] += m * v
     worst = max(range(mesh.pp), key=busy.__getitem__)
     devices = per_device(memories, stage_rank)
-    dp = _dp_sync(devices, mesh, zero, links)
+    # what the data-parallel all-reduces can run beside: each pipeline rank's last backward
+    window = None
+    if ctx.options.overlap and dev.overlap:
+        window = [sum(bwd[j] for j, r in enumerate(stage_rank) if r == k) for k in range(mesh.pp)]
+    dp = _dp_sync(devices, mesh, zero, links, window)
     optimizer = max(_optimizer_time(d, dev, ctx.options.optimizer) for d in devices)
     breakdown = {"compute": per_rank[worst]["compute"]}
     breakdown.update({f"comm {k}": per_rank[worst][k] for k in ("tp", "cp", "ep", "pp")})
@@ -265,15 +270,21 @@ def _replicas_of_work(node, mesh) -> int:
     return tp * mesh.cp
 
 
-def _dp_sync(devices, mesh, zero: int, links: Links) -> float:
+def _dp_sync(devices, mesh, zero: int, links: Links, window=None) -> float:
     """After the last backward: gradients all-reduced over the replicas (zero 0), or
     reduce-scattered (zero 1; zero 2 and 3 did during backward, priced with the stages) and the
-    updated rows all-gathered (zero 1 and 2; zero 3 gathers at the next use)."""
+    updated rows all-gathered (zero 1 and 2; zero 3 gathers at the next use). ``window``: per
+    device, the backward time its all-reduces can run beside (``overlap``: buckets begin as the
+    last microbatch's backward makes them final); only what is left of them is exposed, and at
+    least the last bucket's, which begins when backward ends."""
     worst = 0.0
-    for d in devices:
+    for i, d in enumerate(devices):
         whole = float(d.weights) * 4
         if zero == 0:
             t = links.dp_collective(d.grads, mesh, "all_reduce")
+            if window is not None and t:
+                last = links.dp_collective(min(float(d.grads), BUCKET_BYTES), mesh, "all_reduce")
+                t = max(last, t - window[i])
         else:
             t = links.dp_collective(whole, mesh, "reduce_scatter") if zero == 1 else 0.0
             t += links.dp_collective(whole, mesh, "all_gather") if zero < 3 else 0.0

@@ -104,7 +104,8 @@ class PlanOptions:
     float16, with dynamic loss scaling in ``train_step``; ``PRECISIONS``) and
     ``reduce_dtype`` what gradients are averaged over dp in, ``context_parallel`` how attention
     runs over a sequence split over cp (one of ``CONTEXT_PARALLEL``;
-    ``passes/context_parallel.py``), ``recompute`` which activations backward
+    ``passes/context_parallel.py``), ``overlap`` whether data-parallel gradient all-reduces begin
+    during backward (``fxpar/runtime/overlap.py``), ``recompute`` which activations backward
     recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``), ``offload="optimizer"`` keeps
     the master weights, their gradients and the optimizer state on the host, where the optimizer
     steps them (ZeRO-Offload; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and
@@ -130,6 +131,7 @@ class PlanOptions:
     recompute: str = "none"
     offload: str | None = None
     context_parallel: str = "auto"
+    overlap: bool = True
     precision: str = "fp32"
     reduce_dtype: str = "fp32"
     device_type: str = "cpu"
@@ -177,7 +179,7 @@ class PlanOptions:
             raise OptionError(f"memory_limit={self.memory_limit!r}: give a positive number of bytes per device")
         if self.optimizer not in OPTIMIZER_STATES:
             raise OptionError(f"optimizer={self.optimizer!r} is not one of {tuple(OPTIMIZER_STATES)}")
-        for name in ("sequence_parallel", "recompute_gathers"):
+        for name in ("sequence_parallel", "recompute_gathers", "overlap"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}={getattr(self, name)!r}: give True or False")
         if self.zero not in ZERO_STAGES or isinstance(self.zero, bool):

@@ -67,6 +67,13 @@ class Communicator:
     def _all_reduce_max(self, t):
         return torch.stack(self._all_gather(t)).amax(0)
 
+    def all_reduce_start(self, t: torch.Tensor) -> "Pending":
+        """Sum over ranks into ``t`` (contiguous), begun now and finished by the returned
+        handle's ``wait()`` (which returns ``t``): work between the two overlaps it. Here it is
+        done at once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
+        out = self.all_reduce_(t)
+        return Pending(lambda: out)
+
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's tensor (all of the same shape), in rank order."""
         self._count("all_gather", t.numel() * self.world, t.element_size(), 1)

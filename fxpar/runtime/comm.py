@@ -54,6 +54,16 @@ class DistComm(Communicator):
         self._wait(dist.all_reduce(t, group=self.group, async_op=True), "all_reduce", t)
         return t
 
+    def all_reduce_start(self, t):
+        self._count("all_reduce", t.numel(), t.element_size(), 2)
+        work = dist.all_reduce(t, group=self.group, async_op=True)
+
+        def finish():
+            self._wait(work, "all_reduce", t)
+            return t
+
+        return Pending(finish)
+
     def _all_reduce_max(self, t):
         out = t.clone()
         self._wait(dist.all_reduce(out, op=dist.ReduceOp.MAX, group=self.group, async_op=True), "all_reduce(max)", t)

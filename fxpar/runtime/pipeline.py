@@ -68,6 +68,8 @@ class PipelineRunner:
         self.vid = {name: i for i, name in enumerate(sorted(values))}
         self.experts: set[str] = set()  # parameters split over the ep ranks (not replicated there)
         self.split: set[str] = set()  # parameters held as rows over the dp ranks (zero)
+        self.overlap = False  # data-parallel all-reduces begun during backward (fxpar/runtime/overlap.py)
+        self._reducer = None
 
     # one training step ------------------------------------------------------------------------
     def train_step(self, microbatches: list[list], targets: list | None, loss_fn, params, scaler=None) -> torch.Tensor:
@@ -83,13 +85,19 @@ class PipelineRunner:
         self._bind_sizes(microbatches[0])
         before = {n: params[n].grad.clone() for n in self.spec.tied if n in params and params[n].grad is not None}
         self._expect(lambda r: self.schedule.actions[r])
+        reducer = self._overlapping(params)
+        if reducer is not None:
+            reducer.begin_step()
         with one_step():
             self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
+        reduced = reducer.finish() if reducer is not None else set()
+        if reducer is not None:
+            self.events += reducer.events
         if self.split:
             finish_rows({n: params[n] for n in self.split}, current().comms)
         self._sync_tied(params, before)
-        self._sync_data_parallel(params)
+        self._sync_data_parallel(params, reduced)
         if scaler is not None:
             scaler.unscale_([params[n] for n in sorted(params)], current().comms, self.device)
         loss = sum(st.losses) / m if st.losses else torch.zeros((), device=self.device)
@@ -271,7 +279,23 @@ class PipelineRunner:
                 total = total.to(p.device)
                 p.grad = total + before[name] if name in before else total
 
-    def _sync_data_parallel(self, params: dict) -> None:
+    def _overlapping(self, params: dict):
+        """The reducer that begins data-parallel all-reduces during backward, where it applies:
+        ``overlap``, dp > 1, no ep; for the weights held whole on the device, not tied across
+        stages (summed over pp first)."""
+        ctx = current()
+        dp = ctx.comms.get("dp")
+        if not self.overlap or dp is None or dp.world == 1 or ("ep" in ctx.comms and ctx.comms["ep"].world > 1):
+            return None
+        if self._reducer is None:
+            from .overlap import ReduceWhileBackward
+
+            dense = {n: p for n, p in sorted(params.items())
+                     if n not in self.split and n not in self.spec.tied and p.device == self.device}
+            self._reducer = ReduceWhileBackward(dense, dp, self.device)
+        return self._reducer
+
+    def _sync_data_parallel(self, params: dict, reduced: set = frozenset()) -> None:
         """Average gradients over the replicas (dp x ep) that each trained on their part of the
         batch. An expert's gradient already sums what the tokens of every ep rank gave it (they
         came to it by all-to-all): it is divided by ep instead of all-reduced there."""
@@ -286,8 +310,8 @@ class PipelineRunner:
                     p.grad.div_(ep.world)
         dp = ctx.comms.get("dp")
         if dp is not None and dp.world > 1:  # rows under zero came averaged out of their reduce-scatter
-            _average([p.grad for n, p in sorted(params.items()) if p.grad is not None and n not in self.split], dp,
-                     self.device)
+            _average([p.grad for n, p in sorted(params.items())
+                      if p.grad is not None and n not in self.split and n not in reduced], dp, self.device)
 
     def _everywhere(self, loss: torch.Tensor) -> torch.Tensor:
         ctx = current()

@@ -103,6 +103,7 @@ class RankProgram:
         )
         self.runner.experts = {t for t in self.params if ctx.is_expert(t)}
         self.runner.split = {t for t, p in self.params.items() if zero.is_split(p)}
+        self.runner.overlap = ctx.options.overlap
 
 
 def _dtype(name: str) -> torch.dtype:

@@ -72,16 +72,23 @@ def save_trace(path: str, events: list[tuple]) -> None:
         write_chrome_trace(path, [e for part in gathered for e in part])
 
 
+_BESIDE = 10000  # the row of a rank's background collectives: its own, offset
+
+
 def write_chrome_trace(path: str, events) -> None:
     """``events``: ``(rank, name, start, end)`` in seconds. Compute actions are one colour, sends
     and receives another."""
     t0 = min(e[2] for e in events) if events else 0.0
+    # collectives begun in the background (``comm ...``: from begun to waited) get a row of their
+    # own under their rank's, so their overlap with its compute shows
+    row = lambda rank, name: _BESIDE + rank if name.startswith("comm ") else rank  # noqa: E731
     trace = [
-        {"name": name, "ph": "X", "pid": 0, "tid": rank, "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
+        {"name": name, "ph": "X", "pid": 0, "tid": row(rank, name), "ts": (a - t0) * 1e6, "dur": (b - a) * 1e6,
          "cat": "compute" if name[0] in "FBW" else "comm"}
         for rank, name, a, b in events
     ]
-    trace += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": r, "args": {"name": f"rank {r}"}}
-              for r in sorted({e[0] for e in events})]
+    rows = sorted({(row(r, n), r, n.startswith("comm ")) for r, n, _, _ in events})
+    trace += [{"name": "thread_name", "ph": "M", "pid": 0, "tid": t, "args": {"name": f"rank {r}" + (" collectives" if c else "")}}
+              for t, r, c in rows]
     with open(path, "w") as f:
         json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, f)
