@@ -119,13 +119,25 @@ class Communicator:
     def shift(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` sent to the next rank (``rank + 1``, around the ring); returns what the previous
         rank sent (of the same shape): one step of ring attention."""
+        return self.shift_start(t).wait().view(t.shape)
+
+    def shift_start(self, t: torch.Tensor) -> "Pending":
+        """``shift`` begun now, finished by the returned handle's ``wait()``. Here it is done at
+        once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
         if self.world == 1:
-            return t
+            return Pending(lambda: t)
         self.calls["ring"] += 1
         self.sent_bytes["ring"] += t.numel() * t.element_size()
+        return self._shift_start(t.reshape(1, -1).contiguous(), *self._ring_sizes())
+
+    def _ring_sizes(self):
         send, recv = [0] * self.world, [0] * self.world
         send[(self.rank + 1) % self.world] = recv[(self.rank - 1) % self.world] = 1
-        return self._all_to_all_v(t.reshape(1, -1).contiguous(), send, recv).view(t.shape)
+        return send, recv
+
+    def _shift_start(self, flat, send, recv) -> "Pending":
+        out = self._all_to_all_v(flat, send, recv)
+        return Pending(lambda: out.view(-1))
 
     def reset_counters(self) -> None:
         self.sent_bytes.clear()
@@ -158,8 +170,9 @@ class ShapeComm(Communicator):
     def all_to_all(self, t):
         return t.clone()
 
-    def shift(self, t):
-        return t.clone()
+    def shift_start(self, t):
+        out = t.clone()
+        return Pending(lambda: out)
 
 
 def shape_comms(mesh) -> dict:

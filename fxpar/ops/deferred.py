@@ -2,17 +2,23 @@
 
 ``passes/split_backward.py`` marks the ops whose weight gradient can wait (a matmul or
 convolution of an activation by a parameter), and codegen calls them through ``later``. Inside
-``collecting(jobs)`` such an op runs its forward on a small autograd graph of its own, with
-detached copies of its inputs as leaves; its backward (B) then computes only the gradients of
-the activations it read, and leaves a job in ``jobs`` holding the gradient of its output. ``run``
-(W) finishes each job: the weight's gradient from that graph, handed on through the weight's
-own autograd history (views of the parameter) into ``.grad``.
+``collecting(jobs)`` such an op leaves a job in ``jobs``; its backward (B) computes only the
+gradient of the activation it read and keeps its output's gradient in the job. ``run`` (W)
+finishes the jobs: each weight's gradient, handed on through the weight's own history (views of
+the parameter, a sum over the ranks that share it, zero's gather) into ``.grad``.
+
+Two kinds of job. A linear layer in any of its spellings (``linear``, ``mm``, ``matmul`` by a
+2-d weight, ``addmm``) has its gradients written out: B one matmul, W one (and a sum for a bias),
+no autograd graph of its own. Any other op (a convolution, an einsum) runs its forward on a small
+autograd graph with detached copies of its inputs as leaves, and B and W each take their part
+of that graph's backward.
 
 Between B and W a job keeps the op's activation input and its output's gradient, never its
-output (the job holds the output's gradient edge, not the tensor) nor the weight: the weight gradient of an op linear in its weight does not read the weight, so the
-saved weight is dropped after B (``torch.autograd.graph.saved_tensors_hooks`` hands backward a
-stand-in of the right shape that holds no memory). Outside ``collecting`` (inference, a
-program run without a schedule) ``later`` is the op itself.
+output (the general job holds the output's gradient edge, not the tensor) nor a weight of its
+own: the weight gradient of an op linear in its weight does not read the weight, so a weight the
+general job saved is dropped after B (``torch.autograd.graph.saved_tensors_hooks`` hands
+backward a stand-in of the right shape that holds no memory). Outside ``collecting`` (inference,
+a program run without a schedule) ``later`` is the op itself.
 
     >>> jobs = []
     >>> with collecting(jobs):

@@ -6,8 +6,9 @@ positions given by ``runs``: the common zigzag layout gives rank r the chunks r 
 2w, so under a causal mask every rank does the same work). In ``w`` steps every rank attends
 with its queries to every rank's keys: at step s to those of rank r-s, which then move on to
 rank r+1. The blocks of each step are combined by their log-sum-exp (the online softmax of
-flash attention), so the result is the single-device attention's. Backward goes around the ring
-again: each block is recomputed from q, k, v and the log-sum-exp, and the gradients of a
+flash attention), so the result is the single-device attention's. The next block's transfer
+begins before this one is computed and is waited for after (``Communicator.shift_start``), so
+keys and values travel while scores are computed. Backward goes around the ring again: each block is recomputed from q, k, v and the log-sum-exp, and the gradients of a
 key/value block travel with it, arriving home after the last step. Memory stays that of one
 rank's positions (no rank ever holds the whole sequence's keys), and pairs of position runs that
 a causal mask hides entirely are skipped.
@@ -94,6 +95,8 @@ class _Ring(torch.autograd.Function):
         kk, vv = k, v
         for step in range(w):
             src = (r - step) % w
+            # the next block is on its way while this one is computed
+            coming = _shift_start(comm, kk, vv) if step + 1 < w else None
             k_index = _global_index(pos[src], q.device)
             for rows, cols, causal in _pairs(pos[r], pos[src], is_causal):
                 s = _scores(q, kk, scale, rows, cols, causal, mask, q_index, k_index)
@@ -105,8 +108,8 @@ class _Ring(torch.autograd.Function):
                 take = torch.where(torch.isinf(new), 0.0, torch.exp(block_lse - new))
                 out[..., rows, :] = out[..., rows, :] * keep[..., None] + block * take[..., None]
                 lse[..., rows] = new
-            if step + 1 < w:
-                kk, vv = _shift(comm, kk, vv)
+            if coming is not None:
+                kk, vv = coming.wait()
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.comm, ctx.is_causal, ctx.scale, ctx.runs = comm, is_causal, scale, runs
@@ -128,6 +131,7 @@ class _Ring(torch.autograd.Function):
         safe_lse = torch.where(torch.isinf(lse), 0.0, lse)
         for step in range(w):
             src = (r - step) % w
+            coming = _shift_start(comm, kk, vv) if step + 1 < w else None
             k_index = _global_index(pos[src], q.device)
             for rows, cols, causal in _pairs(pos[r], pos[src], ctx.is_causal):
                 s = _scores(q, kk, scale, rows, cols, causal, mask, q_index, k_index)
@@ -138,23 +142,31 @@ class _Ring(torch.autograd.Function):
                 ds = p * (dp - delta[..., rows, None]) * scale
                 dq[..., rows, :] += torch.matmul(ds, kk[..., cols, :].float())
                 dk[..., cols, :] += torch.matmul(ds.transpose(-1, -2), q[..., rows, :].float())
-            if step + 1 < w:  # the block moves on with what it gathered of its gradients
-                kk, vv, dk, dv = _shift(comm, kk, vv, dk, dv)
-        if w > 1:  # home: the block held now belongs to the next rank
-            dk, dv = _shift(comm, dk, dv)
+            # the gradients gathered for the block follow it (its keys and values went ahead)
+            dk, dv = _shift_start(comm, dk, dv).wait()
+            if coming is not None:
+                kk, vv = coming.wait()
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 
-def _shift(comm, *tensors):
-    """Each tensor sent to the next rank of the ring, the previous rank's received (one message)."""
-    flat = torch.cat([t.reshape(-1).to(tensors[0].dtype) for t in tensors]) if len({t.dtype for t in tensors}) == 1 \
-        else None
-    if flat is None:  # mixed dtypes: one message each
-        return tuple(comm.shift(t) for t in tensors)
-    got = comm.shift(flat)
-    out, at = [], 0
-    for t in tensors:
-        n = math.prod(t.shape)
-        out.append(got[at:at + n].view(t.shape))
-        at += n
-    return tuple(out)
+class _Coming:
+    """Tensors on their way from the previous rank of the ring: ``wait()`` gives them."""
+
+    def __init__(self, pending, shapes):
+        self.pending, self.shapes = pending, shapes
+
+    def wait(self):
+        got = self.pending.wait()
+        out, at = [], 0
+        for shape in self.shapes:
+            n = math.prod(shape)
+            out.append(got[at:at + n].view(shape))
+            at += n
+        return tuple(out)
+
+
+def _shift_start(comm, *tensors) -> _Coming:
+    """The tensors (of one dtype) sent to the next rank of the ring in one message, begun now;
+    the previous rank's come with ``wait()``."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    return _Coming(comm.shift_start(flat), [t.shape for t in tensors])

@@ -112,6 +112,17 @@ class DistComm(Communicator):
         self._wait(work, "all_to_all (variable sizes)", t)
         return out
 
+    def _shift_start(self, flat, send, recv):
+        out = torch.empty_like(flat)
+        work = dist.all_to_all_single(out, flat, output_split_sizes=recv, input_split_sizes=send, group=self.group,
+                                      async_op=True)
+
+        def finish():
+            self._wait(work, "ring attention's shift", flat)
+            return out.view(-1)
+
+        return Pending(finish)
+
 
 class ThreadWorld:
     """Meeting point of the simulated ranks of one group."""

@@ -13,9 +13,13 @@ import torch.distributed as dist
 from ..errors import CollectiveError
 
 
+AHEAD = 2  # receives posted before they are needed, per peer: the data lands while this rank computes
+
+
 class DistP2P:
     """Receives are posted in the order each peer sends (``expect``): NCCL matches a pair's
-    messages by order, not by tag."""
+    messages by order, not by tag. The first ``AHEAD`` of a step are posted when the step begins
+    and each one taken posts the next, so a peer's send finds its receive waiting."""
 
     def __init__(self, timeout: datetime.timedelta, order_only: bool = False):
         self.timeout = timeout
@@ -31,6 +35,19 @@ class DistP2P:
         self.expected[src] = list(messages)
         self.posted.setdefault(src, {})
         self.device = device
+        self._post_ahead(src)
+
+    def _post_ahead(self, src: int) -> None:
+        posted, queue = self.posted[src], self.expected.get(src, [])
+        # gloo matches receives of one tag from one peer in no fixed order: with tags ignored (the
+        # test of NCCL's matching by order) nothing is posted before it is needed
+        ahead = 0 if self.order_only else AHEAD
+        while len(posted) < ahead and queue:
+            self._post(src, *queue.pop(0))
+
+    def _post(self, src: int, tag: int, shape, dtype) -> None:
+        buf = torch.empty(shape, dtype=dtype, device=self.device)
+        self.posted[src][tag] = (dist.irecv(buf, src, tag=0 if self.order_only else tag), buf)
 
     def send(self, t: torch.Tensor, dst: int, tag: int) -> None:
         t = t.detach().contiguous()
@@ -42,14 +59,13 @@ class DistP2P:
     def recv(self, shape, dtype, device, src: int, tag: int) -> torch.Tensor:
         posted = self.posted.setdefault(src, {})
         queue = self.expected.get(src, [])
+        self.device = self.device or device
         while tag not in posted and queue:  # post everything the peer sends before it
-            t, s, d = queue.pop(0)
-            buf = torch.empty(s, dtype=d, device=self.device or device)
-            posted[t] = (dist.irecv(buf, src, tag=0 if self.order_only else t), buf)
+            self._post(src, *queue.pop(0))
         if tag not in posted:
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            posted[tag] = (dist.irecv(buf, src, tag=0 if self.order_only else tag), buf)
+            self._post(src, tag, shape, dtype)
         work, buf = posted.pop(tag)
+        self._post_ahead(src)
         self._wait(work, f"receiving {tuple(shape)} {dtype} from rank {src}")
         return buf
 
