@@ -103,14 +103,17 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
         for name in s.nodes:
             node = nodes[name]
             info = node.meta.get(COMM)
+            seconds = _op_time(node, dev, num) if info is None or info.kind == "ring" else 0.0
             if info is not None:
                 f, b = links.collective(info, num)
+                if info.kind == "ring" and dev.overlap:  # each block's transfer runs beside the block before's compute
+                    f, b = max(0.0, f - seconds), max(0.0, b - 2 * seconds)
                 t[info.group] += f
                 t_b[info.group] += b
                 if node.meta.get(RECOMPUTE):
                     recompute += f
-                continue
-            seconds = _op_time(node, dev, num)
+                if info.kind != "ring":  # ring attention computes too
+                    continue
             t["compute"] += seconds
             if DEFERRED in node.meta:  # the weight gradient: a GEMM as large as the forward's
                 w += seconds
@@ -259,7 +262,8 @@ def _op_time(node, dev: DeviceProfile, num) -> float:
 def is_attention(node) -> bool:
     """A fused attention kernel (its FLOPs run at attention's efficiency, not a GEMM's)."""
     name = getattr(node.target, "__name__", str(node.target))
-    return "scaled_dot_product" in name or "flash_attention" in name or "flex_attention" in name
+    return ("scaled_dot_product" in name or "flash_attention" in name or "flex_attention" in name
+            or name == "ring_attention")
 
 
 def _replicas_of_work(node, mesh) -> int:
