@@ -106,8 +106,11 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
             seconds = _op_time(node, dev, num) if info is None or info.kind == "ring" else 0.0
             if info is not None:
                 f, b = links.collective(info, num)
-                if info.kind == "ring" and dev.overlap:  # each block's transfer runs beside the block before's compute
-                    f, b = max(0.0, f - seconds), max(0.0, b - 2 * seconds)
+                if info.kind == "ring" and dev.overlap:
+                    # w-1 transfers of keys and values, each beside one of the w blocks' compute
+                    # (twice as long in backward); the gradients' transfers wait for their block
+                    share = (links._world("cp") - 1) / links._world("cp")
+                    f, b = max(0.0, f - share * seconds), max(0.0, f - 2 * share * seconds) + max(0.0, b - f)
                 t[info.group] += f
                 t_b[info.group] += b
                 if node.meta.get(RECOMPUTE):

@@ -120,13 +120,9 @@ class Schedule:
 
     def weight_pending(self) -> list[int]:
         """Per stage, the most microbatches whose B ran and W has not: what W keeps (the inputs
-        of the layers whose weight gradients wait, and the gradients of their outputs)."""
+        of the layers whose weight gradients wait, and the gradients of their outputs). Only
+        meaningful where backward is split (``splits_backward``)."""
         return self._peak("B", "W")
-
-    def held(self) -> list[int]:
-        """Per stage, the most microbatches holding anything at once (forward ran, W has not; B
-        where nothing is split): an upper bound for planning before W's part is known."""
-        return self._peak("F", "W" if self.splits_backward else "B")
 
     def _peak(self, start: str, end: str) -> list[int]:
         peak = [0] * self.stages
@@ -207,9 +203,10 @@ class Schedule:
     def ideal_bubble(self) -> float:
         """The textbook bubble of a p-rank pipeline on m microbatches: (p-1)/(m+p-1), and about
         that divided by v with v stages per rank. With B and W apart and F = B = W (Qi et al.):
-        (p-1)/(3m+p-1) for ZB-H1 (a third of 1F1B's idle time), and for ZBV (p-1)/(6m+p-1),
-        the first microbatch's way down to the last rank through half-size stages, which no
-        schedule fills (the paper rounds it to zero)."""
+        (p-1)/(3m+p-1) for ZB-H1 (a third of 1F1B's idle time), and for ZBV (p-1)/(6m+p-1) once
+        m >= 2p-1 (a full V; fewer microbatches leave more), the first microbatch's way down to
+        the last rank through half-size stages, which no schedule fills (the paper rounds it to
+        zero)."""
         p, m = self.ranks, self.microbatches
         if self.name in _FORMULA:
             return (p - 1) / (_FORMULA[self.name][0] * m + p - 1)
@@ -378,9 +375,6 @@ def make(name: str, p: int, m: int, v: int = 1) -> Schedule:
     if v != 1:
         raise ScheduleError(f"{name} runs one stage per rank; use schedule='interleaved' for v={v}")
     return SCHEDULES[name](p, m)
-
-
-STAGES_PER_RANK = {"zbv": 2}  # schedules whose stages per rank are fixed
 
 
 # communication ---------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from torch.fx import GraphModule, Node
 from fxpar.codegen import rank_graph
 from fxpar.errors import PlanError, describe_node
 from fxpar.fake_values import propagate
-from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, RING, RNG, CommInfo
+from fxpar.metadata import COMM, INPUTS, LOCAL, PLACEMENT, REQUIRES_GRAD, RING, RNG, CommInfo
 from fxpar.ops.ring import ring_attention
 from fxpar.placement import REPLICATE, Shard
 from fxpar.plan_context import PlanContext
@@ -224,7 +224,8 @@ def _ulysses(node: Node, rc: _Split):
 def _ring(node: Node, rc: _Split):
     """``(sharding, None)`` of attention on q, k, v split alike along their positions, as ring
     attention: each keeps its split, the output has the queries'; a mask is read whole. None
-    with dropout, or where the splits differ."""
+    with dropout, where the splits differ, or with a mask that is broadcast along the positions
+    or learned (its gradient is not computed)."""
     if node.target is not aten.scaled_dot_product_attention.default:
         return None
     q, k, v = node.args[:3]
@@ -233,8 +234,12 @@ def _ring(node: Node, rc: _Split):
     splits = [rc.placement(t) for t in (q, k, v)]
     if not all(isinstance(p, Shard) and p.dim == nd - 2 for p in splits) or len({p.runs for p in splits}) != 1:
         return None
-    if arg(node, 4, "dropout_p", 0.0) or (isinstance(mask, Node) and ndim(mask) < 2):
+    if arg(node, 4, "dropout_p", 0.0):
         return None
+    if isinstance(mask, Node):  # read whole, rows and columns picked per block: a full (.., Tq, Tk) mask, no gradient
+        rows_cols = [static(d) for d in shape(mask)[-2:]] if ndim(mask) >= 2 else []
+        if rows_cols != [splits[0].size, splits[1].size] or mask.meta.get(REQUIRES_GRAD):
+            return None
     inputs = {q: splits[0], k: splits[1], v: splits[2]}
     if isinstance(mask, Node):
         inputs[mask] = REPLICATE

@@ -20,7 +20,7 @@ would become one per op); small weight gradients (norms, biases of other ops) co
 move. A plan where no op is left to defer is an error that says why.
 
 W keeps, per microbatch, the storage of each chosen op's activation input and its output's
-gradient (the size of its output); nothing else of the microbatch outlives B.
+gradient (the size of its output); what else autograd kept of the microbatch is freed by B.
 
 Which ops qualify is ``fxpar.weight_grads.deferrable``; ``fxpar.weight_grads.defer_weight_grads``
 applies the marks to a rank's program, each marked op called through ``fxpar.ops.deferred.later``.
@@ -42,7 +42,6 @@ def split_backward(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     spec = ctx.pipeline
     schedule = sched.make(ctx.options.schedule, ctx.mesh.pp, ctx.options.microbatches, ctx.options.virtual)
     pending = schedule.weight_pending()
-    in_flight = schedule.in_flight()
     by_name = {n.name: n for n in gm.graph.nodes}
     through = gathers_kept(ctx)
     total = 0
@@ -55,7 +54,6 @@ def split_backward(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             else:
                 node.meta[DEFERRED] = weights
                 total += 1
-        s.memory.in_flight = in_flight[s.index]
         s.memory.deferred = deferred_bytes(nodes, by_name, marked=True)
         s.memory.deferred_in_flight = pending[s.index] if s.memory.deferred else 0
     if not total:

@@ -18,7 +18,8 @@ from tests.test_pipeline_simulated import check_pipeline
 from tests.zoo import assert_close, loss_with_target, pipeline_case
 
 
-def test_weight_gradients_wait_for_w_and_the_output_is_not_kept():
+@pytest.mark.parametrize("last", ["mm", "einsum"])  # gradients written out; a job with an autograd graph of its own
+def test_weight_gradients_wait_for_w_and_the_output_is_not_kept(last):
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, requires_grad=True)
     w = torch.randn(16, 8, requires_grad=True)
@@ -27,10 +28,14 @@ def test_weight_gradients_wait_for_w_and_the_output_is_not_kept():
     jobs = []
     with deferred.collecting(jobs):
         y = deferred.later(torch.ops.aten.linear.default, (1, 2), x, w, b)
-        out = deferred.later(torch.ops.aten.mm.default, (0,), w2.t(), y.view(8, 16).t())  # the weight on the left
-    seen = weakref.ref(y)
+        if last == "mm":  # the weight on the left
+            out = deferred.later(torch.ops.aten.mm.default, (0,), w2.t(), y.view(8, 16).t())
+        else:
+            out = deferred.later(torch.ops.aten.einsum.default, (2,), "tc,oc->to", [y.view(8, 16), w2])
+    assert not out._is_view()
+    seen = weakref.ref(out)
     out.pow(2).sum().backward()
-    del y, out
+    del out
     gc.collect()
     assert seen() is None  # a job keeps its output's gradient, not the output
     assert x.grad is not None and w.grad is None and b.grad is None and w2.grad is None
@@ -38,7 +43,8 @@ def test_weight_gradients_wait_for_w_and_the_output_is_not_kept():
     deferred.run(jobs)
     assert not jobs
     ref = [t.detach().clone().requires_grad_() for t in (x, w, b, w2)]
-    torch.mm(ref[3].t(), torch.nn.functional.linear(ref[0], ref[1], ref[2]).view(8, 16).t()).pow(2).sum().backward()
+    y_ref = torch.nn.functional.linear(ref[0], ref[1], ref[2]).view(8, 16)
+    (torch.mm(ref[3].t(), y_ref.t()) if last == "mm" else y_ref @ ref[3].t()).pow(2).sum().backward()
     for got, r, name in zip((x, w, b, w2), ref, ("x", "w", "b", "w2")):
         assert_close(got.grad, r.grad, name)
 
@@ -50,6 +56,8 @@ OPS = {  # op, its arguments (x an activation, the rest weights), the flat posit
     "matmul": (aten.matmul.default, lambda x, w, b: (x, w.t()), (1,)),
     "mm": (aten.mm.default, lambda x, w, b: (x.reshape(-1, 8), w.t()), (1,)),
     "addmm (Conv1D)": (aten.addmm.default, lambda x, w, b: (b, x.reshape(-1, 8), w.t()), (0, 2)),
+    "addmm, a bias of one element": (aten.addmm.default, lambda x, w, b: (b[:1], x.reshape(-1, 8), w.t()), (0, 2)),
+    "linear of an input that needs no gradient": (aten.linear.default, lambda x, w, b: (x.detach(), w, b), (1, 2)),
     "einsum (autograd of its own)": (aten.einsum.default, lambda x, w, b: ("btc,oc->bto", [x, w]), (2,)),
     "conv1d (autograd of its own)": (aten.conv1d.default, lambda x, w, b: (x.transpose(1, 2), w[:, :, None], b),
                                      (1, 2)),

@@ -116,14 +116,10 @@ class Communicator:
         self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
         return self._all_to_all_v(t.contiguous(), list(send), list(recv))
 
-    def shift(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` sent to the next rank (``rank + 1``, around the ring); returns what the previous
-        rank sent (of the same shape): one step of ring attention."""
-        return self.shift_start(t).wait().view(t.shape)
-
     def shift_start(self, t: torch.Tensor) -> "Pending":
-        """``shift`` begun now, finished by the returned handle's ``wait()``. Here it is done at
-        once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
+        """``t`` sent to the next rank (``rank + 1``, around the ring), begun now; the returned
+        handle's ``wait()`` gives what the previous rank sent, flat: one step of ring attention.
+        Here it is done at once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
         if self.world == 1:
             return Pending(lambda: t)
         self.calls["ring"] += 1

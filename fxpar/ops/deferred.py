@@ -13,12 +13,11 @@ no autograd graph of its own. Any other op (a convolution, an einsum) runs its f
 autograd graph with detached copies of its inputs as leaves, and B and W each take their part
 of that graph's backward.
 
-Between B and W a job keeps the op's activation input and its output's gradient, never its
-output (the general job holds the output's gradient edge, not the tensor) nor a weight of its
-own: the weight gradient of an op linear in its weight does not read the weight, so a weight the
-general job saved is dropped after B (``torch.autograd.graph.saved_tensors_hooks`` hands
-backward a stand-in of the right shape that holds no memory). Outside ``collecting`` (inference,
-a program run without a schedule) ``later`` is the op itself.
+Between B and W a job keeps the op's activation input and its output's gradient (the general
+job also the tensors its op's own backward saved, as autograd would until B), never its output
+(the general job holds the output's gradient edge, not the tensor). The weights it refers to are
+the parameters' own views, or copies kept between steps anyway. Outside ``collecting``
+(inference, a program run without a schedule) ``later`` is the op itself.
 
     >>> jobs = []
     >>> with collecting(jobs):
@@ -89,7 +88,6 @@ def run(jobs: list) -> None:
                 w.grad.add_(g)
         else:
             through.append((w, g))
-    pairs.clear()
     if through:
         torch.autograd.backward([w for w, _ in through], [g for _, g in through])
 
@@ -163,9 +161,8 @@ class _Product:
         else:
             g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
             out = [(self.w, torch.mm(x2.t(), g2))]
-        if self.b is not None:
-            gb = g.reshape(-1, g.shape[-1]).sum(0)
-            out.append((self.b, gb.reshape(self.b.shape) if self.b.dim() else gb.sum()))
+        if self.b is not None:  # broadcast over the rows (and columns, for a bias of one element)
+            out.append((self.b, g.sum_to_size(self.b.shape)))
         return out
 
 
@@ -189,7 +186,6 @@ class _Job:
         self.weights, self.acts = weights, acts
         self.outer = [flat[i] for i in weights]  # views of parameters (or kept copies): nothing to keep
         self.grad_out = None
-        self.released = False
 
     def forward(self, acts):
         flat = list(self.flat)
@@ -201,10 +197,9 @@ class _Job:
         for i in self.weights:
             flat[i] = flat[i].detach().requires_grad_()
             self.weight_leaves.append(flat[i])
-        self.ptrs = {w.untyped_storage().data_ptr() for w in self.weight_leaves if w.numel()}
         self.flat = None  # the weights are referenced by ``outer``, the activations by the graph
         args, kwargs = pytree.tree_unflatten(flat, self.spec)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+        with torch.enable_grad():
             out = self.op(*args, **kwargs)
         # the edge, not the tensor: the output's memory goes when the rest of the stage is done with it
         self.out = get_gradient_edge(out)
@@ -214,20 +209,11 @@ class _Job:
         """The tensors held until W (the weights are the parameters' own)."""
         return [t for t in (*(self.leaves or ()), self.grad_out) if t is not None]
 
-    def _pack(self, t):
-        if t.numel() and t.untyped_storage().data_ptr() in self.ptrs:
-            return _Weight(self, t)
-        return t
-
-    def _unpack(self, packed):
-        return packed.get() if isinstance(packed, _Weight) else packed
-
     def input_grads(self, grad_out):
         """B: the gradients of the activations; the output's gradient kept for ``finish``."""
         want = [a for a in self.leaves if a.requires_grad]
         got = iter(torch.autograd.grad(self.out, want, grad_out, retain_graph=True, allow_unused=True) if want else ())
         self.grad_out = grad_out
-        self.released = True  # the weight's saved copy is not read again
         return [next(got) if a.requires_grad else None for a in self.leaves]
 
     def finish(self) -> list:
@@ -238,23 +224,6 @@ class _Job:
             pairs = [(w, g) for w, g in zip(self.outer, grads) if g is not None]
         self.out = self.leaves = self.weight_leaves = self.outer = self.grad_out = None
         return pairs
-
-
-class _Weight:
-    """A saved weight: itself until B, then a stand-in that holds no memory (a weight gradient
-    of an op linear in the weight never reads it)."""
-
-    def __init__(self, job: _Job, t: torch.Tensor):
-        self.job = job
-        self.tensor = t
-
-    def get(self):
-        if not self.job.released:
-            return self.tensor
-        t, self.tensor = self.tensor, None
-        if t is None:
-            raise RuntimeError("a deferred weight was read after its input-gradient backward")
-        return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
 
 
 class _Later(torch.autograd.Function):

@@ -9,9 +9,11 @@ rank r+1. The blocks of each step are combined by their log-sum-exp (the online 
 flash attention), so the result is the single-device attention's. The next block's transfer
 begins before this one is computed and is waited for after (``Communicator.shift_start``), so
 keys and values travel while scores are computed. Backward goes around the ring again: each block is recomputed from q, k, v and the log-sum-exp, and the gradients of a
-key/value block travel with it, arriving home after the last step. Memory stays that of one
-rank's positions (no rank ever holds the whole sequence's keys), and pairs of position runs that
-a causal mask hides entirely are skipped.
+key/value block travel with it, arriving home after the last step. No rank holds the whole
+sequence's keys (the activations kept are its own positions' q, k, v and output; a mask, when
+there is one, is read whole), and pairs of position runs that a causal mask hides entirely are
+skipped. Grouped-query keys and values are repeated to the query heads before the ring (what
+travels and is kept is the repeated size).
 
 A mask (``attn_mask``, boolean or additive) is read whole, its rows and columns picked for each
 block; ``is_causal`` masks by the global positions, not the local ones.

@@ -6,8 +6,9 @@ microbatch, plus once per deferred W). The first step learns those counts and re
 as before. From the second on, a post-accumulate hook marks each gradient final as it happens;
 final gradients fill buckets in the order they finish (the same order on every replica: they
 run the same program), and each full bucket's all-reduce begins at once, in the background,
-while backward goes on with the layers before. After the schedule, ``finish`` waits for them
-and writes the averages back, and reduces at once what was not final yet (the last bucket). A
+while backward goes on with the layers before. After the schedule, ``finish`` begins the last,
+partly filled bucket, waits for them all and writes the averages back; gradients that never
+became final (a weight this step did not reach) are left to the reduction at the step's end. A
 step whose counts differ from the learned ones (it cannot, for one program; a guard against a
 wrong answer) is an error.
 
@@ -29,8 +30,8 @@ class ReduceWhileBackward:
     """The all-reduce over ``comm`` (the data-parallel replicas) of the gradients of ``params``
     (name -> Parameter), begun bucket by bucket as their last accumulation happens."""
 
-    def __init__(self, params: dict, comm, device):
-        self.params, self.comm, self.device = params, comm, device
+    def __init__(self, params: dict, comm):
+        self.params, self.comm = params, comm
         self.expected: dict | None = None  # accumulations per step, learned in the first
         self.counts: dict = {}
         self.active = False
@@ -39,12 +40,14 @@ class ReduceWhileBackward:
         self._open_bytes = 0
         self._pending: list = []  # (handle, bucket, begun)
         self.cap = buckets.BUCKET_BYTES
-        self._hooks = [p.register_post_accumulate_grad_hook(self._accumulated) for p in params.values()]
+        for p in params.values():  # every program of the module hooks them; only the running one counts
+            p.register_post_accumulate_grad_hook(self._accumulated)
 
     def begin_step(self) -> None:
         self.counts = {id(p): 0 for p in self.params.values()}
         self.active = True
         self.events = []
+        self._open, self._open_bytes, self._pending = [], 0, []  # nothing left of a step that failed
 
     def _accumulated(self, p) -> None:
         if not self.active or id(p) not in self.counts:
@@ -65,8 +68,9 @@ class ReduceWhileBackward:
 
     def _begin(self) -> None:
         bucket, self._open, self._open_bytes = self._open, [], 0
+        begun = time.perf_counter()
         flat = torch._utils._flatten_dense_tensors([p.grad for p in bucket])
-        self._pending.append((self.comm.all_reduce_start(flat), bucket, time.perf_counter()))
+        self._pending.append((self.comm.all_reduce_start(flat), bucket, begun))
 
     def finish(self) -> set:
         """Wait for what began, average, and return the names of the parameters reduced here;
@@ -91,7 +95,3 @@ class ReduceWhileBackward:
                              f"times this step and {self.expected[id(self.params[wrong[0]])]} times the step before: "
                              "their all-reduce began before they were final. Use overlap=False for this model")
         return {n for n, p in self.params.items() if id(p) in done}
-
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()

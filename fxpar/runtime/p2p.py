@@ -13,13 +13,15 @@ import torch.distributed as dist
 from ..errors import CollectiveError
 
 
-AHEAD = 2  # receives posted before they are needed, per peer: the data lands while this rank computes
+AHEAD = 2  # receives posted before they are needed, per peer (gloo): the data lands while this rank computes
 
 
 class DistP2P:
     """Receives are posted in the order each peer sends (``expect``): NCCL matches a pair's
-    messages by order, not by tag. The first ``AHEAD`` of a step are posted when the step begins
-    and each one taken posts the next, so a peer's send finds its receive waiting."""
+    messages by order, not by tag. On gloo (CPU tensors) the first ``AHEAD`` of a step are posted
+    when the step begins and each one taken posts the next, so a peer's send finds its receive
+    waiting. Not on NCCL: a pair's sends and receives share one stream there, and a receive posted
+    early would hold back this rank's own send that the peer waits for."""
 
     def __init__(self, timeout: datetime.timedelta, order_only: bool = False):
         self.timeout = timeout
@@ -41,7 +43,7 @@ class DistP2P:
         posted, queue = self.posted[src], self.expected.get(src, [])
         # gloo matches receives of one tag from one peer in no fixed order: with tags ignored (the
         # test of NCCL's matching by order) nothing is posted before it is needed
-        ahead = 0 if self.order_only else AHEAD
+        ahead = AHEAD if not self.order_only and self.device is not None and self.device.type == "cpu" else 0
         while len(posted) < ahead and queue:
             self._post(src, *queue.pop(0))
 

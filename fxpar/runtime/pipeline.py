@@ -25,6 +25,7 @@ from ..ops.context import current
 from ..ops.params import one_step
 from ..ops import deferred
 from .buckets import buckets
+from .overlap import ReduceWhileBackward
 from .zero import finish as finish_rows
 
 
@@ -288,11 +289,9 @@ class PipelineRunner:
         if not self.overlap or dp is None or dp.world == 1 or ("ep" in ctx.comms and ctx.comms["ep"].world > 1):
             return None
         if self._reducer is None:
-            from .overlap import ReduceWhileBackward
-
             dense = {n: p for n, p in sorted(params.items())
                      if n not in self.split and n not in self.spec.tied and p.device == self.device}
-            self._reducer = ReduceWhileBackward(dense, dp, self.device)
+            self._reducer = ReduceWhileBackward(dense, dp)
         return self._reducer
 
     def _sync_data_parallel(self, params: dict, reduced: set = frozenset()) -> None:
