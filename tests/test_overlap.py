@@ -6,7 +6,6 @@ import copy
 import json
 import os
 
-import torch
 import torch.distributed as dist
 
 import fxpar
@@ -54,4 +53,4 @@ def _compare(tmp):
 
 def test_all_reduces_begin_during_backward(pools, tmp_path):
     counts = pools(2).run(_overlapped, str(tmp_path))
-    assert len(set(counts)) == 1
+    assert len(set(counts)) == 1 and counts[0] >= 2  # the same buckets on both replicas, several of them
