@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 
 from fxpar.passes.annotate_tensors import annotate_tensors
 from fxpar.passes.assign_rng import assign_rng
+from fxpar.passes.collective_matmuls import collective_matmuls
 from fxpar.passes.context_parallel import cp_context, cp_rank_program, split_sequence
 from fxpar.passes.cut_stages import cut_stages
 from fxpar.passes.estimate_memory import estimate_memory
@@ -77,6 +78,12 @@ def gathers_recomputed(ctx: PlanContext) -> bool:
     return ctx.options.recompute_gathers and ctx.world > 1
 
 
+def matmuls_overlapped(ctx: PlanContext) -> bool:
+    """Whether tp's collectives are fused with their matmuls to overlap them (not under a
+    zero-bubble schedule, whose W takes the weight gradients of plain linears)."""
+    return ctx.options.overlap and ctx.world > 1 and not backward_split(ctx)
+
+
 @dataclass(frozen=True)
 class Step:
     """One entry of the pipeline: ``run`` (a pass, or ``steps`` run in the context ``context``
@@ -110,6 +117,7 @@ PIPELINE: list[Step] = [
     Step(sequence_parallel, sp),  # analysis: the activations between TP blocks split by sequence
     Step(insert_collectives),  # rewrite: explicit collectives wherever a placement changes, f/g conjugates
     Step(recompute_gathers, gathers_recomputed),  # rewrite: column-parallel inputs kept as shards for backward
+    Step(collective_matmuls, matmuls_overlapped),  # rewrite: sp's gathers and reduce-scatters fused with their linears
     Step(assign_rng),  # rewrite: dropout draws from a replicated or a per-rank random stream
     Step(localize_shapes),  # analysis: per-rank sizes for views, splits, slices, means and embeddings
     Step(plan_weights, held_apart),  # analysis: weights split into rows over dp (zero), fp32 masters (precision)

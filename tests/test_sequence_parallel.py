@@ -63,8 +63,11 @@ def test_the_stream_is_split_along_the_sequence():
     norms = [n for n in nodes.values() if n.target is torch.ops.aten.rsqrt.default]
     assert norms and all(n.meta[PLACEMENT] == Shard.even(1, 16, 2) for n in norms)
     assert len(plan.ctx.sequence_split) > 20
-    # the code a rank runs holds 8 of the 16 positions in its norms
-    assert "reduce_scatter" in plan.rank_code(0) and "gather_to_tp" in plan.rank_code(0)
+    # the code a rank runs holds 8 of the 16 positions in its norms; the collectives are fused
+    # with the linears beside them (overlap=True), or stand alone
+    assert "linear_reduce_scatter(" in plan.rank_code(0) and "gathered_linears(" in plan.rank_code(0)
+    alone = fxpar.compile(model, fxpar.Mesh(tp=2), args, sequence_parallel=True, overlap=False).rank_code(0)
+    assert "fxpar.reduce_scatter(" in alone and "gather_to_tp(" in alone and "gathered_linears(" not in alone
 
 
 @pytest.mark.parametrize("name", ["gpt", "llama"])

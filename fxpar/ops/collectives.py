@@ -8,7 +8,6 @@ function            forward                       backward
 ``copy_to_tp``      identity                      all-reduce (Megatron's ``f``)
 ``all_gather``      S -> R                        keep own slice
 ``gather_to_tp``    S -> R                        reduce-scatter (Megatron's SP gather)
-``gathered_linears`` S -> linear(R, W_i) for all i  gather again, reduce-scatter
 ``shard``           R -> S: keep own slice        all-gather (sum over owners if shared)
 ``reduce_scatter``  P -> S                        all-gather (sum over owners if shared)
 ``redistribute``    S -> S' (other layout; an      S' -> S
@@ -180,28 +179,6 @@ def _rank_order(layout: Shard):
     return np.concatenate([layout.indices(r) for r in range(layout.world)])
 
 
-class _GatheredLinears(torch.autograd.Function):
-    """``linear(gather(x), W_i, b_i)`` for every i, keeping only the shard ``x`` for backward."""
-
-    @staticmethod
-    def forward(ctx, x, layout, comm, n, *wb):
-        ws, bs = wb[:n], wb[n:]
-        full = _gather(x, layout, comm)
-        ctx.layout, ctx.comm, ctx.n, ctx.has_bias = layout, comm, n, [b is not None for b in bs]
-        ctx.save_for_backward(x, *ws)
-        return tuple(torch.nn.functional.linear(full, w, b) for w, b in zip(ws, bs))
-
-    @staticmethod
-    def backward(ctx, *gs):
-        x, *ws = ctx.saved_tensors
-        full = _gather(x, ctx.layout, ctx.comm)  # again: it was not kept
-        flat = full.reshape(-1, full.shape[-1])
-        gx = sum(g @ w for g, w in zip(gs, ws))
-        gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]
-        gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
-        return (_reduce_scatter(gx.contiguous(), ctx.layout, ctx.comm), None, None, None, *gws, *gbs)
-
-
 class _Shard(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layout, comm):
@@ -322,19 +299,6 @@ def gather_to_tp(x: torch.Tensor, dim: int, size: int, runs=None, *, group: str 
     parallelism. Needs a layout in which every element has one owner."""
     comm = current().comm(group)
     return _GatherToTP.apply(x, _layout(dim, size, runs, comm.world), comm)
-
-
-@op(
-    "gathered_linears(Tensor x, int dim, SymInt size, str? runs, Tensor[] weights, Tensor?[] biases, "
-    "*, str group='tp') -> Tensor[]"
-)
-def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, *, group: str = "tp"):
-    """``linear(gather_to_tp(x), w, b)`` for each weight and bias, as a tuple, keeping only this
-    rank's shard of the input for backward and gathering it again there (Megatron's
-    sequence-parallel linear): the activation memory of the gathered input divided by tp, for
-    one more all-gather in backward."""
-    comm = current().comm(group)
-    return _GatheredLinears.apply(x, _layout(dim, size, runs, comm.world), comm, len(weights), *weights, *biases)
 
 
 @op("shard(Tensor x, int dim, SymInt size, str? runs=None, *, str group='tp') -> Tensor")

@@ -1,0 +1,193 @@
+"""Collective matmuls: a sequence-parallel gather or reduce-scatter fused with the linears beside
+it, so that the transfer runs while the rank computes the part that does not wait for it (the
+async tensor parallelism of Megatron and of ``torch.distributed``'s fused all-gather matmul and
+matmul reduce-scatter).
+
+==========================  ==============================================  ===============================================
+op                          forward                                         backward
+==========================  ==============================================  ===============================================
+``gathered_linears``        all-gather of the token shard begun; the        input re-gathered (if not kept) while the input
+                            linears of this rank's own tokens run; then     gradient is computed; its reduce-scatter begun;
+                            the other ranks' tokens                         the weight gradients computed meanwhile
+``linear_reduce_scatter``   the other ranks' token rows first, their        gradient all-gather begun; this rank's rows'
+                            partial sums sent (an all-to-all) while this    input and weight gradients computed meanwhile;
+                            rank's own rows are computed                    then the other ranks' rows
+==========================  ==============================================  ===============================================
+
+Both compute the function of the unfused ops (``gather_to_tp`` then ``linear``; ``linear`` then
+``reduce_scatter``) from the same bytes on the wire: the all-to-all of a reduce-scatter's
+partial sums sends each rank its chunk, ``(t-1)/t`` of the tensor, as the ring reduce-scatter
+does. What is hidden is the own part's compute, ``1/t`` of the matmul: at t=2 half the matmul
+against the whole transfer. Each rank must hold the same number of tokens (every even split and
+the zigzag layouts do); ``passes/collective_matmuls.py`` fuses only those. Under ``torch.compile``
+they run the unfused collectives, for Dynamo to trace.
+
+    >>> q, k, v = gathered_linears(x, 1, 4096, None, [wq, wk, wv], [None, None, None], True, group="tp")
+    >>> out = linear_reduce_scatter(h, wo, None, 1, 4096, None, group="tp")
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .collectives import _assemble, _full_shape, _layout, _rank_order, _reduce_scatter, _take
+from .context import current
+from .library import op
+
+
+def _by_rank(own, others, rank: int, world: int) -> list:
+    """Every rank's part, in rank order, from this rank's own and the others' (in rank order)."""
+    it = iter(others)
+    return [own if r == rank else next(it) for r in range(world)]
+
+
+def _gather_started(x, comm):
+    """The all-gather of ``x`` begun; ``wait()`` gives every rank's part in rank order."""
+    return comm.all_gather_start(x.contiguous())
+
+
+def _sync(comm) -> bool:
+    # Dynamo traces the plain collectives; a handle held across Python code is not traceable
+    return comm.world == 1 or torch.compiler.is_compiling()
+
+
+class _GatheredLinears(torch.autograd.Function):
+    """``linear(gather(x), W_i, b_i)`` for every i, this rank's tokens computed while the others'
+    arrive. ``keep``: autograd keeps the gathered input (as the unfused ops do) or only the shard
+    ``x``, gathered again in backward (Megatron's sequence-parallel linear)."""
+
+    @staticmethod
+    def forward(ctx, x, layout, comm, keep, n, *wb):
+        ws, bs = wb[:n], wb[n:]
+        shape = _full_shape(x, layout.dim, layout.size)
+        if _sync(comm):
+            parts = comm.all_gather(x.contiguous())
+            full = _assemble(parts, layout, shape)
+            outs = tuple(F.linear(full, w, b) for w, b in zip(ws, bs))
+        else:
+            pending = _gather_started(x, comm)
+            own = [F.linear(x, w, b) for w, b in zip(ws, bs)]  # overlaps the gather
+            parts = pending.wait()
+            others = [p for r, p in enumerate(parts) if r != comm.rank]
+            outs = tuple(
+                _assemble(_by_rank(o, [F.linear(p, w, b) for p in others], comm.rank, comm.world), layout,
+                          _full_shape(o, layout.dim, layout.size))
+                for o, w, b in zip(own, ws, bs)
+            )
+            full = _assemble(parts, layout, shape) if keep else None
+        ctx.layout, ctx.comm, ctx.n, ctx.keep = layout, comm, n, keep
+        ctx.has_bias = [b is not None for b in bs]
+        ctx.save_for_backward(full if keep else x, *ws)
+        return outs
+
+    @staticmethod
+    def backward(ctx, *gs):
+        held, *ws = ctx.saved_tensors
+        layout, comm = ctx.layout, ctx.comm
+        pending = None if ctx.keep or _sync(comm) else _gather_started(held, comm)
+        gx = sum(g @ w for g, w in zip(gs, ws))  # overlaps the gather
+        if ctx.keep:
+            full = held
+        elif pending is None:
+            full = _assemble(comm.all_gather(held.contiguous()), layout, _full_shape(held, layout.dim, layout.size))
+        else:
+            full = _assemble(pending.wait(), layout, _full_shape(held, layout.dim, layout.size))
+        scatter = None if _sync(comm) else _reduce_scatter_start(gx.contiguous(), layout, comm)
+        flat = full.reshape(-1, full.shape[-1])
+        gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]  # overlaps the reduce-scatter
+        gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
+        gx = _reduce_scatter(gx.contiguous(), layout, comm) if scatter is None else scatter.wait()
+        return (gx, None, None, None, None, *gws, *gbs)
+
+
+def _reduce_scatter_start(x, layout, comm):
+    """``collectives._reduce_scatter`` begun; ``wait()`` gives this rank's part."""
+    if layout.is_even:
+        return comm.reduce_scatter_start(x, layout.dim)
+    # every rank's elements, rank after rank: an even reduce-scatter of that permutation
+    order = torch.as_tensor(_rank_order(layout), device=x.device)
+    return comm.reduce_scatter_start(x.index_select(layout.dim, order).contiguous(), layout.dim)
+
+
+@op(
+    "gathered_linears(Tensor x, int dim, SymInt size, str? runs, Tensor[] weights, Tensor?[] biases, "
+    "bool keep_gathered=False, *, str group='tp') -> Tensor[]"
+)
+def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, keep_gathered: bool = False, *,
+                     group: str = "tp"):
+    """``linear(gather_to_tp(x), w, b)`` for each weight and bias, as a tuple; this rank's own
+    tokens are computed while the other ranks' travel. ``keep_gathered=False`` keeps only this
+    rank's shard of the input for backward and gathers it again there (Megatron's
+    sequence-parallel linear, ``recompute_gathers``): the activation memory of the gathered
+    input divided by tp, for one more all-gather in backward, which overlaps the input
+    gradient's matmul."""
+    comm = current().comm(group)
+    layout = _layout(dim, size, runs, comm.world)
+    return _GatheredLinears.apply(x, layout, comm, keep_gathered, len(weights), *weights, *biases)
+
+
+class _LinearReduceScatter(torch.autograd.Function):
+    """``reduce_scatter(linear(x, w) + to_partial(b))``, the other ranks' rows computed and sent
+    first, this rank's own rows while they travel."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, layout, comm):
+        ctx.layout, ctx.comm, ctx.has_bias = layout, comm, b is not None
+        ctx.save_for_backward(x, w)
+        me = comm.rank
+        if _sync(comm):
+            partial = F.linear(x, w)
+            out = _reduce_scatter(partial.contiguous(), layout, comm)
+        else:
+            first = F.linear(_take(x, layout, (me + 1) % comm.world), w)
+            chunks = first.new_empty((comm.world, *first.shape))
+            chunks[(me + 1) % comm.world] = first
+            for r in range(comm.world):
+                if r not in (me, (me + 1) % comm.world):
+                    torch.matmul(_take(x, layout, r), w.t(), out=chunks[r])
+            pending = comm.all_to_all_start(chunks, "reduce_scatter")  # this rank's slot is not sent
+            out = F.linear(_take(x, layout, me), w)  # overlaps the all-to-all
+            got = pending.wait()
+            for r in range(comm.world):
+                if r != me:
+                    out = out + got[r]
+        return out + b if b is not None else out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        layout, comm, me = ctx.layout, ctx.comm, ctx.comm.rank
+        g = g.contiguous()
+        if _sync(comm):
+            parts = comm.all_gather(g)
+        else:
+            pending = _gather_started(g, comm)
+            own_x = _take(x, layout, me)
+            gx_own = g @ w  # overlaps the gather
+            gw = g.reshape(-1, g.shape[-1]).t() @ own_x.reshape(-1, own_x.shape[-1])
+            parts = pending.wait()
+        gxs, gw_total = [], None
+        for r, p in enumerate(parts):
+            if r == me and not _sync(comm):
+                gxs.append(gx_own)
+                part_gw = gw
+            else:
+                xr = _take(x, layout, r)
+                gxs.append(p @ w)
+                part_gw = p.reshape(-1, p.shape[-1]).t() @ xr.reshape(-1, xr.shape[-1])
+            gw_total = part_gw if gw_total is None else gw_total + part_gw
+        gx = _assemble(gxs, layout, _full_shape(gxs[0], layout.dim, layout.size))
+        gb = sum(p.reshape(-1, p.shape[-1]).sum(0) for p in parts) if ctx.has_bias else None
+        return gx, gw_total, gb, None, None
+
+
+@op("linear_reduce_scatter(Tensor x, Tensor weight, Tensor? bias, int dim, SymInt size, str? runs=None, "
+    "*, str group='tp') -> Tensor")
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, dim: int, size: int, runs=None, *,
+                          group: str = "tp") -> torch.Tensor:
+    """This rank's shard (along ``dim``) of ``linear(x, weight)`` summed over the ranks, plus
+    ``bias`` (replicated, added once): a row-parallel linear followed by sequence parallelism's
+    reduce-scatter, its own rows computed while the other ranks' partial sums travel."""
+    comm = current().comm(group)
+    return _LinearReduceScatter.apply(x, weight, bias, _layout(dim, size, runs, comm.world), comm)
