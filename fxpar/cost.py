@@ -13,8 +13,12 @@ measurement and nothing fitted to a model:
   with a ring), an alpha-beta model per link: steps x latency + bytes / bandwidth (the steps of a
   ring or of a tree, whichever are fewer, as NCCL chooses), where a mesh
   dimension whose groups fit in one node (``gpus_per_node``) runs over NVLink and one that spans
-  nodes over the network. fxpar's collectives run in line with the computation, so they are
-  counted as exposed; zero 3's weight gathers are prefetched and hide behind a stage's compute.
+  nodes over the network. On a device whose collectives run beside its compute (``overlap``), a
+  collective is exposed by what the work around it cannot hide: a collective begun early hides
+  behind the ops up to its wait (forward, and twice that in backward), a collective matmul behind
+  this rank's own part of its matmuls (``fxpar/ops/collective_matmul.py``), ring attention's
+  transfers behind its blocks; zero 3's weight gathers are prefetched and hide behind a stage's
+  compute. Every other collective is exposed whole.
   Data-parallel gradient reduction (an all-reduce, or a reduce-scatter and an all-gather under
   zero) follows the last backward; pipeline sends and receives add to the stage that waits.
 * **bubble**: the schedule itself (``fxpar/schedule.py``) run with each stage's forward and
@@ -41,7 +45,10 @@ from .memory import evaluate, node_memory, per_device
 from .metadata import COMM, DEFERRED, RECOMPUTE, out_placement
 from .runtime.buckets import BUCKET_BYTES
 from .options import compute_dtype
+from .ops import collective_matmul as CM
 from .ops import params as _registers_gather_params  # noqa: F401 - defines torch.ops.fxpar.gather_params
+from .ops.async_collectives import SYNC, wait
+from .ops.ring import ring_attention
 from .placement import Replicate
 
 _GATHER = torch.ops.fxpar.gather_params.default  # zero's gather of one bucket of weights
@@ -100,22 +107,21 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
         t_b = dict(t)
         recompute = 0.0
         w = 0.0  # of backward, the weight gradients a zero-bubble schedule runs as W
+        beside = _work_beside(gm, dev, num) if dev.overlap else {}
         for name in s.nodes:
             node = nodes[name]
             info = node.meta.get(COMM)
-            seconds = _op_time(node, dev, num) if info is None or info.kind == "ring" else 0.0
+            computes = info is None or node.target in _COMPUTING
+            seconds = _op_time(node, dev, num) if computes else 0.0
             if info is not None:
                 f, b = links.collective(info, num)
-                if info.kind == "ring" and dev.overlap:
-                    # w-1 transfers of keys and values, each beside one of the w blocks' compute
-                    # (twice as long in backward); the gradients' transfers wait for their block
-                    share = (links._world("cp") - 1) / links._world("cp")
-                    f, b = max(0.0, f - share * seconds), max(0.0, f - 2 * share * seconds) + max(0.0, b - f)
+                if dev.overlap:
+                    f, b = _exposed(node, info, f, b, seconds, beside, links)
                 t[info.group] += f
                 t_b[info.group] += b
                 if node.meta.get(RECOMPUTE):
                     recompute += f
-                if info.kind != "ring":  # ring attention computes too
+                if not computes:
                     continue
             t["compute"] += seconds
             if DEFERRED in node.meta:  # the weight gradient: a GEMM as large as the forward's
@@ -260,6 +266,50 @@ def _op_time(node, dev: DeviceProfile, num) -> float:
     else:
         compute = moved / dtype.itemsize / dev.vector_rate
     return max(compute, moved / (dev.memory_bw * dev.memory_eff), dev.launch)
+
+
+_COMPUTING = (ring_attention, CM.gathered_linears, CM.linear_reduce_scatter)  # collectives that compute too
+
+
+def _exposed(node, info, f: float, b: float, seconds: float, beside: dict, links) -> tuple[float, float]:
+    """What of a collective's forward and backward transfers (``f``, ``b``) the computation
+    beside it leaves exposed. ``seconds``: the node's own forward compute, when it computes."""
+    if info.kind == "ring":
+        # w-1 transfers of keys and values, each beside one of the w blocks' compute (twice as
+        # long in backward); the gradients' transfers wait for their block
+        share = (links._world("cp") - 1) / links._world("cp")
+        return max(0.0, f - share * seconds), max(0.0, f - 2 * share * seconds) + max(0.0, b - f)
+    if node.target is CM.gathered_linears:
+        # this rank's tokens (1/t of the matmuls) beside the gather; in backward the weight
+        # gradients (as long as the forward) beside the input gradient's reduce-scatter, and
+        # the input gradient beside a gather made again
+        own = seconds / links._world(info.group)
+        keep = node.args[6] if len(node.args) > 6 else node.kwargs.get("keep_gathered", False)
+        if keep:
+            return max(0.0, f - own), max(0.0, b - seconds)
+        return max(0.0, f - own), 2 * max(0.0, b / 2 - seconds)  # a gather again, then the reduce-scatter
+    if node.target is CM.linear_reduce_scatter:
+        own = seconds / links._world(info.group)  # forward and backward: this rank's rows beside
+        return max(0.0, f - own), max(0.0, b - 2 * own)
+    between = beside.get(node.name, 0.0)  # a collective begun early, waited for late
+    return max(0.0, f - between), max(0.0, b - 2 * between)
+
+
+def _work_beside(gm, dev, num) -> dict[str, float]:
+    """Per collective begun early (``*_start``), the forward compute between it and its wait."""
+    out, open_ = {}, {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is wait and node.args[0].name in open_:
+            out[node.args[0].name] = open_.pop(node.args[0].name)
+        elif node.target in SYNC:
+            open_[node.name] = 0.0
+        elif COMM not in node.meta:
+            seconds = _op_time(node, dev, num)
+            for k in open_:
+                open_[k] += seconds
+    return out
 
 
 def is_attention(node) -> bool:

@@ -28,6 +28,7 @@ from fxpar.passes.gather_weights import gather_weights
 from fxpar.passes.expert_parallel import expert_parallel
 from fxpar.passes.insert_collectives import insert_collectives
 from fxpar.passes.localize_shapes import localize_shapes
+from fxpar.passes.overlap_collectives import overlap_collectives
 from fxpar.passes.plan_sharding import plan_sharding
 from fxpar.passes.plan_recompute import plan_recompute
 from fxpar.passes.plan_weights import plan_weights
@@ -78,6 +79,11 @@ def gathers_recomputed(ctx: PlanContext) -> bool:
     return ctx.options.recompute_gathers and ctx.world > 1
 
 
+def collectives_overlapped(ctx: PlanContext) -> bool:
+    """Whether collectives over tp or cp are begun early and waited for late."""
+    return ctx.options.overlap and (ctx.world > 1 or ctx.mesh.cp > 1)
+
+
 def matmuls_overlapped(ctx: PlanContext) -> bool:
     """Whether tp's collectives are fused with their matmuls to overlap them (not under a
     zero-bubble schedule, whose W takes the weight gradients of plain linears)."""
@@ -126,6 +132,7 @@ PIPELINE: list[Step] = [
     Step(plan_recompute, recomputation),  # analysis: regions backward recomputes (attention cores, layers, auto)
     Step(gather_weights, held_apart),  # rewrite: each such weight made whole, cast, just before the op reading it
     Step(split_backward, backward_split),  # analysis: matmuls whose weight gradients wait for W (zero bubble)
+    Step(overlap_collectives, collectives_overlapped),  # rewrite: collectives begun early, waited for late
 ]
 
 

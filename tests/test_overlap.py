@@ -1,15 +1,20 @@
-"""Data-parallel gradient all-reduces begun while backward still runs (``overlap=True``, the
-default; ``fxpar/runtime/overlap.py``), over gloo: the same gradients as reducing at the end,
-the all-reduces begin before backward ends, and the trace shows them on a row of their own."""
+"""Communication beside computation (``overlap=True``, the default). Data-parallel gradient
+all-reduces begun while backward still runs (``fxpar/runtime/overlap.py``), over gloo: the same
+gradients as reducing at the end, the all-reduces begin before backward ends, and the trace shows
+them on a row of their own. Collectives of the per-rank program begun early and waited for late
+(``passes/overlap_collectives.py``) and sequence parallelism's collective matmuls
+(``passes/collective_matmuls.py``): in the code a rank runs, and over gloo the same gradients as
+without them, with their transfers in the step's events."""
 
 import copy
 import json
 import os
 
+import pytest
 import torch.distributed as dist
 
 import fxpar
-from tests.zoo import assert_close, loss_with_target, pipeline_case
+from tests.zoo import assert_close, hf_family, hf_loss, loss_with_target, pipeline_case
 
 
 def _overlapped(tmp):
@@ -54,3 +59,55 @@ def _compare(tmp):
 def test_all_reduces_begin_during_backward(pools, tmp_path):
     counts = pools(2).run(_overlapped, str(tmp_path))
     assert len(set(counts)) == 1 and counts[0] >= 2  # the same buckets on both replicas, several of them
+
+
+def _hf_plan(name, **options):
+    model, ids, _ = hf_family(name)
+    return fxpar.compile(model, fxpar.Mesh(tp=2), (ids,), **options)
+
+
+@pytest.mark.parametrize("name", ["falcon", "gpt_neox"])
+def test_a_parallel_blocks_sum_travels_while_its_mlp_computes(name):
+    """Attention and MLP both read the block's input (Falcon, GPT-NeoX): the attention's
+    all-reduce is begun as its projection ends and waited for after the MLP, in the code a rank
+    runs; with overlap=False, or with nothing to hide behind (Llama), it stays whole."""
+    pytest.importorskip("transformers")
+    lines = _hf_plan(name).rank_code(0).splitlines()
+    starts = [i for i, line in enumerate(lines) if "fxpar.all_reduce_start(" in line]
+    waits = [i for i, line in enumerate(lines) if "fxpar.wait(" in line]
+    assert len(starts) == len(waits) == 2, (starts, waits)  # one per layer
+    for a, b in zip(starts, waits):
+        assert a < b and any("matmul(" in line or "linear(" in line for line in lines[a + 1:b]), lines[a:b + 1]
+    assert "_start(" not in _hf_plan(name, overlap=False).rank_code(0)
+    assert "_start(" not in _hf_plan("llama").rank_code(0)
+
+
+def _same_with_and_without(name, options):
+    """Gradients with overlap on equal those with it off (each checked against one device
+    elsewhere), and the collectives begun in the background are in the step's events."""
+    model, ids, labels = hf_family(name)
+    runs = {}
+    for overlap in (False, True):
+        pm = fxpar.parallelize(copy.deepcopy(model), fxpar.Mesh(tp=2), loss_fn=hf_loss, overlap=overlap, **options)
+        for _ in range(2):
+            pm.zero_grad()
+            loss = pm.train_step(ids, labels=labels)
+        runs[overlap] = (loss, {n: p.grad.clone() for n, p in pm.named_parameters()}, pm.step_events())
+    (loss0, grads0, events0), (loss1, grads1, events1) = runs[False], runs[True]
+    assert_close(loss1, loss0, f"{name} loss")
+    for n, g in grads0.items():
+        assert_close(grads1[n], g, f"{name} gradient of {n}")
+    assert not [e for e in events0 if e[0].startswith("comm ")]
+    forward = [(a, b) for n, a, b in events1 if n.startswith("F")]
+    background = [(n, a, b) for n, a, b in events1 if n.startswith("comm tp ") and not n.endswith(" waited")]
+    assert all(any(f0 <= a <= b <= f1 for f0, f1 in forward) for n, a, b in background if n.endswith("all_reduce"))
+    return sorted({n for n, _, _ in background})
+
+
+def test_collectives_in_the_background_over_processes(pools):
+    pytest.importorskip("transformers")
+    kinds = pools(2).run(_same_with_and_without, "falcon", {})
+    assert kinds[0] == ["comm tp all_reduce"], kinds
+    kinds = pools(2).run(_same_with_and_without, "llama", dict(sequence_parallel=True))
+    # the collective matmuls' gathers and reduce-scatters, forward and backward
+    assert kinds[0] == ["comm tp all_gather", "comm tp reduce_scatter"], kinds

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .collectives import _assemble, _full_shape, _layout, _rank_order, _reduce_scatter, _take
-from .context import current
+from .collectives import _assemble, _full_shape, _layout, _reduce_scatter, _take, reduce_scatter_start
+from .context import current, traced
 from .library import op
 
 
@@ -40,11 +40,6 @@ def _by_rank(own, others, rank: int, world: int) -> list:
     """Every rank's part, in rank order, from this rank's own and the others' (in rank order)."""
     it = iter(others)
     return [own if r == rank else next(it) for r in range(world)]
-
-
-def _gather_started(x, comm):
-    """The all-gather of ``x`` begun; ``wait()`` gives every rank's part in rank order."""
-    return comm.all_gather_start(x.contiguous())
 
 
 def _sync(comm) -> bool:
@@ -66,7 +61,7 @@ class _GatheredLinears(torch.autograd.Function):
             full = _assemble(parts, layout, shape)
             outs = tuple(F.linear(full, w, b) for w, b in zip(ws, bs))
         else:
-            pending = _gather_started(x, comm)
+            pending = traced(comm.all_gather_start(x.contiguous()), "all_gather", comm)
             own = [F.linear(x, w, b) for w, b in zip(ws, bs)]  # overlaps the gather
             parts = pending.wait()
             others = [p for r, p in enumerate(parts) if r != comm.rank]
@@ -85,7 +80,7 @@ class _GatheredLinears(torch.autograd.Function):
     def backward(ctx, *gs):
         held, *ws = ctx.saved_tensors
         layout, comm = ctx.layout, ctx.comm
-        pending = None if ctx.keep or _sync(comm) else _gather_started(held, comm)
+        pending = None if ctx.keep or _sync(comm) else traced(comm.all_gather_start(held.contiguous()), "all_gather", comm)
         gx = sum(g @ w for g, w in zip(gs, ws))  # overlaps the gather
         if ctx.keep:
             full = held
@@ -93,21 +88,12 @@ class _GatheredLinears(torch.autograd.Function):
             full = _assemble(comm.all_gather(held.contiguous()), layout, _full_shape(held, layout.dim, layout.size))
         else:
             full = _assemble(pending.wait(), layout, _full_shape(held, layout.dim, layout.size))
-        scatter = None if _sync(comm) else _reduce_scatter_start(gx.contiguous(), layout, comm)
+        scatter = None if _sync(comm) else traced(reduce_scatter_start(gx.contiguous(), layout, comm), "reduce_scatter", comm)
         flat = full.reshape(-1, full.shape[-1])
         gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]  # overlaps the reduce-scatter
         gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
         gx = _reduce_scatter(gx.contiguous(), layout, comm) if scatter is None else scatter.wait()
         return (gx, None, None, None, None, *gws, *gbs)
-
-
-def _reduce_scatter_start(x, layout, comm):
-    """``collectives._reduce_scatter`` begun; ``wait()`` gives this rank's part."""
-    if layout.is_even:
-        return comm.reduce_scatter_start(x, layout.dim)
-    # every rank's elements, rank after rank: an even reduce-scatter of that permutation
-    order = torch.as_tensor(_rank_order(layout), device=x.device)
-    return comm.reduce_scatter_start(x.index_select(layout.dim, order).contiguous(), layout.dim)
 
 
 @op(
@@ -146,7 +132,7 @@ class _LinearReduceScatter(torch.autograd.Function):
             for r in range(comm.world):
                 if r not in (me, (me + 1) % comm.world):
                     torch.matmul(_take(x, layout, r), w.t(), out=chunks[r])
-            pending = comm.all_to_all_start(chunks, "reduce_scatter")  # this rank's slot is not sent
+            pending = traced(comm.all_to_all_start(chunks, "reduce_scatter"), "reduce_scatter", comm)  # own slot stays
             out = F.linear(_take(x, layout, me), w)  # overlaps the all-to-all
             got = pending.wait()
             for r in range(comm.world):
@@ -162,7 +148,7 @@ class _LinearReduceScatter(torch.autograd.Function):
         if _sync(comm):
             parts = comm.all_gather(g)
         else:
-            pending = _gather_started(g, comm)
+            pending = traced(comm.all_gather_start(g), "all_gather", comm)
             own_x = _take(x, layout, me)
             gx_own = g @ w  # overlaps the gather
             gw = g.reshape(-1, g.shape[-1]).t() @ own_x.reshape(-1, own_x.shape[-1])

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..placement import Shard
+from .comm import Pending
 from .context import current
 from .library import op, parse_runs
 
@@ -148,12 +149,17 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        local = _take(g, ctx.layout, ctx.comm.rank)
-        if ctx.layout.has_duplicates:
-            # an element several ranks hold went into the whole tensor once: one of them gets its
-            # gradient (the gradients of shared elements are summed over their owners upstream)
-            local = _primary_only(local, ctx.layout, ctx.comm.rank)
-        return local, None, None
+        return own_slice_grad(g, ctx.layout, ctx.comm.rank), None, None
+
+
+def own_slice_grad(g, layout, rank):
+    """``all_gather``'s backward: this rank's slice of the whole gradient."""
+    local = _take(g, layout, rank)
+    if layout.has_duplicates:
+        # an element several ranks hold went into the whole tensor once: one of them gets its
+        # gradient (the gradients of shared elements are summed over their owners upstream)
+        local = _primary_only(local, layout, rank)
+    return local
 
 
 class _GatherToTP(_AllGather):
@@ -172,6 +178,32 @@ def _reduce_scatter(x, layout, comm):
         order = torch.as_tensor(_rank_order(layout), device=x.device)
         return comm.reduce_scatter(x.index_select(layout.dim, order), layout.dim)
     return _take(comm.all_reduce(x), layout, comm.rank)
+
+
+def reduce_scatter_start(x, layout, comm):
+    """``_reduce_scatter`` begun (``Communicator.reduce_scatter_start``): the returned handle's
+    ``wait()`` gives this rank's part."""
+    if layout.is_even:
+        return comm.reduce_scatter_start(x, layout.dim)
+    if layout.is_partition:
+        order = torch.as_tensor(_rank_order(layout), device=x.device)
+        return comm.reduce_scatter_start(x.index_select(layout.dim, order).contiguous(), layout.dim)
+    out = _reduce_scatter(x, layout, comm)
+    return Pending(lambda: out)
+
+
+def gather_start(x, layout, comm):
+    """``_gather`` begun: the returned handle's ``wait()`` gives the whole tensor."""
+    pending = comm.all_gather_start(x.contiguous())
+    return Pending(lambda: _assemble(pending.wait(), layout, _full_shape(x, layout.dim, layout.size)))
+
+
+def scatter_grad_start(g, layout, comm):
+    """``_scatter_grad`` begun: the returned handle's ``wait()`` gives the whole gradient."""
+    if layout.is_partition:
+        return gather_start(g, layout, comm)
+    out = _scatter_grad(g, layout, comm)
+    return Pending(lambda: out)
 
 
 @functools.lru_cache(maxsize=1024)

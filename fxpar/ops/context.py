@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import FxparError
+from .comm import Pending
 
 
 @dataclass
@@ -62,12 +64,35 @@ class RankContext:
     rng: RNGStreams = field(default_factory=RNGStreams)
     # mixture-of-experts layer -> rows each of this rank's experts got in the last step (ep > 1)
     routed: dict = field(default_factory=dict)
+    # collectives begun in the background in this step, (label, begun, waited) in perf_counter
+    # seconds, when the runtime keeps a trace (a list it empties each step; None: not kept)
+    background: list | None = None
 
     def comm(self, group: str):
         try:
             return self.comms[group]
         except KeyError:
             raise FxparError(f"no communicator for mesh dimension '{group}' in this rank's context") from None
+
+
+def traced(pending, kind: str, comm):
+    """``pending`` (a ``fxpar.ops.comm.Pending``), its time from now to its ``wait()`` kept in
+    the current rank's ``background`` list as ``comm <group> <kind>``, and the part of it spent
+    in ``wait()`` as ``comm <group> <kind> waited``, for the step's trace."""
+    begun = time.perf_counter()
+    ctx = _CURRENT.get()
+    name = f"comm {getattr(comm, 'name', '')} {kind}".replace("  ", " ")
+
+    def finish():
+        called = time.perf_counter()
+        out = pending.wait()
+        if ctx is not None and ctx.background is not None:
+            done = time.perf_counter()
+            # in flight, and within it the part the rank spent waiting (not hidden)
+            ctx.background += [(name, begun, done), (f"{name} waited", called, done)]
+        return out
+
+    return Pending(finish)
 
 
 _CURRENT: contextvars.ContextVar[RankContext | None] = contextvars.ContextVar("fxpar_rank_context", default=None)

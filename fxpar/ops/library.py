@@ -64,6 +64,15 @@ def for_dynamo(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph = torch.fx.Graph()
     graph._codegen = gm.graph._codegen
     graph.output(graph.graph_copy(gm.graph, {}))
+    from .async_collectives import SYNC, wait
+
+    for node in list(graph.nodes):
+        # a collective begun and waited for runs whole: Dynamo traces it, inductor places it
+        if node.op == "call_function" and node.target is wait:
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target in SYNC:
+            node.target = SYNC[node.target]
     for node in graph.nodes:
         if node.op == "call_function" and node.target in IMPLEMENTATIONS:
             node.target = IMPLEMENTATIONS[node.target]

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from .context import current
+from .context import current, traced
 from .library import op, parse_runs
 
 
@@ -171,4 +171,4 @@ def _shift_start(comm, *tensors) -> _Coming:
     """The tensors (of one dtype) sent to the next rank of the ring in one message, begun now;
     the previous rank's come with ``wait()``."""
     flat = torch.cat([t.reshape(-1) for t in tensors])
-    return _Coming(comm.shift_start(flat), [t.shape for t in tensors])
+    return _Coming(traced(comm.shift_start(flat), "ring", comm), [t.shape for t in tensors])

@@ -118,10 +118,12 @@ class PipelineRunner:
         """Carry out ``actions`` in order, keeping when each started and ended (``events``)."""
         self.events = []
         clock = time.perf_counter
+        background = current().background = []  # the collectives the ops begin and wait for later
         for a in actions:
             t0 = clock()
             getattr(self, "_" + a.kind.lower())(a, st)
             self.events.append((str(a), t0, clock()))
+        self.events += background
 
     def _expect(self, actions_of) -> None:
         """Tell the transport, per peer, the messages that peer will send here, in its order.

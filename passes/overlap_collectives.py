@@ -1,0 +1,115 @@
+"""Pass (rewrite): collectives begun early and waited for late, where the program has work that
+does not depend on them.
+
+Runs last, when ``ctx.options.overlap`` is set (the default). Reads the ``all_reduce``,
+``reduce_scatter``, ``all_gather`` and ``gather_to_tp`` nodes of the planned graph, with their
+``fxpar_stage`` and ``fxpar_recompute``. A collective whose first reader comes after some
+computing node that does not read it (the MLP of a block whose attention and MLP both read the
+block's input, as GPT-J, GPT-NeoX, Falcon and Phi-2 write it) becomes two nodes: a
+``<collective>_start`` where it was and a ``wait`` just before its first reader
+(``fxpar/ops/async_collectives.py``). The computing nodes between run while the data travels,
+and in backward the conjugate collective of the gradient runs while their backward does.
+
+What it guarantees: the data flow is unchanged (the ``wait`` gives the collective's value to the
+same readers), every rank begins its collectives in the order it did, and a pair stays within
+one pipeline stage and one recomputed region (a wait is placed no later than the first node of
+another). The start takes the collective's metadata (``fxpar_comm`` included: the traffic is
+counted once); the wait its value and placement. Collectives with no work to hide behind stay as
+they are, so the per-rank code shows ``_start``/``wait`` lines only where they overlap
+something. The sequence-parallel gathers and reduce-scatters that a matmul reads or writes
+overlap inside their fused ops instead (``passes/collective_matmuls.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch.fx import GraphModule, Node
+
+from fxpar.metadata import INPUTS, LOCAL, PLACEMENT, RECOMPUTE, REQUIRES_GRAD, STAGE, LocalCall, copy_meta, replace_uses
+from fxpar.ops import async_collectives as A
+from fxpar.plan_context import PlanContext
+
+STARTS = {sync: start for start, sync in A.SYNC.items()}
+
+
+def _computes(node: Node) -> bool:
+    """Whether ``node`` does work worth hiding a transfer behind: an op making a new tensor with
+    elements (not a view, a metadata check or a size)."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return False
+    if getattr(node.target, "namespace", None) == "fxpar":
+        return False  # collectives and fxpar's own ops keep their order with the others
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None and any(r.alias_info is not None for r in schema.returns):
+        return False
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.numel() > 0
+
+
+def _span(coll: Node, order: list[Node], at: dict[Node, int]) -> tuple[Node, Node] | None:
+    """The nodes ``coll``'s start and its wait go before: the start just after its inputs are
+    made, the wait just before its first reader, neither across a node of another stage or
+    recomputed region; None when no computing node lies between."""
+    def same(node):
+        return all(node.meta.get(k) == coll.meta.get(k) for k in (STAGE, RECOMPUTE))
+
+    inputs = set(coll.all_input_nodes)
+    lo = at[coll]
+    while lo > 0 and order[lo - 1] not in inputs and order[lo - 1].op == "call_function" and same(order[lo - 1]):
+        lo -= 1
+    hi, first = at[coll] + 1, min(at[u] for u in coll.users)
+    while hi < first and same(order[hi]):
+        hi += 1
+    if not any(_computes(n) for n in order[lo:hi] if n is not coll):
+        return None
+    return order[lo], order[hi]
+
+
+def _local_calls(coll: Node):
+    """The per-rank calls of the start, or None when a rank runs something else there."""
+    calls = coll.meta.get(LOCAL)
+    if not calls:
+        return {}
+    if any(c.target not in STARTS for c in calls.values()):
+        return None
+    return {r: LocalCall(STARTS[c.target], c.args, c.kwargs) for r, c in calls.items()}
+
+
+def overlap_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
+    graph = gm.graph
+    order = list(graph.nodes)
+    at = {n: i for i, n in enumerate(order)}
+    stages = ctx.pipeline.stages if ctx.pipeline is not None else []
+    where = {name: s for s in stages for name in s.nodes}
+    crossing = {name for s in stages for name in (*s.inputs, *s.outputs)}  # values sent between stages
+    for coll in list(order):
+        if coll.op != "call_function" or coll.target not in STARTS or not coll.users or coll.name in crossing:
+            continue
+        place = _span(coll, order, at)
+        local = _local_calls(coll)
+        if place is None or local is None:
+            continue
+        with graph.inserting_before(place[0]):
+            start = graph.call_function(STARTS[coll.target], coll.args, dict(coll.kwargs))
+        start.meta = {k: v for k, v in coll.meta.items() if k not in (LOCAL, PLACEMENT)}  # a handle, no value
+        start.meta["val"] = coll.meta["val"].new_empty(0) if "val" in coll.meta else None
+        if local:
+            start.meta[LOCAL] = local
+        with graph.inserting_before(place[1]):
+            done = graph.call_function(A.wait, (start,))
+        copy_meta(coll, done)
+        for key in ("val", PLACEMENT, STAGE, RECOMPUTE, REQUIRES_GRAD):
+            if key in coll.meta:
+                done.meta[key] = coll.meta[key]
+        done.meta[INPUTS] = {start.name: coll.meta.get(PLACEMENT)}
+        replace_uses(coll, done)
+        stage = where.get(coll.name)
+        if stage is not None:
+            stage.nodes[stage.nodes.index(coll.name)] = start.name
+            stage.nodes.append(done.name)
+        graph.erase_node(coll)
+    graph.lint()
+    gm.recompile()
+    return gm
