@@ -145,6 +145,8 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
                 hide = dev.overlap
                 t["dp"] = max(0.0, gather - hide * t["compute"])
                 t_b["dp"] = max(0.0, gather + scatter - hide * t_b["compute"])
+            elif ctx.options.overlap and dev.overlap:  # each begun as its layer's backward ends: the last one shows
+                t_b["dp"] = max(scatter / calls, scatter - t_b["compute"])
             else:
                 t_b["dp"] = scatter
         fwd.append(sum(t.values()))

@@ -104,8 +104,11 @@ class PlanOptions:
     float16, with dynamic loss scaling in ``train_step``; ``PRECISIONS``) and
     ``reduce_dtype`` what gradients are averaged over dp in, ``context_parallel`` how attention
     runs over a sequence split over cp (one of ``CONTEXT_PARALLEL``;
-    ``passes/context_parallel.py``), ``overlap`` whether data-parallel gradient all-reduces begin
-    during backward (``fxpar/runtime/overlap.py``), ``recompute`` which activations backward
+    ``passes/context_parallel.py``), ``overlap`` whether communication runs beside computation:
+    data-parallel gradient all-reduces and zero's reduce-scatters begun during backward
+    (``fxpar/runtime/overlap.py``), sequence parallelism's collective matmuls
+    (``passes/collective_matmuls.py``), collectives begun early and waited for late
+    (``passes/overlap_collectives.py``), ``recompute`` which activations backward
     recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``), ``offload="optimizer"`` keeps
     the master weights, their gradients and the optimizer state on the host, where the optimizer
     steps them (ZeRO-Offload; ``fxpar/ops/params.py``). ``device_type``, ``param_stages`` and

@@ -17,17 +17,17 @@ import fxpar
 from tests.zoo import assert_close, hf_family, hf_loss, loss_with_target, pipeline_case
 
 
-def _overlapped(tmp):
+def _overlapped(tmp, zero=0):
     from fxpar.runtime import buckets
 
     saved, buckets.BUCKET_BYTES = buckets.BUCKET_BYTES, 16 << 10  # several buckets of a small model
     try:
-        return _compare(tmp)
+        return _compare(tmp, zero)
     finally:
         buckets.BUCKET_BYTES = saved
 
 
-def _compare(tmp):
+def _compare(tmp, zero):
     model, args, target = pipeline_case("llama", 4)
     mesh = fxpar.Mesh(dp=2)
     dp = mesh.coordinate(dist.get_rank())["dp"]
@@ -35,7 +35,7 @@ def _compare(tmp):
     runs = {}
     for overlap in (False, True):
         pm = fxpar.parallelize(copy.deepcopy(model), mesh, example_args=(local,), loss_fn=loss_with_target,
-                               microbatches=2, overlap=overlap)
+                               microbatches=2, overlap=overlap, zero=zero)
         for step in range(3):  # the first learns when each gradient is final
             pm.zero_grad()
             loss = pm.train_step(local, target=local_target)
@@ -45,7 +45,8 @@ def _compare(tmp):
     for n, g in grads0.items():
         assert_close(grads1[n], g, f"gradient of {n}")
     assert not [e for e in events0 if e[0].startswith("comm ")]
-    begun = [e for e in events1 if e[0].startswith("comm dp all_reduce")]
+    kind = "comm dp reduce_scatter" if zero >= 2 else "comm dp all_reduce"
+    begun = [e for e in events1 if e[0].startswith(kind) and not e[0].endswith(" waited")]
     last_backward = max(t1 for name, _, t1 in events1 if name[0] in "BW")
     assert len(begun) >= 1 and min(t0 for _, t0, _ in begun) < last_backward  # begun during backward
     path = os.path.join(tmp, "trace.json")
@@ -59,6 +60,14 @@ def _compare(tmp):
 def test_all_reduces_begin_during_backward(pools, tmp_path):
     counts = pools(2).run(_overlapped, str(tmp_path))
     assert len(set(counts)) == 1 and counts[0] >= 2  # the same buckets on both replicas, several of them
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_reduce_scatters_begin_during_backward(pools, tmp_path, zero):
+    """Each layer's gradient reduce-scatter begun as its backward ends, finished while the layers
+    before it run theirs (``fxpar.ops.params.Reductions``): the same rows' gradients."""
+    counts = pools(2).run(_overlapped, str(tmp_path), zero)
+    assert len(set(counts)) == 1 and counts[0] >= 4  # one per layer and microbatch
 
 
 def _hf_plan(name, **options):

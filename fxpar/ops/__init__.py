@@ -11,6 +11,9 @@ only; the import rules are checked by ``tests/test_layering.py``.
   partial means, dropout drawn from the right random stream);
 * ``experts``: the all-to-all dispatch and combine of expert parallelism;
 * ``ring``: ring attention over the cp ranks;
+* ``collective_matmul``: sequence parallelism's gathers and reduce-scatters fused with their
+  linears, overlapped with them;
+* ``async_collectives``: collectives split into a start and a wait;
 * ``deferred``: matmuls whose weight gradients wait for a zero-bubble schedule's W;
 * ``context``: the rank a program runs as, its communicators and random streams;
 * ``comm``: the communicator interface.

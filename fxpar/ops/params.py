@@ -15,7 +15,9 @@ zero   forward                                     backward
 1      the whole weights, kept on every rank        gradients summed whole; after the step's
        (refreshed by one all-gather once the       last microbatch, reduce-scattered into the
        optimizer has changed the rows)             rows' ``.grad`` (25 MiB buckets)
-2      the same                                    reduce-scattered at once into the rows
+2      the same                                    reduce-scattered into the rows, begun as the
+                                                   layer's backward ends and finished while the
+                                                   layers before it run theirs (``Reductions``)
 3      all-gathered from the rows, freed after      the same; the weights the layer saved for
        the layer (``SavedGathers``); the next      backward are gathered again, all at once
        layer's all-gather begins in the            when the first is used, the layer before's
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import threading
 
 import torch
@@ -56,7 +59,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .comm import Pending
-from .context import current
+from .context import current, traced
 from .library import op
 
 
@@ -119,19 +122,61 @@ def scatter_rows_many(grads: list[torch.Tensor], rows: list[int], comm) -> list[
     """This rank's rows of the mean over the dp ranks of each of ``grads`` (whole weights'
     gradients, in one dtype): one reduce-scatter whose chunk for a rank holds its rows of every
     weight, each padded to the most any rank holds."""
+    return scatter_rows_start(grads, rows, comm).wait()
+
+
+def scatter_rows_start(grads: list[torch.Tensor], rows: list[int], comm) -> Pending:
+    """``scatter_rows_many`` begun in the background (``comm.reduce_scatter_start``)."""
     most = [row_split(n, comm.world)[0][1] for n in rows]
     chunks = []
     for r in range(comm.world):
         chunks += [_pad_rows(g[slice(*row_split(n, comm.world)[r])], k).reshape(-1)
                    for g, n, k in zip(grads, rows, most)]
-    mine = comm.reduce_scatter(torch.cat(chunks), 0).div_(comm.world)
-    out, start = [], 0
-    for g, n, k in zip(grads, rows, most):
-        size = k * (g[0].numel() if g.dim() else 1)
-        a, b = row_split(n, comm.world)[comm.rank]
-        out.append(mine[start:start + size].view(k, *g.shape[1:])[: b - a])
-        start += size
-    return out
+    pending = comm.reduce_scatter_start(torch.cat(chunks), 0)
+    shapes = [(n, k, g.shape) for g, n, k in zip(grads, rows, most)]
+
+    def finish():
+        mine = pending.wait().div_(comm.world)
+        out, start = [], 0
+        for n, k, shape in shapes:
+            size = k * math.prod(shape[1:])
+            a, b = row_split(n, comm.world)[comm.rank]
+            out.append(mine[start:start + size].view(k, *shape[1:])[: b - a])
+            start += size
+        return out
+
+    return Pending(finish)
+
+
+class Reductions:
+    """Zero 2 and 3 within a training step: each layer's gradient reduce-scatter, begun as its
+    backward ends and finished (its rows added to the masters' ``.grad``) while later layers'
+    backward runs, at most ``IN_FLIGHT`` at a time, the rest when the step ends (``settle``)."""
+
+    IN_FLIGHT = 2
+
+    def __init__(self):
+        self.pending: list[tuple[list, Pending]] = []
+        self.lock = threading.Lock()
+
+    def begin(self, entries: list, pending: Pending) -> None:
+        with self.lock:
+            self.pending.append((entries, pending))
+            while len(self.pending) > self.IN_FLIGHT:
+                self._finish(*self.pending.pop(0))
+
+    def settle(self) -> None:
+        """Finish every reduction begun (in the order begun)."""
+        with self.lock:
+            while self.pending:
+                self._finish(*self.pending.pop(0))
+
+    @staticmethod
+    def _finish(entries: list, pending: Pending) -> None:
+        for e, part in zip(entries, pending.wait()):
+            g = e._to_master(part)
+            p = e.master
+            p.grad = g.clone() if p.grad is None else p.grad.add_(g)
 
 
 class Sharded:
@@ -181,17 +226,22 @@ class Sharded:
 
 
 SHARDED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # master Parameter -> Sharded
-_STEP: contextvars.ContextVar[bool] = contextvars.ContextVar("fxpar_zero_step", default=False)
+_STEP: contextvars.ContextVar[Reductions | None] = contextvars.ContextVar("fxpar_zero_step", default=None)
 
 
 @contextlib.contextmanager
-def one_step():
+def one_step(background: bool = True):
     """Within it (a training step over microbatches), zero 1 sums each weight's whole gradient
-    and leaves it to ``fxpar.runtime.zero.finish``; outside, a backward reduce-scatters at once as zero 2
-    does (``loss.backward()`` by the caller has no end of step to wait for)."""
-    token = _STEP.set(True)
+    and leaves it to ``fxpar.runtime.zero.finish``, and zero 2 and 3 begin each layer's
+    reduce-scatter in the background (``Reductions``; with ``background=False`` each waits for
+    its own), all finished when it ends; outside, a backward reduce-scatters at once
+    (``loss.backward()`` by the caller has no end of step to wait for)."""
+    reductions = Reductions()
+    reductions.IN_FLIGHT = Reductions.IN_FLIGHT if background else 0
+    token = _STEP.set(reductions)
     try:
         yield
+        reductions.settle()
     finally:
         _STEP.reset(token)
 
@@ -238,10 +288,11 @@ def _prefetched(entries: list[Sharded]):
         return _PREFETCHED.pop(key, (None, None)) if key else (None, None)
 
 
-def reduce_grads(entries: list[Sharded], grads, comm, deferred: bool) -> list:
+def reduce_grads(entries: list[Sharded], grads, comm, deferred: Reductions | None) -> list:
     """What backward gives each master for its whole weight's gradient: the gradients split over
-    dp now reduce-scattered in one collective (in ``reduce_dtype``), zero 1 within a step summed
-    for ``finish``, the rest only moved to where the master is."""
+    dp reduce-scattered in one collective (in ``reduce_dtype``), begun in the background within
+    a step (``deferred``: they reach the masters through it, not autograd), zero 1 within a step
+    summed for ``finish``, the rest only moved to where the master is."""
     out = [None] * len(entries)
     now = []
     for i, (e, g) in enumerate(zip(entries, grads)):
@@ -249,15 +300,20 @@ def reduce_grads(entries: list[Sharded], grads, comm, deferred: bool) -> list:
             continue
         if e.level == 0:
             out[i] = e._to_master(g)
-        elif e.level == 1 and deferred and not e.host:  # offloaded, the whole gradient leaves the device at once
+        elif e.level == 1 and deferred is not None and not e.host:  # offloaded, the whole gradient leaves the device at once
             e.accumulate(g)
         else:
             now.append(i)
     if now:
-        parts = scatter_rows_many([grads[i].to(entries[i].reduce_dtype) for i in now], [entries[i].rows for i in now],
-                                  comm)
-        for i, part in zip(now, parts):
-            out[i] = entries[i]._to_master(part)
+        pending = scatter_rows_start([grads[i].to(entries[i].reduce_dtype) for i in now],
+                                     [entries[i].rows for i in now], comm)
+        if deferred is not None and deferred.IN_FLIGHT:
+            pending = traced(pending, "reduce_scatter", comm)
+        if deferred is not None:  # the rows' gradients land on the masters later, outside autograd
+            deferred.begin([entries[i] for i in now], pending)
+        else:
+            for i, part in zip(now, pending.wait()):
+                out[i] = entries[i]._to_master(part)
     return out
 
 

@@ -89,7 +89,7 @@ class PipelineRunner:
         reducer = self._overlapping(params)
         if reducer is not None:
             reducer.begin_step()
-        with one_step():
+        with one_step(background=self.overlap):
             self._run(self.schedule.actions[self.pp_rank], st)
         self.p2p.flush()
         reduced = reducer.finish() if reducer is not None else set()
