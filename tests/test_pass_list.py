@@ -16,8 +16,8 @@ from tests.zoo import build
 def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     plain = passes_run(PlanContext(fxpar.Mesh(tp=2)))
     assert plain == ["annotate_tensors", "plan_sharding", "insert_collectives", "collective_matmuls", "assign_rng",
-                     "localize_shapes", "estimate_memory", "cut_stages"]
-    assert "collective_matmuls" not in passes_run(PlanContext(fxpar.Mesh(tp=2), PlanOptions(overlap=False)))
+                     "localize_shapes", "estimate_memory", "cut_stages", "overlap_collectives"]
+    assert passes_run(PlanContext(fxpar.Mesh(tp=2), PlanOptions(overlap=False))) == plain[:3] + plain[4:-1]
     sp = passes_run(PlanContext(fxpar.Mesh(tp=2), PlanOptions(sequence_parallel=True, recompute_gathers=True)))
     assert sp.index("plan_sharding") < sp.index("sequence_parallel") < sp.index("insert_collectives")
     assert sp.index("insert_collectives") < sp.index("recompute_gathers") < sp.index("collective_matmuls")
@@ -34,7 +34,7 @@ def test_the_pass_list_names_what_runs_for_each_mesh_and_option():
     assert zb[-3:] == ["cut_stages", "plan_recompute", "split_backward"]
     assert "split_backward" not in passes_run(PlanContext(fxpar.Mesh(pp=2)))
     assert "collective_matmuls" not in passes_run(PlanContext(fxpar.Mesh(pp=2, tp=2), PlanOptions(schedule="zbh1")))
-    assert len(PIPELINE) == 17 and all(callable(step.when) for step in PIPELINE)
+    assert len(PIPELINE) == 18 and all(callable(step.when) for step in PIPELINE)
 
 
 def test_the_summary_lists_the_passes_that_ran():
