@@ -140,15 +140,14 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
             calls = max(1, sum(1 for name in s.nodes if nodes[name].target is _GATHER))
             whole = mem.weights * layer_dtype.itemsize  # the weights as the layers read them
             scatter = links.dp_collective(mem.weights * 4, mesh, "reduce_scatter", calls)
+            if ctx.options.overlap and dev.overlap:  # each begun as its layer's backward ends: the last one shows
+                scatter = max(scatter / calls, scatter - t_b["compute"])
+            t_b["dp"] = scatter
             if zero == 3:  # each layer's weights gathered ahead (prefetched): only what compute cannot hide
                 gather = links.dp_collective(whole, mesh, "all_gather", calls)
                 hide = dev.overlap
                 t["dp"] = max(0.0, gather - hide * t["compute"])
-                t_b["dp"] = max(0.0, gather + scatter - hide * t_b["compute"])
-            elif ctx.options.overlap and dev.overlap:  # each begun as its layer's backward ends: the last one shows
-                t_b["dp"] = max(scatter / calls, scatter - t_b["compute"])
-            else:
-                t_b["dp"] = scatter
+                t_b["dp"] += max(0.0, gather - hide * t_b["compute"])
         fwd.append(sum(t.values()))
         bwd.append(sum(t_b.values()))
         weight.append(w)
@@ -261,6 +260,8 @@ def _op_time(node, dev: DeviceProfile, num) -> float:
         return 0.0  # a view
     moved = out + sum(num(node_memory(i).value_bytes) for i in node.all_input_nodes)
     val = node.meta.get("val")
+    if isinstance(val, (tuple, list)):  # several outputs of one op (fused linears): they share a dtype
+        val = next((v for v in val if isinstance(v, torch.Tensor)), None)
     dtype = val.dtype if isinstance(val, torch.Tensor) else torch.float32
     if flops:
         eff = dev.attention_eff if is_attention(node) else dev.matmul_eff
@@ -285,16 +286,23 @@ def _exposed(node, info, f: float, b: float, seconds: float, beside: dict, links
         # this rank's tokens (1/t of the matmuls) beside the gather; in backward the weight
         # gradients (as long as the forward) beside the input gradient's reduce-scatter, and
         # the input gradient beside a gather made again
+        if not _arg(node, 7, "overlap", True):
+            return f, b
         own = seconds / links._world(info.group)
-        keep = node.args[6] if len(node.args) > 6 else node.kwargs.get("keep_gathered", False)
-        if keep:
+        if _arg(node, 6, "keep_gathered", False):
             return max(0.0, f - own), max(0.0, b - seconds)
         return max(0.0, f - own), 2 * max(0.0, b / 2 - seconds)  # a gather again, then the reduce-scatter
     if node.target is CM.linear_reduce_scatter:
-        own = seconds / links._world(info.group)  # forward and backward: this rank's rows beside
-        return max(0.0, f - own), max(0.0, b - 2 * own)
+        if not _arg(node, 6, "overlap", True):
+            return f, b
+        own = seconds / links._world(info.group)  # this rank's rows beside, forward and backward
+        return max(0.0, f - own), max(0.0, b - own)
     between = beside.get(node.name, 0.0)  # a collective begun early, waited for late
     return max(0.0, f - between), max(0.0, b - 2 * between)
+
+
+def _arg(node, index: int, name: str, default):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _work_beside(gm, dev, num) -> dict[str, float]:

@@ -105,8 +105,8 @@ class PlanOptions:
     ``reduce_dtype`` what gradients are averaged over dp in, ``context_parallel`` how attention
     runs over a sequence split over cp (one of ``CONTEXT_PARALLEL``;
     ``passes/context_parallel.py``), ``overlap`` whether communication runs beside computation:
-    data-parallel gradient all-reduces and zero's reduce-scatters begun during backward
-    (``fxpar/runtime/overlap.py``), sequence parallelism's collective matmuls
+    data-parallel gradient all-reduces (``fxpar/runtime/overlap.py``) and zero's reduce-scatters
+    (``fxpar/ops/params.py``) begun during backward, sequence parallelism's collective matmuls
     (``passes/collective_matmuls.py``), collectives begun early and waited for late
     (``passes/overlap_collectives.py``), ``recompute`` which activations backward
     recomputes (one of ``RECOMPUTE``; ``passes/plan_recompute.py``), ``offload="optimizer"`` keeps

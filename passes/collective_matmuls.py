@@ -17,11 +17,11 @@ nodes over tp that ``insert_collectives`` made.
   computed and sent first, this rank's own rows while they travel; backward mirrors it.
 
 Both ops are in ``fxpar/ops/collective_matmul.py``; they keep the unfused ops' bytes on the wire
-(``fxpar_comm`` unchanged) and their ``fxpar_stage`` and ``fxpar_recompute``. Only layouts in
-which every rank holds the same number of tokens are fused (even splits, the zigzag layout of
-ring attention), and only nodes of one stage and one recomputed region. What is fused shows in
-the per-rank code as a ``gathered_linears`` or ``linear_reduce_scatter`` line in place of a
-collective and its matmuls.
+(``fxpar_comm`` unchanged). Only collectives along a token dim are fused (not along the features
+a linear contracts or makes), over tp, before stages and recomputed regions are planned (which
+then see the fused nodes); a layout in which ranks share tokens runs the unfused computation
+inside the op. What is fused shows in the per-rank code as a ``gathered_linears`` or
+``linear_reduce_scatter`` line in place of a collective and its matmuls.
 """
 
 from __future__ import annotations
@@ -29,10 +29,9 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
-from fxpar.metadata import COMM, INPUTS, RECOMPUTE, STAGE, copy_meta, replace_uses
+from fxpar.metadata import COMM, INPUTS, copy_meta, replace_uses
 from fxpar.ops import collective_matmul as CM
 from fxpar.ops import collectives as C
-from fxpar.ops.library import parse_runs
 from fxpar.passes.recompute_gathers import fuse_gather, linear_users
 from fxpar.plan_context import PlanContext
 from fxpar.rules import is_weight
@@ -44,16 +43,11 @@ def _over_tp(node: Node) -> bool:
     return node.kwargs.get("group", "tp") == "tp"
 
 
-def _equal_counts(runs) -> bool:
-    """Whether every rank holds as many tokens (``runs``: the op's layout argument)."""
-    if runs is None:
-        return True
-    return len({sum(b - a for a, b in rr) for rr in parse_runs(runs)}) == 1
-
-
-def _together(nodes: list[Node]) -> bool:
-    """Whether the nodes run in one stage and one recomputed region (or none)."""
-    return all(n.meta.get(k) == nodes[0].meta.get(k) for n in nodes for k in (STAGE, RECOMPUTE))
+def _token_dim(node: Node, dim: int) -> bool:
+    """Whether ``dim`` of ``node``'s value is a leading (token) dim, not the features a linear
+    contracts or makes: the own part of a collective matmul is its own tokens."""
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and 0 <= dim < val.dim() - 1
 
 
 def _fuse_scatter(graph, scatter: Node, lin: Node) -> None:
@@ -93,7 +87,7 @@ def _scatter_linear(scatter: Node) -> Node | None:
     if bias is not None and not (isinstance(bias, Node) and bias.target is C.to_partial and _over_tp(bias)
                                  and len(bias.users) == 1):
         return None
-    return lin if _together([lin, scatter]) else None
+    return lin if _token_dim(scatter, scatter.args[1]) else None
 
 
 def collective_matmuls(gm: GraphModule, ctx: PlanContext) -> GraphModule:
@@ -101,12 +95,9 @@ def collective_matmuls(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function" or not _over_tp(node) or COMM not in node.meta:
             continue
-        runs = node.args[3] if len(node.args) > 3 else node.kwargs.get("runs")
-        if not _equal_counts(runs):
-            continue
         if node.target is C.gather_to_tp:
             linears = linear_users(node)
-            if linears is not None and _together([node, *linears]):
+            if linears is not None and _token_dim(node, node.args[1]):
                 fuse_gather(graph, node, linears, keep_gathered=True)
         elif node.target is C.reduce_scatter:
             lin = _scatter_linear(node)

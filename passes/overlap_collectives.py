@@ -3,17 +3,20 @@ does not depend on them.
 
 Runs last, when ``ctx.options.overlap`` is set (the default). Reads the ``all_reduce``,
 ``reduce_scatter``, ``all_gather`` and ``gather_to_tp`` nodes of the planned graph, with their
-``fxpar_stage`` and ``fxpar_recompute``. A collective whose first reader comes after some
-computing node that does not read it (the MLP of a block whose attention and MLP both read the
+``fxpar_stage`` and ``fxpar_recompute``. A collective with computing nodes that do not read it
+between its input and its first reader (the MLP of a block whose attention and MLP both read the
 block's input, as GPT-J, GPT-NeoX, Falcon and Phi-2 write it) becomes two nodes: a
-``<collective>_start`` where it was and a ``wait`` just before its first reader
+``<collective>_start`` just after its input is made and a ``wait`` just before its first reader
 (``fxpar/ops/async_collectives.py``). The computing nodes between run while the data travels,
 and in backward the conjugate collective of the gradient runs while their backward does.
 
 What it guarantees: the data flow is unchanged (the ``wait`` gives the collective's value to the
-same readers), every rank begins its collectives in the order it did, and a pair stays within
-one pipeline stage and one recomputed region (a wait is placed no later than the first node of
-another). The start takes the collective's metadata (``fxpar_comm`` included: the traffic is
+same readers), no op that may write in place lies between a start and its wait (nothing changes
+a tensor in flight, nor what was read before the start), and a pair stays within one pipeline
+stage. A start may move above another collective: the ranks of a group run one program, so
+they all begin them in the same new order.
+Collectives in a recomputed region stay whole: backward's second forward may stop after a start
+and before its wait. The start takes the collective's metadata (``fxpar_comm`` included: the traffic is
 counted once); the wait its value and placement. Collectives with no work to hide behind stay as
 they are, so the per-rank code shows ``_start``/``wait`` lines only where they overlap
 something. The sequence-parallel gathers and reduce-scatters that a matmul reads or writes
@@ -48,19 +51,30 @@ def _computes(node: Node) -> bool:
     return isinstance(val, torch.Tensor) and val.numel() > 0
 
 
+def _mutates(node: Node) -> bool:
+    """Whether ``node`` may write to a tensor in place (or is not an op whose effects are known)."""
+    if node.target is operator.getitem:
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return True
+    return any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
 def _span(coll: Node, order: list[Node], at: dict[Node, int]) -> tuple[Node, Node] | None:
     """The nodes ``coll``'s start and its wait go before: the start just after its inputs are
-    made, the wait just before its first reader, neither across a node of another stage or
-    recomputed region; None when no computing node lies between."""
-    def same(node):
-        return all(node.meta.get(k) == coll.meta.get(k) for k in (STAGE, RECOMPUTE))
+    made, the wait just before its first reader, neither across a node of another stage or an op
+    that may write in place; None when no computing node lies between."""
+    def movable(node):
+        return (node.op == "call_function" and not _mutates(node)
+                and all(node.meta.get(k) == coll.meta.get(k) for k in (STAGE, RECOMPUTE)))
 
     inputs = set(coll.all_input_nodes)
     lo = at[coll]
-    while lo > 0 and order[lo - 1] not in inputs and order[lo - 1].op == "call_function" and same(order[lo - 1]):
+    while lo > 0 and order[lo - 1] not in inputs and movable(order[lo - 1]):
         lo -= 1
     hi, first = at[coll] + 1, min(at[u] for u in coll.users)
-    while hi < first and same(order[hi]):
+    while hi < first and movable(order[hi]):
         hi += 1
     if not any(_computes(n) for n in order[lo:hi] if n is not coll):
         return None
@@ -72,22 +86,23 @@ def _local_calls(coll: Node):
     calls = coll.meta.get(LOCAL)
     if not calls:
         return {}
-    if any(c.target not in STARTS for c in calls.values()):
+    if any(c is None or c.target not in STARTS for c in calls.values()):
         return None
     return {r: LocalCall(STARTS[c.target], c.args, c.kwargs) for r, c in calls.items()}
 
 
 def overlap_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     graph = gm.graph
-    order = list(graph.nodes)
-    at = {n: i for i, n in enumerate(order)}
     stages = ctx.pipeline.stages if ctx.pipeline is not None else []
     where = {name: s for s in stages for name in s.nodes}
     crossing = {name for s in stages for name in (*s.inputs, *s.outputs)}  # values sent between stages
-    for coll in list(order):
-        if coll.op != "call_function" or coll.target not in STARTS or not coll.users or coll.name in crossing:
+    for coll in list(graph.nodes):
+        # a recomputed region's forward may stop early in backward, past a start but not its wait
+        if (coll.op != "call_function" or coll.target not in STARTS or not coll.users or coll.name in crossing
+                or coll.meta.get(RECOMPUTE)):
             continue
-        place = _span(coll, order, at)
+        order = list(graph.nodes)  # as rewritten so far
+        place = _span(coll, order, {n: i for i, n in enumerate(order)})
         local = _local_calls(coll)
         if place is None or local is None:
             continue

@@ -48,10 +48,11 @@ def hoist(node, before: Node, order: dict) -> None:
     order[node] = order[before] - 0.5
 
 
-def fuse_gather(graph, gather: Node, linears: list[Node], keep_gathered: bool) -> Node:
+def fuse_gather(graph, gather: Node, linears: list[Node], keep_gathered: bool, overlap: bool = True) -> Node:
     """Replace ``gather`` and the ``linears`` reading it by one ``gathered_linears`` node and a
     ``getitem`` per linear (which takes over the linear's metadata and users); returns the fused
-    node. ``keep_gathered``: what autograd keeps for backward (see the op)."""
+    node. ``keep_gathered``: what autograd keeps for backward; ``overlap``: whether the op
+    computes this rank's tokens while the others' travel (see the op)."""
     x, dim, size, runs = gather.args
     weights = [u.args[1] for u in linears]
     biases = [u.args[2] if len(u.args) > 2 else u.kwargs.get("bias") for u in linears]
@@ -59,7 +60,7 @@ def fuse_gather(graph, gather: Node, linears: list[Node], keep_gathered: bool) -
     for w in [*weights, *biases]:
         hoist(w, linears[0], order)
     with graph.inserting_before(linears[0]):
-        fused = graph.call_function(CM.gathered_linears, (x, dim, size, runs, weights, biases, keep_gathered),
+        fused = graph.call_function(CM.gathered_linears, (x, dim, size, runs, weights, biases, keep_gathered, overlap),
                                     dict(gather.kwargs))
     copy_meta(linears[0], fused)
     info = gather.meta[COMM]
@@ -95,7 +96,7 @@ def recompute_gathers(gm: GraphModule, ctx: PlanContext) -> GraphModule:
             continue
         linears = linear_users(gather)
         if linears is not None:
-            fuse_gather(graph, gather, linears, keep_gathered=False)
+            fuse_gather(graph, gather, linears, keep_gathered=False, overlap=ctx.options.overlap)
     graph.lint()
     gm.recompile()
     return gm

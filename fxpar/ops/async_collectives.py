@@ -76,7 +76,8 @@ class _Wait(torch.autograd.Function):
 
 
 def _begun(kind: str, comm, begin):
-    return lambda t: traced(begin(t), kind, comm)
+    rank = current()  # backward may run on a thread that does not see it
+    return lambda t: traced(begin(t), kind, comm, rank)
 
 
 def _at_once(fn):

@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .collectives import _assemble, _full_shape, _layout, _reduce_scatter, _take, reduce_scatter_start
+from .collectives import _assemble, _full_shape, _layout, _reduce_scatter, _take, reduce_scatter_start, scatter_grad_start
+from .comm import Pending
 from .context import current, traced
 from .library import op
 
@@ -42,9 +43,13 @@ def _by_rank(own, others, rank: int, world: int) -> list:
     return [own if r == rank else next(it) for r in range(world)]
 
 
-def _sync(comm) -> bool:
-    # Dynamo traces the plain collectives; a handle held across Python code is not traceable
-    return comm.world == 1 or torch.compiler.is_compiling()
+def _overlapped(comm, layout, x, overlap: bool) -> bool:
+    """Whether this call computes its own part while the rest travels: the layout a partition of
+    a token dim (not the features a linear contracts or makes), more than one rank, and not
+    under Dynamo, which traces the plain collectives (a handle held across Python is not
+    traceable). Otherwise the op runs the unfused ops' computation, in one node."""
+    return (overlap and comm.world > 1 and layout.is_partition and 0 <= layout.dim < x.dim() - 1
+            and not torch.compiler.is_compiling())
 
 
 class _GatheredLinears(torch.autograd.Function):
@@ -53,15 +58,15 @@ class _GatheredLinears(torch.autograd.Function):
     ``x``, gathered again in backward (Megatron's sequence-parallel linear)."""
 
     @staticmethod
-    def forward(ctx, x, layout, comm, keep, n, *wb):
+    def forward(ctx, x, layout, comm, keep, overlap, n, *wb):
         ws, bs = wb[:n], wb[n:]
         shape = _full_shape(x, layout.dim, layout.size)
-        if _sync(comm):
-            parts = comm.all_gather(x.contiguous())
-            full = _assemble(parts, layout, shape)
+        ctx.rank_ctx = current()
+        if not overlap:
+            full = _assemble(comm.all_gather(x.contiguous()), layout, shape)
             outs = tuple(F.linear(full, w, b) for w, b in zip(ws, bs))
         else:
-            pending = traced(comm.all_gather_start(x.contiguous()), "all_gather", comm)
+            pending = traced(comm.all_gather_start(x.contiguous()), "all_gather", comm, ctx.rank_ctx)
             own = [F.linear(x, w, b) for w, b in zip(ws, bs)]  # overlaps the gather
             parts = pending.wait()
             others = [p for r, p in enumerate(parts) if r != comm.rank]
@@ -71,7 +76,7 @@ class _GatheredLinears(torch.autograd.Function):
                 for o, w, b in zip(own, ws, bs)
             )
             full = _assemble(parts, layout, shape) if keep else None
-        ctx.layout, ctx.comm, ctx.n, ctx.keep = layout, comm, n, keep
+        ctx.layout, ctx.comm, ctx.n, ctx.keep, ctx.overlap = layout, comm, n, keep, overlap
         ctx.has_bias = [b is not None for b in bs]
         ctx.save_for_backward(full if keep else x, *ws)
         return outs
@@ -79,38 +84,37 @@ class _GatheredLinears(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *gs):
         held, *ws = ctx.saved_tensors
-        layout, comm = ctx.layout, ctx.comm
-        pending = None if ctx.keep or _sync(comm) else traced(comm.all_gather_start(held.contiguous()), "all_gather", comm)
-        gx = sum(g @ w for g, w in zip(gs, ws))  # overlaps the gather
-        if ctx.keep:
-            full = held
-        elif pending is None:
-            full = _assemble(comm.all_gather(held.contiguous()), layout, _full_shape(held, layout.dim, layout.size))
-        else:
-            full = _assemble(pending.wait(), layout, _full_shape(held, layout.dim, layout.size))
-        scatter = None if _sync(comm) else traced(reduce_scatter_start(gx.contiguous(), layout, comm), "reduce_scatter", comm)
+        layout, comm, overlap = ctx.layout, ctx.comm, ctx.overlap
+        again = None
+        if not ctx.keep:  # gathered again, while the input gradient is computed
+            again = comm.all_gather_start(held.contiguous()) if overlap else Pending(lambda: comm.all_gather(held.contiguous()))
+            again = traced(again, "all_gather", comm, ctx.rank_ctx) if overlap else again
+        gx = sum(g @ w for g, w in zip(gs, ws)).contiguous()
+        full = held if ctx.keep else _assemble(again.wait(), layout, _full_shape(held, layout.dim, layout.size))
+        scatter = traced(reduce_scatter_start(gx, layout, comm), "reduce_scatter", comm, ctx.rank_ctx) if overlap else None
         flat = full.reshape(-1, full.shape[-1])
         gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]  # overlaps the reduce-scatter
         gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
-        gx = _reduce_scatter(gx.contiguous(), layout, comm) if scatter is None else scatter.wait()
-        return (gx, None, None, None, None, *gws, *gbs)
+        gx = scatter.wait() if overlap else _reduce_scatter(gx, layout, comm)
+        return (gx, None, None, None, None, None, *gws, *gbs)
 
 
 @op(
     "gathered_linears(Tensor x, int dim, SymInt size, str? runs, Tensor[] weights, Tensor?[] biases, "
-    "bool keep_gathered=False, *, str group='tp') -> Tensor[]"
+    "bool keep_gathered=False, bool overlap=True, *, str group='tp') -> Tensor[]"
 )
-def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, keep_gathered: bool = False, *,
-                     group: str = "tp"):
+def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases, keep_gathered: bool = False,
+                     overlap: bool = True, *, group: str = "tp"):
     """``linear(gather_to_tp(x), w, b)`` for each weight and bias, as a tuple; this rank's own
     tokens are computed while the other ranks' travel. ``keep_gathered=False`` keeps only this
     rank's shard of the input for backward and gathers it again there (Megatron's
     sequence-parallel linear, ``recompute_gathers``): the activation memory of the gathered
     input divided by tp, for one more all-gather in backward, which overlaps the input
-    gradient's matmul."""
+    gradient's matmul. ``overlap=False``: the gather waited for where it is."""
     comm = current().comm(group)
     layout = _layout(dim, size, runs, comm.world)
-    return _GatheredLinears.apply(x, layout, comm, keep_gathered, len(weights), *weights, *biases)
+    overlap = _overlapped(comm, layout, x, overlap)
+    return _GatheredLinears.apply(x, layout, comm, keep_gathered, overlap, len(weights), *weights, *biases)
 
 
 class _LinearReduceScatter(torch.autograd.Function):
@@ -118,13 +122,14 @@ class _LinearReduceScatter(torch.autograd.Function):
     first, this rank's own rows while they travel."""
 
     @staticmethod
-    def forward(ctx, x, w, b, layout, comm):
-        ctx.layout, ctx.comm, ctx.has_bias = layout, comm, b is not None
+    def forward(ctx, x, w, b, layout, comm, overlap):
+        ctx.layout, ctx.comm, ctx.overlap, ctx.has_bias = layout, comm, overlap, b is not None
+        ctx.rank_ctx = current()
         ctx.save_for_backward(x, w)
         me = comm.rank
-        if _sync(comm):
-            partial = F.linear(x, w)
-            out = _reduce_scatter(partial.contiguous(), layout, comm)
+        if not overlap:  # the unfused ops: the bias in rank 0's partial sum (``to_partial``)
+            partial = F.linear(x, w, b if me == 0 else None)
+            return _reduce_scatter(partial.contiguous(), layout, comm)
         else:
             first = F.linear(_take(x, layout, (me + 1) % comm.world), w)
             chunks = first.new_empty((comm.world, *first.shape))
@@ -132,48 +137,43 @@ class _LinearReduceScatter(torch.autograd.Function):
             for r in range(comm.world):
                 if r not in (me, (me + 1) % comm.world):
                     torch.matmul(_take(x, layout, r), w.t(), out=chunks[r])
-            pending = traced(comm.all_to_all_start(chunks, "reduce_scatter"), "reduce_scatter", comm)  # own slot stays
-            out = F.linear(_take(x, layout, me), w)  # overlaps the all-to-all
+            # this rank's slot is sent to itself only, and not read: its own rows are computed now
+            pending = traced(comm.all_to_all_start(chunks, "reduce_scatter"), "reduce_scatter", comm, ctx.rank_ctx)
+            own = F.linear(_take(x, layout, me), w)  # overlaps the all-to-all
             got = pending.wait()
-            for r in range(comm.world):
-                if r != me:
-                    out = out + got[r]
+            out = own if me == 0 else got[0].clone()
+            for r in range(1, comm.world):  # summed in rank order, as the reduce-scatter sums
+                out = out + (own if r == me else got[r])
         return out + b if b is not None else out
 
     @staticmethod
     def backward(ctx, g):
         x, w = ctx.saved_tensors
-        layout, comm, me = ctx.layout, ctx.comm, ctx.comm.rank
+        layout, comm = ctx.layout, ctx.comm
         g = g.contiguous()
-        if _sync(comm):
-            parts = comm.all_gather(g)
-        else:
-            pending = traced(comm.all_gather_start(g), "all_gather", comm)
-            own_x = _take(x, layout, me)
-            gx_own = g @ w  # overlaps the gather
-            gw = g.reshape(-1, g.shape[-1]).t() @ own_x.reshape(-1, own_x.shape[-1])
+        if ctx.overlap:
+            pending = traced(comm.all_gather_start(g), "all_gather", comm, ctx.rank_ctx)
+            own = g @ w  # this rank's rows of the input gradient, while the others' arrive
             parts = pending.wait()
-        gxs, gw_total = [], None
-        for r, p in enumerate(parts):
-            if r == me and not _sync(comm):
-                gxs.append(gx_own)
-                part_gw = gw
-            else:
-                xr = _take(x, layout, r)
-                gxs.append(p @ w)
-                part_gw = p.reshape(-1, p.shape[-1]).t() @ xr.reshape(-1, xr.shape[-1])
-            gw_total = part_gw if gw_total is None else gw_total + part_gw
-        gx = _assemble(gxs, layout, _full_shape(gxs[0], layout.dim, layout.size))
-        gb = sum(p.reshape(-1, p.shape[-1]).sum(0) for p in parts) if ctx.has_bias else None
-        return gx, gw_total, gb, None, None
+            rows = _by_rank(own, [p @ w for r, p in enumerate(parts) if r != comm.rank], comm.rank, comm.world)
+            full_g = _assemble(parts, layout, _full_shape(g, layout.dim, layout.size))
+            gx = _assemble(rows, layout, _full_shape(own, layout.dim, layout.size))
+        else:
+            full_g = scatter_grad_start(g, layout, comm).wait()
+            gx = full_g @ w
+        flat = full_g.reshape(-1, full_g.shape[-1])
+        gw = flat.t() @ x.reshape(-1, x.shape[-1])
+        gb = flat.sum(0) if ctx.has_bias else None
+        return gx, gw, gb, None, None, None
 
 
 @op("linear_reduce_scatter(Tensor x, Tensor weight, Tensor? bias, int dim, SymInt size, str? runs=None, "
-    "*, str group='tp') -> Tensor")
-def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, dim: int, size: int, runs=None, *,
-                          group: str = "tp") -> torch.Tensor:
+    "bool overlap=True, *, str group='tp') -> Tensor")
+def linear_reduce_scatter(x: torch.Tensor, weight: torch.Tensor, bias, dim: int, size: int, runs=None,
+                          overlap: bool = True, *, group: str = "tp") -> torch.Tensor:
     """This rank's shard (along ``dim``) of ``linear(x, weight)`` summed over the ranks, plus
     ``bias`` (replicated, added once): a row-parallel linear followed by sequence parallelism's
     reduce-scatter, its own rows computed while the other ranks' partial sums travel."""
     comm = current().comm(group)
-    return _LinearReduceScatter.apply(x, weight, bias, _layout(dim, size, runs, comm.world), comm)
+    layout = _layout(dim, size, runs, comm.world)
+    return _LinearReduceScatter.apply(x, weight, bias, layout, comm, _overlapped(comm, layout, x, overlap))

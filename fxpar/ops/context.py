@@ -75,12 +75,14 @@ class RankContext:
             raise FxparError(f"no communicator for mesh dimension '{group}' in this rank's context") from None
 
 
-def traced(pending, kind: str, comm):
+def traced(pending, kind: str, comm, rank: RankContext | None = None):
     """``pending`` (a ``fxpar.ops.comm.Pending``), its time from now to its ``wait()`` kept in
-    the current rank's ``background`` list as ``comm <group> <kind>``, and the part of it spent
-    in ``wait()`` as ``comm <group> <kind> waited``, for the step's trace."""
+    the ``background`` list of ``rank`` (default: the current rank's) as ``comm <group> <kind>``,
+    and the part of it spent in ``wait()`` as ``comm <group> <kind> waited``, for the step's
+    trace. A backward passes the rank its forward ran as: autograd may run it on a thread of its
+    own, which does not see the current rank."""
     begun = time.perf_counter()
-    ctx = _CURRENT.get()
+    ctx = rank if rank is not None else _CURRENT.get()
     name = f"comm {getattr(comm, 'name', '')} {kind}".replace("  ", " ")
 
     def finish():
@@ -98,6 +100,11 @@ def traced(pending, kind: str, comm):
 _CURRENT: contextvars.ContextVar[RankContext | None] = contextvars.ContextVar("fxpar_rank_context", default=None)
 
 
+def current_or_none() -> RankContext | None:
+    """The rank a program runs as, or None outside the runtime (for what is only recorded)."""
+    return _CURRENT.get()
+
+
 def current() -> RankContext:
     ctx = _CURRENT.get()
     if ctx is None:
@@ -106,6 +113,18 @@ def current() -> RankContext:
             "fxpar.parallelize, or Plan.simulate for all ranks in one process"
         )
     return ctx
+
+
+@contextlib.contextmanager
+def tracing():
+    """Within it, the collectives the current rank's ops begin in the background are kept
+    (``traced``); yields the list they go into, complete when it ends."""
+    ctx = current()
+    events = ctx.background = []
+    try:
+        yield events
+    finally:
+        ctx.background = None
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .comm import Pending
-from .context import current, traced
+from .context import current, current_or_none, traced
 from .library import op
 
 
@@ -150,19 +150,20 @@ def scatter_rows_start(grads: list[torch.Tensor], rows: list[int], comm) -> Pend
 
 class Reductions:
     """Zero 2 and 3 within a training step: each layer's gradient reduce-scatter, begun as its
-    backward ends and finished (its rows added to the masters' ``.grad``) while later layers'
-    backward runs, at most ``IN_FLIGHT`` at a time, the rest when the step ends (``settle``)."""
+    backward ends and finished (its rows added to the masters' ``.grad``) once the next one is
+    begun, so that it runs while the layer before computes its backward; ``in_flight=0``: each
+    finished at once. What is still in flight when the step ends is finished by ``settle``.
+    ``rank``: the rank context its transfers are traced in."""
 
-    IN_FLIGHT = 2
-
-    def __init__(self):
+    def __init__(self, in_flight: int = 1, rank=None):
+        self.in_flight, self.rank = in_flight, rank
         self.pending: list[tuple[list, Pending]] = []
         self.lock = threading.Lock()
 
     def begin(self, entries: list, pending: Pending) -> None:
         with self.lock:
             self.pending.append((entries, pending))
-            while len(self.pending) > self.IN_FLIGHT:
+            while len(self.pending) > self.in_flight:
                 self._finish(*self.pending.pop(0))
 
     def settle(self) -> None:
@@ -233,11 +234,10 @@ _STEP: contextvars.ContextVar[Reductions | None] = contextvars.ContextVar("fxpar
 def one_step(background: bool = True):
     """Within it (a training step over microbatches), zero 1 sums each weight's whole gradient
     and leaves it to ``fxpar.runtime.zero.finish``, and zero 2 and 3 begin each layer's
-    reduce-scatter in the background (``Reductions``; with ``background=False`` each waits for
-    its own), all finished when it ends; outside, a backward reduce-scatters at once
+    reduce-scatter in the background (``Reductions``; with ``background=False`` each is finished
+    at once), all finished when it ends; outside, a backward reduce-scatters at once
     (``loss.backward()`` by the caller has no end of step to wait for)."""
-    reductions = Reductions()
-    reductions.IN_FLIGHT = Reductions.IN_FLIGHT if background else 0
+    reductions = Reductions(1 if background else 0, current_or_none())
     token = _STEP.set(reductions)
     try:
         yield
@@ -307,8 +307,8 @@ def reduce_grads(entries: list[Sharded], grads, comm, deferred: Reductions | Non
     if now:
         pending = scatter_rows_start([grads[i].to(entries[i].reduce_dtype) for i in now],
                                      [entries[i].rows for i in now], comm)
-        if deferred is not None and deferred.IN_FLIGHT:
-            pending = traced(pending, "reduce_scatter", comm)
+        if deferred is not None and deferred.in_flight:
+            pending = traced(pending, "reduce_scatter", comm, deferred.rank)
         if deferred is not None:  # the rows' gradients land on the masters later, outside autograd
             deferred.begin([entries[i] for i in now], pending)
         else:

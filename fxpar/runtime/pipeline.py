@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from ..errors import FxparError
 from ..schedule import Schedule
 from ..stages import PipelineSpec
-from ..ops.context import current
+from ..ops.context import current, tracing
 from ..ops.params import one_step
 from ..ops import deferred
 from .buckets import buckets
@@ -89,8 +89,9 @@ class PipelineRunner:
         reducer = self._overlapping(params)
         if reducer is not None:
             reducer.begin_step()
-        with one_step(background=self.overlap):
+        with tracing() as background, one_step(background=self.overlap):
             self._run(self.schedule.actions[self.pp_rank], st)
+        self.events += background
         self.p2p.flush()
         reduced = reducer.finish() if reducer is not None else set()
         if reducer is not None:
@@ -110,7 +111,9 @@ class PipelineRunner:
         st = _State(microbatches, None, None, len(microbatches))
         self._bind_sizes(microbatches[0])
         self._expect(lambda r: self._forward_actions(len(microbatches), r))
-        self._run(self._forward_actions(len(microbatches)), st)
+        with tracing() as background:
+            self._run(self._forward_actions(len(microbatches)), st)
+        self.events += background
         self.p2p.flush()
         return st.outputs
 
@@ -118,12 +121,10 @@ class PipelineRunner:
         """Carry out ``actions`` in order, keeping when each started and ended (``events``)."""
         self.events = []
         clock = time.perf_counter
-        background = current().background = []  # the collectives the ops begin and wait for later
         for a in actions:
             t0 = clock()
             getattr(self, "_" + a.kind.lower())(a, st)
             self.events.append((str(a), t0, clock()))
-        self.events += background
 
     def _expect(self, actions_of) -> None:
         """Tell the transport, per peer, the messages that peer will send here, in its order.
