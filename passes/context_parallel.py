@@ -264,12 +264,11 @@ def _as_ring(new: Node, old: Node, world: int) -> None:
 
 
 def _ring_traffic(node: Node, world: int) -> CommInfo:
-    """What one cp rank sends for ring attention ``node``: its keys and values (repeated to the
-    query heads) to the next rank at each of w-1 steps; in backward those again with their fp32
-    gradients, which make one more step home."""
-    q, k, v = (t.meta["val"] for t in node.args[:3])
-    repeat = q.shape[-3] // k.shape[-3]
-    kv = (k.numel() + v.numel()) * repeat
+    """What one cp rank sends for ring attention ``node``: its keys and values (with their own
+    heads, grouped-query ones not repeated) to the next rank at each of w-1 steps; in backward
+    those again with their fp32 gradients, which make one more step home."""
+    k, v = (t.meta["val"] for t in node.args[1:3])
+    kv = k.numel() + v.numel()
     local = kv // world
     fwd = (world - 1) * local * k.element_size()
     bwd = (world - 1) * local * (k.element_size() + 4) + local * 4

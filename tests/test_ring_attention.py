@@ -130,3 +130,38 @@ def test_the_cost_model_counts_its_compute(monkeypatch):
     cost.estimate_plan(plan, "h100-80gb")
     ring = [n.name for n in plan.graph_module.graph.nodes if (c := n.meta.get(COMM)) is not None and c.kind == "ring"]
     assert ring and set(ring) <= set(priced)  # its compute counts (it is also a collective)
+
+
+class GroupedQuery(torch.nn.Module):
+    """Attention with one key/value head for four query heads, handed to SDPA as such
+    (``enable_gqa=True``), not repeated by the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = torch.nn.Linear(32, 32), torch.nn.Linear(32, 8), torch.nn.Linear(32, 8)
+        self.o = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 8).transpose(1, 2)
+        k, v = (f(x).view(b, t, 1, 8).transpose(1, 2) for f in (self.k, self.v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o(y.transpose(1, 2).reshape(b, t, 32))
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_grouped_query_keys_travel_with_their_own_heads(cp):
+    """The ring moves a group's key/value head once (a quarter of the repeated bytes here), and
+    training still equals one device."""
+    torch.manual_seed(0)
+    model, x = GroupedQuery(), torch.randn(2, 16, 32)
+    plan = fxpar.compile(model, fxpar.Mesh(cp=cp), (x,), context_parallel="ring")
+    loss, grads = plan.simulate_train(lambda out: out.pow(2).mean(), x)
+    ref = model(x).pow(2).mean()
+    ref.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+    ring = [n for n in plan.graph_module.graph.nodes if (c := n.meta.get(COMM)) is not None and c.kind == "ring"]
+    local_kv = 2 * (2 * 1 * (16 // cp) * 8) * 4  # k and v of one rank: batch 2, 1 head, its positions, fp32
+    assert ring[0].meta[COMM].bytes == (cp - 1) * local_kv

@@ -12,8 +12,9 @@ keys and values travel while scores are computed. Backward goes around the ring 
 key/value block travel with it, arriving home after the last step. No rank holds the whole
 sequence's keys (the activations kept are its own positions' q, k, v and output; a mask, when
 there is one, is read whole), and pairs of position runs that a causal mask hides entirely are
-skipped. Grouped-query keys and values are repeated to the query heads before the ring (what
-travels and is kept is the repeated size).
+skipped. Grouped-query keys and values travel and are kept with their own heads, repeated to the
+query heads one block at a time (and their gradients summed back), so the ring moves a group's
+keys once, not once per query head.
 
 A mask (``attn_mask``, boolean or additive) is read whole, its rows and columns picked for each
 block; ``is_causal`` masks by the global positions, not the local ones.
@@ -38,9 +39,6 @@ def ring_attention(q, k, v, is_causal: bool, scale, runs: str, attn_mask=None, *
     """Attention of this rank's queries to every rank's keys and values (see the module doc);
     ``runs``: every rank's positions, as ``fxpar.ops.library.runs_arg`` writes them."""
     comm = current().comm(group)
-    if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each key/value head serves a group of query heads
-        group_size = q.shape[-3] // k.shape[-3]
-        k, v = k.repeat_interleave(group_size, -3), v.repeat_interleave(group_size, -3)
     return _Ring.apply(comm, q, k, v, is_causal, q.shape[-1] ** -0.5 if scale is None else scale, runs, attn_mask)
 
 
@@ -82,6 +80,17 @@ def _scores(q, k, scale, rows, cols, causal, mask, q_index, k_index):
     return s
 
 
+def _repeat(t, group: int):
+    """Grouped-query keys or values repeated to the query heads (each serves ``group`` of them)."""
+    return t if group == 1 else t.repeat_interleave(group, -3)
+
+
+def _fold(t, group: int):
+    """The inverse for gradients: each key/value head's gradient summed over the query heads it
+    served."""
+    return t if group == 1 else t.unflatten(-3, (t.shape[-3] // group, group)).sum(-3)
+
+
 def _global_index(local, device):
     return torch.cat([torch.arange(a, b, device=device) for a, b, _ in local])
 
@@ -94,17 +103,19 @@ class _Ring(torch.autograd.Function):
         q_index = _global_index(pos[r], q.device)
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+        group = q.shape[-3] // k.shape[-3]
         kk, vv = k, v
         for step in range(w):
             src = (r - step) % w
             # the next block is on its way while this one is computed
             coming = _shift_start(comm, kk, vv) if step + 1 < w else None
             k_index = _global_index(pos[src], q.device)
+            kr, vr = _repeat(kk, group), _repeat(vv, group)
             for rows, cols, causal in _pairs(pos[r], pos[src], is_causal):
-                s = _scores(q, kk, scale, rows, cols, causal, mask, q_index, k_index)
+                s = _scores(q, kr, scale, rows, cols, causal, mask, q_index, k_index)
                 block_lse = torch.logsumexp(s, -1)
                 p = torch.exp(s - torch.where(torch.isinf(block_lse), 0.0, block_lse)[..., None])
-                block = torch.matmul(p.to(vv.dtype), vv[..., cols, :]).float()
+                block = torch.matmul(p.to(vr.dtype), vr[..., cols, :]).float()
                 new = torch.logaddexp(lse[..., rows], block_lse)
                 keep = torch.where(torch.isinf(new), 0.0, torch.exp(lse[..., rows] - new))
                 take = torch.where(torch.isinf(new), 0.0, torch.exp(block_lse - new))
@@ -131,19 +142,21 @@ class _Ring(torch.autograd.Function):
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         safe_lse = torch.where(torch.isinf(lse), 0.0, lse)
+        group = q.shape[-3] // k.shape[-3]
         for step in range(w):
             src = (r - step) % w
             coming = _shift_start(comm, kk, vv) if step + 1 < w else None
             k_index = _global_index(pos[src], q.device)
+            kr, vr = _repeat(kk, group), _repeat(vv, group)
             for rows, cols, causal in _pairs(pos[r], pos[src], ctx.is_causal):
-                s = _scores(q, kk, scale, rows, cols, causal, mask, q_index, k_index)
+                s = _scores(q, kr, scale, rows, cols, causal, mask, q_index, k_index)
                 p = torch.exp(s - safe_lse[..., rows, None])
                 g = dout[..., rows, :].float()
-                dv[..., cols, :] += torch.matmul(p.transpose(-1, -2), g)
-                dp = torch.matmul(g, vv[..., cols, :].float().transpose(-1, -2))
+                dv[..., cols, :] += _fold(torch.matmul(p.transpose(-1, -2), g), group)
+                dp = torch.matmul(g, vr[..., cols, :].float().transpose(-1, -2))
                 ds = p * (dp - delta[..., rows, None]) * scale
-                dq[..., rows, :] += torch.matmul(ds, kk[..., cols, :].float())
-                dk[..., cols, :] += torch.matmul(ds.transpose(-1, -2), q[..., rows, :].float())
+                dq[..., rows, :] += torch.matmul(ds, kr[..., cols, :].float())
+                dk[..., cols, :] += _fold(torch.matmul(ds.transpose(-1, -2), q[..., rows, :].float()), group)
             # the gradients gathered for the block follow it (its keys and values went ahead)
             dk, dv = _shift_start(comm, dk, dv).wait()
             if coming is not None:
