@@ -15,8 +15,8 @@ measurement and nothing fitted to a model:
   dimension whose groups fit in one node (``gpus_per_node``) runs over NVLink and one that spans
   nodes over the network. On a device whose collectives run beside its compute (``overlap``), a
   collective is exposed by what the work around it cannot hide: a collective begun early hides
-  behind the ops up to its wait (forward, and twice that in backward), a collective matmul behind
-  this rank's own part of its matmuls (``fxpar/ops/collective_matmul.py``), ring attention's
+  behind the ops up to its wait (forward, and twice that in backward), each step of a collective
+  matmul's ring behind one chunk's matmul (``fxpar/ops/collective_matmul.py``), ring attention's
   transfers behind its blocks; zero 3's weight gathers are prefetched and hide behind a stage's
   compute. Every other collective is exposed whole.
   Data-parallel gradient reduction (an all-reduce, or a reduce-scatter and an all-gather under
@@ -282,23 +282,21 @@ def _exposed(node, info, f: float, b: float, seconds: float, beside: dict, links
         # long in backward); the gradients' transfers wait for their block
         share = (links._world("cp") - 1) / links._world("cp")
         return max(0.0, f - share * seconds), max(0.0, f - 2 * share * seconds) + max(0.0, b - f)
-    if node.target is CM.gathered_linears:
-        # this rank's tokens (1/t of the matmuls) beside the gather; in backward the weight
-        # gradients (as long as the forward) beside the input gradient's reduce-scatter, and
-        # the input gradient beside a gather made again
-        if not _arg(node, 7, "overlap", True):
+    if node.target in (CM.gathered_linears, CM.linear_reduce_scatter):
+        # t-1 steps around the tp ring, each chunk's transfer beside one chunk's matmul: forward
+        # the linears, backward the input gradient's (the weight gradients follow the ring)
+        overlap = _arg(node, 7, "overlap", True) if node.target is CM.gathered_linears else _arg(node, 6, "overlap", True)
+        if not overlap:
             return f, b
-        own = seconds / links._world(info.group)
-        if _arg(node, 6, "keep_gathered", False):
-            return max(0.0, f - own), max(0.0, b - seconds)
-        return max(0.0, f - own), 2 * max(0.0, b / 2 - seconds)  # a gather again, then the reduce-scatter
-    if node.target is CM.linear_reduce_scatter:
-        if not _arg(node, 6, "overlap", True):
-            return f, b
-        own = seconds / links._world(info.group)  # this rank's rows beside, forward and backward
-        return max(0.0, f - own), max(0.0, b - own)
+        t = links._world(info.group)
+        return _ring_exposed(f, seconds, t), _ring_exposed(b, seconds, t)
     between = beside.get(node.name, 0.0)  # a collective begun early, waited for late
     return max(0.0, f - between), max(0.0, b - 2 * between)
+
+
+def _ring_exposed(transfer: float, compute: float, t: int) -> float:
+    """What t-1 ring steps leave exposed, each moving ``transfer/(t-1)`` beside ``compute/t``."""
+    return (t - 1) * max(0.0, transfer / (t - 1) - compute / t) if t > 1 else 0.0
 
 
 def _arg(node, index: int, name: str, default):

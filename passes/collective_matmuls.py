@@ -8,13 +8,14 @@ nodes over tp that ``insert_collectives`` made.
 
 * A ``gather_to_tp`` whose every user is a ``linear`` of it by a weight becomes one
   ``gathered_linears`` node keeping the gathered input for backward (as the unfused ops did; the
-  memory model sees the same tensors) and a ``getitem`` per linear: forward computes this rank's
-  own tokens while the other ranks' arrive; backward computes the weight gradients while the
-  input gradient is reduce-scattered.
+  memory model sees the same tensors) and a ``getitem`` per linear: forward computes each
+  chunk of tokens as it goes around the tp ranks; backward sums the input gradient's chunks
+  around them as they are computed.
 * A ``reduce_scatter`` whose input is a ``linear`` by a weight that nothing else reads (the
   row-parallel projection closing an attention or MLP block), with no bias or a bias added once
-  through ``to_partial``, becomes one ``linear_reduce_scatter`` node: the other ranks' rows are
-  computed and sent first, this rank's own rows while they travel; backward mirrors it.
+  through ``to_partial``, becomes one ``linear_reduce_scatter`` node: each rank's rows' partial
+  sums are computed and added as they go around the tp ranks; backward passes the output
+  gradient's chunks around as the input gradient's rows are computed.
 
 Both ops are in ``fxpar/ops/collective_matmul.py``; they keep the unfused ops' bytes on the wire
 (``fxpar_comm`` unchanged). Only collectives along a token dim are fused (not along the features
@@ -45,7 +46,7 @@ def _over_tp(node: Node) -> bool:
 
 def _token_dim(node: Node, dim: int) -> bool:
     """Whether ``dim`` of ``node``'s value is a leading (token) dim, not the features a linear
-    contracts or makes: the own part of a collective matmul is its own tokens."""
+    contracts or makes: a collective matmul's chunks are chunks of tokens."""
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and 0 <= dim < val.dim() - 1
 

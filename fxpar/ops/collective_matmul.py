@@ -1,26 +1,32 @@
 """Collective matmuls: a sequence-parallel gather or reduce-scatter fused with the linears beside
 it, so that the transfer runs while the rank computes the part that does not wait for it (the
-async tensor parallelism of Megatron and of ``torch.distributed``'s fused all-gather matmul and
-matmul reduce-scatter).
+looped collective matmul of Wang et al., as Megatron's and ``torch.distributed``'s async tensor
+parallelism run it: ``all_gather_matmul``, ``matmul_reduce_scatter``).
+
+Both go around the tp ranks in t steps (``Communicator.shift_start``: each rank sends to the next
+and receives from the one before):
 
 ==========================  ==============================================  ===============================================
 op                          forward                                         backward
 ==========================  ==============================================  ===============================================
-``gathered_linears``        all-gather of the token shard begun; the        input re-gathered (if not kept) while the input
-                            linears of this rank's own tokens run; then     gradient is computed; its reduce-scatter begun;
-                            the other ranks' tokens                         the weight gradients computed meanwhile
-``linear_reduce_scatter``   the other ranks' token rows first, their        gradient all-gather begun; this rank's rows'
-                            partial sums sent (an all-to-all) while this    input and weight gradients computed meanwhile;
-                            rank's own rows are computed                    then the other ranks' rows
+``gathered_linears``        at each step the linears of the token chunk     the input gradient's chunks summed around the
+                            held, while it goes on to the next rank         ring as they are computed (a reduce-scatter);
+                            (an all-gather)                                 the input gathered again meanwhile (if not
+                                                                            kept); then the weight gradients
+``linear_reduce_scatter``   at each step the partial sum of one rank's      the output gradient's chunks passed around as
+                            rows computed and added to the one received,    each one's rows of the input gradient are
+                            then sent on (a reduce-scatter)                 computed (an all-gather); then the weight's
 ==========================  ==============================================  ===============================================
 
 Both compute the function of the unfused ops (``gather_to_tp`` then ``linear``; ``linear`` then
-``reduce_scatter``) from the same bytes on the wire: the all-to-all of a reduce-scatter's
-partial sums sends each rank its chunk, ``(t-1)/t`` of the tensor, as the ring reduce-scatter
-does. What is hidden is the own part's compute, ``1/t`` of the matmul: at t=2 half the matmul
-against the whole transfer. Each rank must hold the same number of tokens (every even split and
-the zigzag layouts do); ``passes/collective_matmuls.py`` fuses only those. Under ``torch.compile``
-they run the unfused collectives, for Dynamo to trace.
+``reduce_scatter``) from the same bytes on the wire: t-1 chunks, ``(t-1)/t`` of the tensor, as a
+ring all-gather or reduce-scatter sends. Each step's transfer runs beside one chunk's matmul, so
+what stays exposed is the part of each step's transfer that is longer than ``1/t`` of the matmul.
+The own part comes first or last; partial sums are added in ring order, not rank order (fp32
+rounding differs from the unfused ops, within a few ulps). A layout must split a token dim
+(``passes/collective_matmuls.py`` fuses only those); where ranks share tokens, or under
+``torch.compile`` (Dynamo traces the plain collectives), or with ``overlap=False``, the op runs
+the unfused ops' computation.
 
     >>> q, k, v = gathered_linears(x, 1, 4096, None, [wq, wk, wv], [None, None, None], True, group="tp")
     >>> out = linear_reduce_scatter(h, wo, None, 1, 4096, None, group="tp")
@@ -31,16 +37,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .collectives import _assemble, _full_shape, _layout, _reduce_scatter, _take, reduce_scatter_start, scatter_grad_start
+from .collectives import _assemble, _full_shape, _layout, _reduce_scatter, _take, scatter_grad_start
 from .comm import Pending
 from .context import current, traced
 from .library import op
-
-
-def _by_rank(own, others, rank: int, world: int) -> list:
-    """Every rank's part, in rank order, from this rank's own and the others' (in rank order)."""
-    it = iter(others)
-    return [own if r == rank else next(it) for r in range(world)]
 
 
 def _overlapped(comm, layout, x, overlap: bool) -> bool:
@@ -52,10 +52,47 @@ def _overlapped(comm, layout, x, overlap: bool) -> bool:
             and not torch.compiler.is_compiling())
 
 
+class _Shifted:
+    """A chunk on its way around the ring: ``wait()`` gives the one from the rank before."""
+
+    def __init__(self, t, comm, kind: str, rank):
+        self.shape = t.shape
+        self.pending = traced(comm.shift_start(t.contiguous(), kind), kind, comm, rank)
+
+    def wait(self):
+        return self.pending.wait().view(self.shape)
+
+
+def _ring_gather(x, comm, kind: str, rank, each):
+    """Every rank's chunk of ``x`` passed around the ring, ``each(r, chunk)`` called on the
+    chunk of rank r while it goes on to the next rank; returns the chunks in rank order."""
+    chunks, held, src = [None] * comm.world, x, comm.rank
+    for step in range(comm.world):
+        coming = _Shifted(held, comm, kind, rank) if step + 1 < comm.world else None
+        chunks[src] = held
+        each(src, held)
+        if coming is not None:
+            held, src = coming.wait(), (src - 1) % comm.world
+    return chunks
+
+
+def _ring_reduce(comm, kind: str, rank, part):
+    """This rank's chunk of a sum over the ranks whose part for rank r's chunk is ``part(r)``:
+    each rank computes one chunk's part, adds the sum received and sends it on, the chunk's
+    owner last."""
+    me, w = comm.rank, comm.world
+    acc = part((me - 1) % w)
+    for step in range(1, w):
+        coming = _Shifted(acc, comm, kind, rank)
+        mine = part((me - 1 - step) % w)  # while the sum so far travels
+        acc = coming.wait() + mine
+    return acc
+
+
 class _GatheredLinears(torch.autograd.Function):
-    """``linear(gather(x), W_i, b_i)`` for every i, this rank's tokens computed while the others'
-    arrive. ``keep``: autograd keeps the gathered input (as the unfused ops do) or only the shard
-    ``x``, gathered again in backward (Megatron's sequence-parallel linear)."""
+    """``linear(gather(x), W_i, b_i)`` for every i, each chunk of tokens computed as it goes
+    around the ring. ``keep``: autograd keeps the gathered input (as the unfused ops do) or only
+    the shard ``x``, gathered again in backward (Megatron's sequence-parallel linear)."""
 
     @staticmethod
     def forward(ctx, x, layout, comm, keep, overlap, n, *wb):
@@ -66,16 +103,15 @@ class _GatheredLinears(torch.autograd.Function):
             full = _assemble(comm.all_gather(x.contiguous()), layout, shape)
             outs = tuple(F.linear(full, w, b) for w, b in zip(ws, bs))
         else:
-            pending = traced(comm.all_gather_start(x.contiguous()), "all_gather", comm, ctx.rank_ctx)
-            own = [F.linear(x, w, b) for w, b in zip(ws, bs)]  # overlaps the gather
-            parts = pending.wait()
-            others = [p for r, p in enumerate(parts) if r != comm.rank]
-            outs = tuple(
-                _assemble(_by_rank(o, [F.linear(p, w, b) for p in others], comm.rank, comm.world), layout,
-                          _full_shape(o, layout.dim, layout.size))
-                for o, w, b in zip(own, ws, bs)
-            )
-            full = _assemble(parts, layout, shape) if keep else None
+            parts = [[None] * comm.world for _ in ws]
+
+            def each(r, chunk):
+                for i, (w, b) in enumerate(zip(ws, bs)):
+                    parts[i][r] = F.linear(chunk, w, b)
+
+            chunks = _ring_gather(x, comm, "all_gather", ctx.rank_ctx, each)
+            outs = tuple(_assemble(p, layout, _full_shape(p[0], layout.dim, layout.size)) for p in parts)
+            full = _assemble(chunks, layout, shape) if keep else None
         ctx.layout, ctx.comm, ctx.n, ctx.keep, ctx.overlap = layout, comm, n, keep, overlap
         ctx.has_bias = [b is not None for b in bs]
         ctx.save_for_backward(full if keep else x, *ws)
@@ -86,16 +122,19 @@ class _GatheredLinears(torch.autograd.Function):
         held, *ws = ctx.saved_tensors
         layout, comm, overlap = ctx.layout, ctx.comm, ctx.overlap
         again = None
-        if not ctx.keep:  # gathered again, while the input gradient is computed
-            again = comm.all_gather_start(held.contiguous()) if overlap else Pending(lambda: comm.all_gather(held.contiguous()))
-            again = traced(again, "all_gather", comm, ctx.rank_ctx) if overlap else again
-        gx = sum(g @ w for g, w in zip(gs, ws)).contiguous()
+        if not ctx.keep:  # the input gathered again, while the input gradient is computed
+            again = (traced(comm.all_gather_start(held.contiguous()), "all_gather", comm, ctx.rank_ctx) if overlap
+                     else Pending(lambda: comm.all_gather(held.contiguous())))
+        if overlap:
+            gs = [g.contiguous() for g in gs]
+            gx = _ring_reduce(comm, "reduce_scatter", ctx.rank_ctx,
+                              lambda r: sum(_take(g, layout, r) @ w for g, w in zip(gs, ws)))
+        else:
+            gx = _reduce_scatter(sum(g @ w for g, w in zip(gs, ws)).contiguous(), layout, comm)
         full = held if ctx.keep else _assemble(again.wait(), layout, _full_shape(held, layout.dim, layout.size))
-        scatter = traced(reduce_scatter_start(gx, layout, comm), "reduce_scatter", comm, ctx.rank_ctx) if overlap else None
         flat = full.reshape(-1, full.shape[-1])
-        gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]  # overlaps the reduce-scatter
+        gws = [g.reshape(-1, g.shape[-1]).t() @ flat for g in gs]
         gbs = [g.reshape(-1, g.shape[-1]).sum(0) if hb else None for g, hb in zip(gs, ctx.has_bias)]
-        gx = scatter.wait() if overlap else _reduce_scatter(gx, layout, comm)
         return (gx, None, None, None, None, None, *gws, *gbs)
 
 
@@ -118,32 +157,18 @@ def gathered_linears(x: torch.Tensor, dim: int, size: int, runs, weights, biases
 
 
 class _LinearReduceScatter(torch.autograd.Function):
-    """``reduce_scatter(linear(x, w) + to_partial(b))``, the other ranks' rows computed and sent
-    first, this rank's own rows while they travel."""
+    """``reduce_scatter(linear(x, w) + to_partial(b))``, each rank's rows' partial sums computed
+    and added as they go around the ring."""
 
     @staticmethod
     def forward(ctx, x, w, b, layout, comm, overlap):
         ctx.layout, ctx.comm, ctx.overlap, ctx.has_bias = layout, comm, overlap, b is not None
         ctx.rank_ctx = current()
         ctx.save_for_backward(x, w)
-        me = comm.rank
         if not overlap:  # the unfused ops: the bias in rank 0's partial sum (``to_partial``)
-            partial = F.linear(x, w, b if me == 0 else None)
+            partial = F.linear(x, w, b if comm.rank == 0 else None)
             return _reduce_scatter(partial.contiguous(), layout, comm)
-        else:
-            first = F.linear(_take(x, layout, (me + 1) % comm.world), w)
-            chunks = first.new_empty((comm.world, *first.shape))
-            chunks[(me + 1) % comm.world] = first
-            for r in range(comm.world):
-                if r not in (me, (me + 1) % comm.world):
-                    torch.matmul(_take(x, layout, r), w.t(), out=chunks[r])
-            # this rank's slot is sent to itself only, and not read: its own rows are computed now
-            pending = traced(comm.all_to_all_start(chunks, "reduce_scatter"), "reduce_scatter", comm, ctx.rank_ctx)
-            own = F.linear(_take(x, layout, me), w)  # overlaps the all-to-all
-            got = pending.wait()
-            out = own if me == 0 else got[0].clone()
-            for r in range(1, comm.world):  # summed in rank order, as the reduce-scatter sums
-                out = out + (own if r == me else got[r])
+        out = _ring_reduce(comm, "reduce_scatter", ctx.rank_ctx, lambda r: F.linear(_take(x, layout, r), w))
         return out + b if b is not None else out
 
     @staticmethod
@@ -152,12 +177,14 @@ class _LinearReduceScatter(torch.autograd.Function):
         layout, comm = ctx.layout, ctx.comm
         g = g.contiguous()
         if ctx.overlap:
-            pending = traced(comm.all_gather_start(g), "all_gather", comm, ctx.rank_ctx)
-            own = g @ w  # this rank's rows of the input gradient, while the others' arrive
-            parts = pending.wait()
-            rows = _by_rank(own, [p @ w for r, p in enumerate(parts) if r != comm.rank], comm.rank, comm.world)
+            rows = [None] * comm.world
+
+            def each(r, chunk):
+                rows[r] = chunk @ w  # rank r's rows of the input gradient, as its chunk passes
+
+            parts = _ring_gather(g, comm, "all_gather", ctx.rank_ctx, each)
             full_g = _assemble(parts, layout, _full_shape(g, layout.dim, layout.size))
-            gx = _assemble(rows, layout, _full_shape(own, layout.dim, layout.size))
+            gx = _assemble(rows, layout, _full_shape(rows[0], layout.dim, layout.size))
         else:
             full_g = scatter_grad_start(g, layout, comm).wait()
             gx = full_g @ w

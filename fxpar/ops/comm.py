@@ -134,14 +134,15 @@ class Communicator:
         self.sent_bytes["all_to_all"] += (sum(send) - send[self.rank]) * row * t.element_size()
         return self._all_to_all_v(t.contiguous(), list(send), list(recv))
 
-    def shift_start(self, t: torch.Tensor) -> "Pending":
+    def shift_start(self, t: torch.Tensor, kind: str = "ring") -> "Pending":
         """``t`` sent to the next rank (``rank + 1``, around the ring), begun now; the returned
-        handle's ``wait()`` gives what the previous rank sent, flat: one step of ring attention.
+        handle's ``wait()`` gives what the previous rank sent, flat: one step of ring attention,
+        or of a collective matmul's all-gather or reduce-scatter, whose bytes count as ``kind``.
         Here it is done at once; ``fxpar.runtime.comm.DistComm`` runs it in the background."""
         if self.world == 1:
             return Pending(lambda: t)
-        self.calls["ring"] += 1
-        self.sent_bytes["ring"] += t.numel() * t.element_size()
+        self.calls[kind] += 1
+        self.sent_bytes[kind] += t.numel() * t.element_size()
         return self._shift_start(t.reshape(1, -1).contiguous(), *self._ring_sizes())
 
     def _ring_sizes(self):
@@ -192,7 +193,7 @@ class ShapeComm(Communicator):
         out = t.clone()
         return Pending(lambda: out)
 
-    def shift_start(self, t):
+    def shift_start(self, t, kind="ring"):
         out = t.clone()
         return Pending(lambda: out)
 
