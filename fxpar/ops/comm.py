@@ -102,18 +102,6 @@ class Communicator:
         out = self.reduce_scatter(t, dim)
         return Pending(lambda: out)
 
-    def all_to_all_start(self, t: torch.Tensor, kind: str = "all_to_all") -> "Pending":
-        """``all_to_all`` begun now and finished by the returned handle's ``wait()``; its bytes
-        are counted as ``kind`` (a reduce-scatter's partial sums sent by an all-to-all count as
-        the reduce-scatter they are). Here it is done at once; ``DistComm`` runs it in the
-        background."""
-        self._count(kind, t.numel(), t.element_size(), 1)
-        return self._all_to_all_start(t.contiguous())
-
-    def _all_to_all_start(self, t) -> "Pending":
-        out = self._all_to_all(t)
-        return Pending(lambda: out)
-
     def all_to_all(self, t: torch.Tensor) -> torch.Tensor:
         """Chunk ``i`` of ``t`` (its dim 0 split evenly) goes to rank ``i``; returns the chunks
         received, in rank order, stacked the same way."""
@@ -187,10 +175,6 @@ class ShapeComm(Communicator):
 
     def reduce_scatter_start(self, t, dim):
         out = self.reduce_scatter(t, dim)
-        return Pending(lambda: out)
-
-    def all_to_all_start(self, t, kind="all_to_all"):
-        out = t.clone()
         return Pending(lambda: out)
 
     def shift_start(self, t, kind="ring"):

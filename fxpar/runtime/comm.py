@@ -91,14 +91,7 @@ class DistComm(Communicator):
         return Pending(finish)
 
     def _reduce_scatter(self, t, dim):
-        if t.device.type == "cuda":
-            chunks = [c.contiguous() for c in t.chunk(self.world, dim)]
-            out = torch.empty_like(chunks[self.rank])
-            self._wait(dist.reduce_scatter(out, chunks, group=self.group, async_op=True), "reduce_scatter", t)
-            return out
-        # gloo has no reduce_scatter: all-reduce and keep a copy of the chunk (a view would keep
-        # the whole sum alive with it: a zero-2 gradient would cost the weight's whole size)
-        return self._all_reduce(t).chunk(self.world, dim)[self.rank].clone(memory_format=torch.contiguous_format)
+        return self._reduce_scatter_start(t, dim).wait()
 
     def _reduce_scatter_start(self, t, dim):
         if t.device.type == "cuda":
@@ -109,7 +102,9 @@ class DistComm(Communicator):
             def finish():
                 self._wait(work, "reduce_scatter", t)
                 return out
-        else:  # as ``_reduce_scatter``: gloo has none
+        else:
+            # gloo has no reduce_scatter: all-reduce and keep a copy of the chunk (a view would
+            # keep the whole sum alive with it: a zero-2 gradient would cost the weight's size)
             total = t.clone()
             work = dist.all_reduce(total, group=self.group, async_op=True)
 
@@ -128,15 +123,6 @@ class DistComm(Communicator):
         self._wait(dist.all_to_all_single(out, t, group=self.group, async_op=True), "all_to_all", t)
         return out
 
-    def _all_to_all_start(self, t):
-        out = torch.empty_like(t)
-        work = dist.all_to_all_single(out, t, group=self.group, async_op=True)
-
-        def finish():
-            self._wait(work, "all_to_all", t)
-            return out
-
-        return Pending(finish)
 
     def _all_to_all_v(self, t, send, recv):
         out = t.new_empty((sum(recv), *t.shape[1:]))
