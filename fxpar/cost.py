@@ -102,12 +102,12 @@ def estimate_plan(plan, device="cpu", gpus_per_node: int = 8) -> Estimate:
     layer_dtype = compute_dtype(ctx.options.precision) or torch.float32
 
     fwd, bwd, weight, parts, flops_run, flops_model = [], [], [], [], 0.0, 0.0
+    beside = _work_beside(gm, dev, num) if dev.overlap else {}
     for s, mem in zip(spec.stages, memories):
         t = {"compute": 0.0, "tp": 0.0, "cp": 0.0, "ep": 0.0, "pp": 0.0, "dp": 0.0}
         t_b = dict(t)
         recompute = 0.0
         w = 0.0  # of backward, the weight gradients a zero-bubble schedule runs as W
-        beside = _work_beside(gm, dev, num) if dev.overlap else {}
         for name in s.nodes:
             node = nodes[name]
             info = node.meta.get(COMM)
@@ -313,7 +313,7 @@ def _work_beside(gm, dev, num) -> dict[str, float]:
             out[node.args[0].name] = open_.pop(node.args[0].name)
         elif node.target in SYNC:
             open_[node.name] = 0.0
-        elif COMM not in node.meta:
+        elif open_ and COMM not in node.meta:  # priced only where a transfer is in flight
             seconds = _op_time(node, dev, num)
             for k in open_:
                 open_[k] += seconds

@@ -96,13 +96,16 @@ def overlap_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
     stages = ctx.pipeline.stages if ctx.pipeline is not None else []
     where = {name: s for s in stages for name in s.nodes}
     crossing = {name for s in stages for name in (*s.inputs, *s.outputs)}  # values sent between stages
+    order: list[Node] = []
     for coll in list(graph.nodes):
         # a recomputed region's forward may stop early in backward, past a start but not its wait
         if (coll.op != "call_function" or coll.target not in STARTS or not coll.users or coll.name in crossing
                 or coll.meta.get(RECOMPUTE)):
             continue
-        order = list(graph.nodes)  # as rewritten so far
-        place = _span(coll, order, {n: i for i, n in enumerate(order)})
+        if not order:  # the graph as rewritten so far
+            order = list(graph.nodes)
+            at = {n: i for i, n in enumerate(order)}
+        place = _span(coll, order, at)
         local = _local_calls(coll)
         if place is None or local is None:
             continue
@@ -120,6 +123,7 @@ def overlap_collectives(gm: GraphModule, ctx: PlanContext) -> GraphModule:
                 done.meta[key] = coll.meta[key]
         done.meta[INPUTS] = {start.name: coll.meta.get(PLACEMENT)}
         replace_uses(coll, done)
+        order = []  # read again before the next collective's span
         stage = where.get(coll.name)
         if stage is not None:
             stage.nodes[stage.nodes.index(coll.name)] = start.name
