@@ -173,10 +173,6 @@ class ShapeComm(Communicator):
     def all_to_all(self, t):
         return t.clone()
 
-    def reduce_scatter_start(self, t, dim):
-        out = self.reduce_scatter(t, dim)
-        return Pending(lambda: out)
-
     def shift_start(self, t, kind="ring"):
         out = t.clone()
         return Pending(lambda: out)

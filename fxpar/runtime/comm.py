@@ -70,17 +70,16 @@ class DistComm(Communicator):
         return out
 
     def _all_gather(self, t):
-        flat = t.reshape(-1)
-        out = torch.empty(self.world * flat.numel(), dtype=t.dtype, device=t.device)
-        # gloo wants the output shaped (world * d0, ...): gather the flattened tensor
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        self._wait(gather(out, flat, group=self.group, async_op=True), "all_gather", t)
-        return [c.view(t.shape) for c in out.chunk(self.world)]
+        return self._all_gather_start(t).wait()
 
     def all_gather_start(self, t):
         self._count("all_gather", t.numel() * self.world, t.element_size(), 1)
-        flat = t.contiguous().reshape(-1)
+        return self._all_gather_start(t.contiguous())
+
+    def _all_gather_start(self, t):
+        flat = t.reshape(-1)
         out = torch.empty(self.world * flat.numel(), dtype=t.dtype, device=t.device)
+        # gloo wants the output shaped (world * d0, ...): gather the flattened tensor
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         work = gather(out, flat, group=self.group, async_op=True)
 
